@@ -1,0 +1,52 @@
+// Operator schemas of the pyowt library and the Python module pyowt._C.
+//
+// Schemas live here, implementations per device in cpu/ and cuda/. Autograd and fake
+// (meta) kernels are registered from Python (pyowt/ops), which keeps one place for the
+// backend choice and lets torch.compile trace every op.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef PYOWT_WITH_CUDA
+#define PYOWT_WITH_CUDA 0
+#endif
+
+#if PYOWT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+TORCH_LIBRARY(pyowt, m) {
+  // y = relu(x + bias broadcast along `dim`)
+  m.def("bias_relu(Tensor x, Tensor bias, int dim) -> Tensor");
+  // (grad_x, grad_bias) from the forward's output: grad_x = grad_out * (out > 0)
+  m.def("bias_relu_backward(Tensor grad_out, Tensor out, int dim) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_config() {
+  pybind11::dict d;
+  d["with_cuda"] = static_cast<bool>(PYOWT_WITH_CUDA);
+#if PYOWT_WITH_CUDA
+  d["cudart_version"] = CUDART_VERSION;
+#else
+  d["cudart_version"] = pybind11::none();
+#endif
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = std::string("unknown");
+#endif
+  d["torch_api_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                           std::to_string(TORCH_VERSION_MINOR) + "." +
+                           std::to_string(TORCH_VERSION_PATCH);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyowt compiled extension: registers the pyowt:: operators on import";
+  m.def("build_config", &build_config, "What this extension was compiled with");
+}

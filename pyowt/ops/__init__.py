@@ -1,0 +1,8 @@
+"""pyowt's operators: registered with torch.library, differentiable, backend-selectable.
+
+See :mod:`pyowt.ops.backend` for how a backend is chosen.
+"""
+from .backend import BACKENDS, registered_ops, resolve_backend
+from .bias_relu import bias_relu, bias_relu_reference
+
+__all__ = ["BACKENDS", "bias_relu", "bias_relu_reference", "registered_ops", "resolve_backend"]

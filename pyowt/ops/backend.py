@@ -1,0 +1,115 @@
+"""Backend choice for pyowt's operators.
+
+Every op has up to four implementations:
+
+* ``"triton"``: a Triton kernel (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``),
+* ``"cuda"``: the C++/CUDA kernel of the compiled extension (CUDA tensors),
+* ``"cpu"``: the C++ kernel of the compiled extension (CPU tensors),
+* ``"aten"``: a composition of PyTorch ops, the reference.
+
+The choice, in order of precedence: the op's ``backend=`` argument, the environment
+variable ``PYOWT_BACKEND_<OP>`` (e.g. ``PYOWT_BACKEND_BIAS_RELU=triton``), then
+``PYOWT_BACKEND``, then the op's default preference for the tensor's device, skipping
+backends that are not available here.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .. import _extension
+from ..kernels import HAS_TRITON, interpreter_enabled
+
+BACKENDS = ("triton", "cuda", "cpu", "aten")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """The backends one op implements and the order to prefer them per device type."""
+
+    name: str
+    implemented: Tuple[str, ...]
+    prefer_cuda: Tuple[str, ...]
+    prefer_cpu: Tuple[str, ...]
+
+
+_OPS: Dict[str, OpSpec] = {}
+
+
+def register_op(name: str, implemented, prefer_cuda, prefer_cpu) -> OpSpec:
+    """Declare an op's backends (called once per op module, at import)."""
+    for b in tuple(implemented) + tuple(prefer_cuda) + tuple(prefer_cpu):
+        if b not in BACKENDS:
+            raise ValueError(f"op {name!r}: unknown backend {b!r}; expected one of {BACKENDS}")
+    spec = OpSpec(name, tuple(implemented), tuple(prefer_cuda), tuple(prefer_cpu))
+    _OPS[name] = spec
+    return spec
+
+
+def registered_ops() -> Dict[str, OpSpec]:
+    return dict(_OPS)
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run on ``device`` here, else why not."""
+    ext = _extension.STATUS
+    if backend == "aten":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' needs CPU tensors, got device {device}"
+        return None if ext.loaded else f"the extension is not loaded ({ext.reason})"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' needs CUDA tensors, got device {device}"
+        if not ext.loaded:
+            return f"the extension is not loaded ({ext.reason})"
+        return None if ext.with_cuda else "the extension was built without CUDA"
+    if backend == "triton":
+        if not HAS_TRITON:
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and interpreter_enabled():
+            return None
+        return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got device {device}"
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def _requested(op: str, backend: Optional[str]) -> Tuple[Optional[str], str]:
+    if backend is not None:
+        return backend, "backend="
+    key = f"PYOWT_BACKEND_{op.upper()}"
+    for var in (key, "PYOWT_BACKEND"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value, var
+    return None, ""
+
+
+def resolve_backend(op: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend ``op`` runs with on ``device``.
+
+    Raises ``ValueError`` when a forced backend is unknown, not implemented by the op, or
+    not available for this device, naming what was asked and why it cannot run.
+    """
+    spec = _OPS[op]
+    device = torch.device(device)
+    requested, source = _requested(op, backend)
+    if requested is not None:
+        if not isinstance(requested, str) or requested not in BACKENDS:
+            raise ValueError(f"{op}: {source}{requested!r} is not a backend; expected one of {BACKENDS}")
+        if requested not in spec.implemented:
+            raise ValueError(f"{op}: {source}{requested!r} is not implemented; it has {spec.implemented}")
+        why = unavailable_reason(requested, device)
+        if why is not None:
+            raise ValueError(f"{op}: {source}{requested!r} cannot run: {why}")
+        return requested
+    order = spec.prefer_cuda if device.type == "cuda" else spec.prefer_cpu
+    for b in order:
+        if b in spec.implemented and unavailable_reason(b, device) is None:
+            return b
+    return "aten"
