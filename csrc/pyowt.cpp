@@ -1,8 +1,9 @@
-// Operator schemas of the pyowt library and the Python module pyowt._C.
+// The pyowt operator library and the Python module pyowt._C.
 //
-// Schemas live here, implementations per device in cpu/ and cuda/. Autograd and fake
-// (meta) kernels are registered from Python (pyowt/ops), which keeps one place for the
-// backend choice and lets torch.compile trace every op.
+// Layout of csrc/: each op's schemas live in csrc/<op>.cpp (a TORCH_LIBRARY_FRAGMENT),
+// its kernels in cpu/<op>.cpp and cuda/<op>.cu (TORCH_LIBRARY_IMPL per device). Autograd
+// and fake (meta) kernels are registered from Python (pyowt/ops), which keeps one place
+// for the backend choice and lets torch.compile trace every op.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -14,12 +15,8 @@
 #include <cuda_runtime_api.h>
 #endif
 
-TORCH_LIBRARY(pyowt, m) {
-  // y = relu(x + bias broadcast along `dim`)
-  m.def("bias_relu(Tensor x, Tensor bias, int dim) -> Tensor");
-  // (grad_x, grad_bias) from the forward's output: grad_x = grad_out * (out > 0)
-  m.def("bias_relu_backward(Tensor grad_out, Tensor out, int dim) -> (Tensor, Tensor)");
-}
+// Owns the namespace; the schemas are added by the fragments of each op.
+TORCH_LIBRARY(pyowt, m) {}
 
 namespace {
 

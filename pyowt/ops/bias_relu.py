@@ -96,7 +96,9 @@ if HAS_TRITON:
 
     # triton_op has no fake kernel of its own under the interpreter (DESIGN.md: opcheck's
     # fake-tensor test needs one), so give both an explicit one.
-    bias_relu_triton.register_fake(_fake_like)
+    @bias_relu_triton.register_fake
+    def _(x, bias, dim):
+        return _fake_like(x, dim)
 
     @bias_relu_backward_triton.register_fake
     def _(grad_out, out, dim):

@@ -1,0 +1,54 @@
+# The two commands of the README, and the targets behind them.
+#   make demo   a short real run of the main job on CPU Gloo workers
+#   make test   the whole test suite (CPU; GPU tests skip without a GPU)
+# Both create .venv, install torch, pyowt (compiling its extension) and the extras first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MAX_JOBS ?= 2
+export MAX_JOBS
+# Builds are serialized: two builds into one tree would tear the extension.
+LOCK := flock $(CURDIR)/build/.lock
+
+CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
+STAMP := $(VENV)/.pyowt-installed
+
+.PHONY: demo test build gpu-check bench clean
+
+$(VENV)/.deps-installed:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	# torch first: the extension is compiled against it (no build isolation below).
+	$(PIP) install --quiet torch torchvision
+	$(PIP) install --quiet pybind11 ninja pytest pytest-benchmark pytest-timeout scikit-learn matplotlib
+	touch $@
+
+$(STAMP): $(VENV)/.deps-installed pyproject.toml
+	mkdir -p build
+	$(LOCK) $(PIP) install --quiet --no-build-isolation -e '.[test]'
+	touch $@
+
+# Recompile the extension in place (incremental, ninja) after editing csrc/.
+build: $(STAMP)
+	mkdir -p build
+	$(LOCK) $(PY) setup.py --quiet build_ext --inplace
+
+demo: $(STAMP)
+	$(PY) -m pyowt demo
+
+test: $(STAMP) build
+	$(PY) -m pytest -q
+
+bench: $(STAMP) build
+	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only
+
+# On a machine with an NVIDIA GPU, torch, Triton and ninja (no network needed):
+#   make gpu-check OUT=<folder>
+OUT ?= results/gpu
+gpu-check:
+	bash benchmarks/gpu_check.sh $(OUT)
+
+clean:
+	rm -rf build pyowt/_C*.so pyowt/_build_info.json
