@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_info)
     s = sub.add_parser("demo", help="a short real training run on CPU Gloo workers (the README's main job)")
     s.add_argument("--workers", type=int, default=2, help="Gloo worker processes (default 2)")
-    s.add_argument("--steps", type=int, default=60, help="SGD steps (default 60)")
+    s.add_argument("--steps", type=int, default=150, help="SGD steps (default 150)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_demo)
     return p

@@ -1,0 +1,103 @@
+"""Spawn K local worker processes joined in one process group (the ``--workers K`` mode).
+
+``torchrun`` is the way to run on several machines; this is the single-machine shortcut the
+CLI uses. The rendezvous binds to the loopback address only, so nothing outside this machine
+can join or reach it.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import wait
+from typing import Any, Callable, List, Optional, Sequence
+
+
+class WorkerFailed(RuntimeError):
+    """A spawned worker raised or died; the message holds its traceback."""
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn):
+    import torch
+    import torch.distributed as dist
+
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        try:
+            result = fn(*args)
+        finally:
+            dist.destroy_process_group()
+        conn.send(("ok", result))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        conn.send(("err", traceback.format_exc()))
+
+
+def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str = "gloo",
+          timeout_s: float = 600.0, threads: Optional[int] = None) -> List[Any]:
+    """Run ``fn(*args)`` on ``world_size`` new processes in one process group.
+
+    Args:
+        fn: a picklable (module-level) function; inside it ``torch.distributed`` is
+            initialized on a loopback rendezvous.
+        world_size: number of processes, >= 1.
+        backend: ``"gloo"`` (CPU) or ``"nccl"`` (one GPU per rank).
+        timeout_s: process-group timeout; a collective stuck longer fails on every rank.
+        threads: torch intra-op threads per worker (default: cores // world_size, >= 1).
+
+    Returns:
+        ``fn``'s return values, by rank. Raises :class:`WorkerFailed` with the traceback of
+        every rank that failed (the others are stopped).
+    """
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+    ctx = mp.get_context("spawn")
+    port = free_loopback_port()
+    procs, conns = [], []
+    for rank in range(world_size):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_entry, args=(rank, world_size, port, backend, timeout_s, threads, fn, tuple(args), child))
+        p.start()
+        child.close()
+        procs.append(p)
+        conns.append(parent)
+    results: List[Any] = [None] * world_size
+    errors = {}
+    pending = {c: r for r, c in enumerate(conns)}
+    while pending:
+        ready = wait(list(pending), timeout=5.0 if errors else None)
+        if not ready:  # a rank failed and the others are stuck waiting for it
+            break
+        for c in ready:
+            rank = pending.pop(c)
+            try:
+                status, payload = c.recv()
+            except EOFError:
+                status, payload = "err", f"rank {rank} exited with code {procs[rank].exitcode} without a result"
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors[rank] = payload
+    for p in procs:
+        if pending or errors:
+            p.kill() if p.is_alive() else None
+        p.join(timeout=30)
+    if errors or pending:
+        msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+        if pending:
+            msg += f"\nranks {sorted(pending.values())} were stopped after another rank failed"
+        raise WorkerFailed(msg)
+    return results
