@@ -1,0 +1,291 @@
+"""``pyowt.parallelize``: rewrite an existing model for a plan (data, model, OWT, custom).
+
+The model is captured as a chain of layers (:mod:`pyowt.parallel.graph`); every Conv2d and
+Linear becomes a :class:`~pyowt.parallel.layers.ShardedLayer` for its plan entry, a ReLU that
+follows one is fused into it, every Dropout becomes a split-invariant
+:class:`~pyowt.parallel.dropout.SeededDropout`, and a transition is inserted wherever the
+layout an activation has differs from the one its consumer needs.
+
+One training-step contract for every strategy::
+
+    pmodel = pyowt.parallelize(model, "owt")          # on every rank, same model and seed
+    opt = torch.optim.SGD(pmodel.parameters(), lr=0.01, momentum=0.9)
+    xl, yl = pmodel.local_batch(x, y)                  # x, y: the global batch (same on all ranks)
+    loss = pmodel.loss(pmodel(xl), yl)                 # == F.cross_entropy(model(x), y), every rank
+    loss.backward()
+    opt.step()
+
+In real training each rank loads only what it feeds: for plans whose input is batch-sharded
+(``pmodel.input_layout == Layout.SHARD_BATCH``) that is rows ``pmodel.batch_slice(B)`` of each
+global batch of B samples (see :func:`pyowt.parallel.sampler.shard_indices`); labels follow
+``pmodel.label_layout``.
+
+Loss normalization, for the whole library: the loss is the mean over the *global* batch,
+so the gradients of replicated (``data``) parameters are *summed* across workers.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as pdist
+from ..nn.functional import parallel_cross_entropy
+from .dropout import SeededDropout, _salt
+from .grad_sync import GradSync
+from .graph import CONV, CROSS_CHANNEL, DROPOUT, FLATTEN, LINEAR, POINTWISE, capture_chain
+from .layers import ShardedConv2d, ShardedLayer, ShardedLinear, shard_range
+from .layout import DATA, INPUT_LAYOUT, OUTPUT_LAYOUT, SPLIT_IN, SPLIT_OUT, Layout
+from .plan import Plan, resolve_plan, validate_plan
+from .transitions import AllGather, CopyToGroup, Split
+
+
+class _BatchInfo:
+    """The global batch the current step works on, shared by the stages that need it."""
+
+    def __init__(self):
+        self.global_size: Optional[int] = None
+        self.step = 0
+
+
+class ParallelDropout(nn.Module):
+    """A :class:`SeededDropout` that knows where this rank's block sits in the global tensor."""
+
+    def __init__(self, p: float, seed: int, salt: int, layout: Layout, channels: Optional[int],
+                 batch: _BatchInfo, k: int, rank: int):
+        super().__init__()
+        self.dropout = SeededDropout(p, seed=seed, salt=salt)
+        self.layout, self.channels, self.batch, self.k, self.rank = layout, channels, batch, k, rank
+
+    def extra_repr(self) -> str:
+        return f"layout={self.layout.value}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.dropout.p == 0.0:
+            return x
+        global_shape, offsets = list(x.shape), [0] * x.dim()
+        if self.layout == Layout.SHARD_BATCH:
+            b = self.batch.global_size
+            global_shape[0] = b
+            offsets[0] = shard_range(b, self.k, self.rank)[0]
+        elif self.layout == Layout.SHARD_CHANNEL:
+            global_shape[1] = self.channels
+            offsets[1] = shard_range(self.channels, self.k, self.rank)[0]
+        return self.dropout(x, global_shape, offsets, step=self.batch.step)
+
+
+def _structure_fingerprint(plan: Plan, steps) -> str:
+    h = hashlib.sha256(plan.to_json().encode())
+    for s in steps:
+        shapes = [tuple(p.shape) for p in s.module.parameters()] if s.module is not None else []
+        h.update(f"{s.name}:{s.kind}:{type(s.module).__name__}:{shapes};".encode())
+    return h.hexdigest()[:16]
+
+
+class ParallelModel(nn.Module):
+    """A model rewritten for a plan; build it with :func:`parallelize`.
+
+    Attributes:
+        plan: the :class:`Plan` it implements.
+        stages: the layers and transitions, in order (print the model to see them).
+        input_layout: ``Shard(batch)`` or ``Replicate``: what :meth:`local_batch` returns.
+        output_layout: layout of the forward's result (class-sharded logits for a split head).
+        label_layout: ``Shard(batch)`` or ``Replicate``: which labels :meth:`loss` expects.
+    """
+
+    def __init__(self, stages: List[nn.Module], plan: Plan, group, input_layout: Layout,
+                 output_layout: Layout, num_classes: int, batch: _BatchInfo, bucket_bytes: int):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.plan, self.group = plan, group
+        self.k, self.rank = pdist.get_world_size(group), pdist.get_rank(group)
+        self.input_layout, self.output_layout = input_layout, output_layout
+        self.label_layout = Layout.SHARD_BATCH if output_layout == Layout.SHARD_BATCH else Layout.REPLICATE
+        self.num_classes = num_classes
+        self._batch = batch
+        replicated = [p for layer in self.sharded_layers() if layer.config == DATA for p in layer.parameters()]
+        self.grad_sync = GradSync(replicated, group, bucket_bytes) if self.k > 1 and replicated else None
+
+    def sharded_layers(self) -> Iterator[ShardedLayer]:
+        return (m for m in self.stages if isinstance(m, ShardedLayer))
+
+    def no_sync(self):
+        """Context manager: backward passes inside it do not sum replicated gradients."""
+        import contextlib
+
+        return self.grad_sync.no_sync() if self.grad_sync is not None else contextlib.nullcontext()
+
+    def batch_slice(self, global_batch: int) -> slice:
+        """The rows of a global batch this rank feeds when the input is batch-sharded."""
+        if self.input_layout != Layout.SHARD_BATCH:
+            return slice(0, global_batch)
+        return slice(*shard_range(global_batch, self.k, self.rank))
+
+    def local_batch(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) this rank feeds, from a global batch that is the same on every rank.
+
+        x: (B, C, H, W); y: (B,) class indices. B must be at least the number of workers.
+        """
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+        b = x.shape[0]
+        if b < self.k:
+            raise ValueError(f"global batch of {b} is smaller than the {self.k} workers")
+        self._batch.global_size = b
+        rows = self.batch_slice(b)
+        xl = x[rows] if self.input_layout == Layout.SHARD_BATCH else x
+        yl = y[rows] if self.label_layout == Layout.SHARD_BATCH else y
+        return xl, yl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's input (see :meth:`local_batch`) -> output in ``output_layout``."""
+        if self._batch.global_size is None:
+            # Fed without local_batch: assume equal shards.
+            self._batch.global_size = x.shape[0] * (self.k if self.input_layout == Layout.SHARD_BATCH else 1)
+        for stage in self.stages:
+            x = stage(x)
+        if self.training:
+            self._batch.step += 1
+        return x
+
+    def loss(self, out: torch.Tensor, yl: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy averaged over the global batch; the same value on every rank."""
+        b = self._batch.global_size
+        self._batch.global_size = None
+        if b is None:
+            raise RuntimeError("loss() must follow a forward of this model")
+        if self.output_layout == Layout.SHARD_CHANNEL:
+            return parallel_cross_entropy(out, yl, group=self.group, reduction="sum") / b
+        local = F.cross_entropy(out, yl, reduction="sum") / b
+        if self.output_layout == Layout.REPLICATE:
+            return local
+        with torch.no_grad():
+            total = pdist.all_reduce(local.detach(), group=self.group)
+        return local + (total - local.detach())
+
+
+class _Builder:
+    """Walks the chain, tracking the activation's layout, and emits stages."""
+
+    def __init__(self, plan: Plan, group, seed: int, batch: _BatchInfo):
+        self.plan, self.group, self.seed, self.batch = plan, group, seed, batch
+        self.k, self.rank = pdist.get_world_size(group), pdist.get_rank(group)
+        self.stages: List[nn.Module] = []
+        self.layout: Optional[Layout] = None
+        self.channels: Optional[int] = None
+        # Whether the current Replicate activation's producer sums a Partial gradient
+        # (an all-gather with a reduce-scatter backward, or the model input).
+        self.partial_grad_ok = True
+
+    def to_layout(self, want: Layout, consumer: Optional[str] = None) -> None:
+        have, g = self.layout, self.group
+        partial_consumer = consumer == SPLIT_OUT
+        if have == want:
+            if want == Layout.REPLICATE and partial_consumer and not self.partial_grad_ok:
+                self.stages.append(CopyToGroup(g))
+            return
+        if have == Layout.SHARD_CHANNEL and want != Layout.SHARD_CHANNEL:
+            grad = "reduce_scatter" if (want == Layout.REPLICATE and partial_consumer) else "split"
+            self.stages.append(AllGather(1, grad, g))
+            have = Layout.REPLICATE
+        if have == Layout.SHARD_BATCH and want != Layout.SHARD_BATCH:
+            grad = "reduce_scatter" if (want == Layout.REPLICATE and partial_consumer) else "split"
+            self.stages.append(AllGather(0, grad, g))
+            have = Layout.REPLICATE
+        if have == Layout.REPLICATE and want == Layout.SHARD_BATCH:
+            self.stages.append(Split(0, g))
+        elif have == Layout.REPLICATE and want == Layout.SHARD_CHANNEL:
+            self.stages.append(Split(1, g))
+        self.layout = want
+        self.partial_grad_ok = True
+
+    def add(self, steps) -> Tuple[List[nn.Module], Layout, Layout, int]:
+        skip = set()
+        first_cfg = next(self.plan.layers[s.name] for s in steps if s.has_weights)
+        input_layout = INPUT_LAYOUT[first_cfg] if first_cfg != SPLIT_IN else Layout.REPLICATE
+        self.layout = input_layout
+        num_classes = None
+        for i, s in enumerate(steps):
+            if i in skip:
+                continue
+            if s.has_weights:
+                cfg = self.plan.layers[s.name]
+                self.to_layout(INPUT_LAYOUT[cfg], consumer=cfg)
+                nxt = steps[i + 1] if i + 1 < len(steps) else None
+                act = None
+                if nxt is not None and nxt.kind == POINTWISE and isinstance(nxt.module, nn.ReLU):
+                    act = "relu"
+                    skip.add(i + 1)
+                cls = ShardedConv2d if s.kind == CONV else ShardedLinear
+                layer = cls(s.module, cfg, act, self.group, s.name)
+                self.stages.append(layer)
+                self.layout = OUTPUT_LAYOUT[cfg]
+                self.partial_grad_ok = cfg != SPLIT_IN
+                self.channels = layer.out_channels
+                num_classes = layer.out_channels
+            elif s.kind == POINTWISE:
+                self.stages.append(s.module)
+            elif s.kind == DROPOUT:
+                self.stages.append(ParallelDropout(s.module.p, self.seed, _salt(s.name), self.layout,
+                                                   self.channels, self.batch, self.k, self.rank))
+            elif s.kind in (CROSS_CHANNEL, FLATTEN):
+                if self.layout == Layout.SHARD_CHANNEL:
+                    self.to_layout(Layout.REPLICATE)
+                self.stages.append(s.module if s.module is not None else nn.Flatten(1))
+            else:  # pragma: no cover - capture_chain only yields the kinds above
+                raise AssertionError(s.kind)
+        return self.stages, input_layout, self.layout, num_classes
+
+
+def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broadcast_params: bool = True,
+                bucket_mb: float = 25.0, **plan_options) -> ParallelModel:
+    """Rewrite ``model`` for ``plan`` over ``group`` (default: the world); call on every rank.
+
+    Args:
+        model: an ``nn.Module`` that ``torch.fx`` traces into a chain of Conv2d, ReLU,
+            pooling, LocalResponseNorm, Dropout, Flatten, AdaptiveAvgPool and Linear
+            (torchvision's alexnet and vgg, :class:`pyowt.models.AlexNetSmall`). It is not
+            modified: the parallel model holds copies (shards) of its parameters.
+        plan: a :class:`Plan`, ``"data"``, ``"model"``, ``"owt"``, or a plan JSON path.
+        group: a ProcessGroup or 1-D DeviceMesh.
+        seed: dropout seed (masks are split-invariant; see :mod:`pyowt.parallel.dropout`).
+        broadcast_params: start every rank from rank 0's parameters (like DDP).
+        bucket_mb: gradient all-reduce bucket size for replicated parameters.
+        plan_options: ``scheme``, ``fc_update`` for the ``"owt"`` preset.
+
+    Raises:
+        ValueError: unsupported layers or plan entries (naming them), or ranks whose plans or
+            model structures differ (on every rank).
+    """
+    group = pdist.resolve_group(group)
+    steps = capture_chain(model)
+    plan = resolve_plan(model, plan, **plan_options)
+    validate_plan(plan, model)
+    if plan.scheme != "a":
+        raise NotImplementedError(f"plan {plan.name!r}: OWT scheme {plan.scheme!r} is not implemented yet; use scheme 'a'")
+    k = pdist.get_world_size(group)
+    fingerprint = _structure_fingerprint(plan, steps)
+    if k > 1:
+        everyone = [None] * k
+        dist.all_gather_object(everyone, fingerprint, group=group)
+        if len(set(everyone)) != 1:
+            raise ValueError(f"ranks hold different plans or model structures (fingerprints by rank: {everyone}); "
+                             "every rank must call parallelize with the same model and plan")
+    model = copy.deepcopy(model)
+    steps = capture_chain(model)
+    if broadcast_params and k > 1:
+        with torch.no_grad():
+            src = dist.get_global_rank(group, 0) if hasattr(dist, "get_global_rank") else 0
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t.data, src=src, group=group)
+    batch = _BatchInfo()
+    stages, input_layout, output_layout, num_classes = _Builder(plan, group, seed, batch).add(steps)
+    pmodel = ParallelModel(stages, plan, group, input_layout, output_layout, num_classes, batch,
+                           int(bucket_mb * 2**20))
+    pmodel.train(model.training)
+    return pmodel
