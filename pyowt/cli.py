@@ -20,6 +20,16 @@ def _cmd_demo(args) -> int:
     return run_demo(workers=args.workers, steps=args.steps, seed=args.seed)
 
 
+def _cmd_compare(args) -> int:
+    from .compare import compare
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    compare(model=args.model, strategies=strategies, workers=args.workers, steps=args.steps,
+            batch=args.batch_size, data=args.data, size=args.size, seed=args.seed, lr=args.lr,
+            json_path=args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyowt", description="Parallel CNN training in PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -30,6 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=150, help="SGD steps (default 150)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_demo)
+    s = sub.add_parser("compare", help="train with each strategy on K workers and compare throughput, "
+                                         "communication, memory and loss against the single-process run")
+    s.add_argument("--model", default="small", choices=["small", "alexnet"])
+    s.add_argument("--strategies", default="data,model,owt", help="comma-separated presets or plan .json files")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=64, help="global batch")
+    s.add_argument("--data", default="digits", choices=["digits", "synthetic"])
+    s.add_argument("--size", type=int, default=32, help="image side")
+    s.add_argument("--lr", type=float, default=0.05)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", default=None, help="write the results here")
+    s.set_defaults(func=_cmd_compare)
     return p
 
 

@@ -23,7 +23,7 @@ class _Bucket:
         self.params = params
         self.ready = 0
         self.flat = None
-        self.work = None
+        self.pending = None
 
 
 class GradSync:
@@ -82,29 +82,29 @@ class GradSync:
     def _launch(self, bucket: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
         bucket.flat = torch.cat([g.reshape(-1) for g in grads])
-        bucket.work = pdist.all_reduce_async(bucket.flat, group=self.group)
+        bucket.pending = pdist.all_reduce_async(bucket.flat, group=self.group)
 
     def _finish(self) -> None:
         self._queued = False
         for bucket in self.buckets:
             if bucket.ready == 0:
                 continue  # no gradient reached this bucket in this backward
-            if bucket.work is None:  # some parameters got no gradient: still sum the rest
+            if bucket.pending is None:  # some parameters got no gradient: still sum the rest
                 self._launch(bucket)
         for bucket in self.buckets:
-            if bucket.work is None:
+            if bucket.pending is None:
                 continue
-            bucket.work.wait()
+            summed = bucket.pending.wait()
             offset = 0
             for p in bucket.params:
                 n = p.numel()
-                piece = bucket.flat[offset:offset + n].view_as(p)
+                piece = summed[offset:offset + n].view_as(p)
                 if p.grad is None:
                     p.grad = piece.clone()
                 else:
                     p.grad.copy_(piece)
                 offset += n
-            bucket.flat, bucket.work, bucket.ready = None, None, 0
+            bucket.flat, bucket.pending, bucket.ready = None, None, 0
 
     def remove(self) -> None:
         for h in self._handles:

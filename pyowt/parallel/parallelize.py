@@ -191,11 +191,13 @@ class _Builder:
             return
         if have == Layout.SHARD_CHANNEL and want != Layout.SHARD_CHANNEL:
             grad = "reduce_scatter" if (want == Layout.REPLICATE and partial_consumer) else "split"
-            self.stages.append(AllGather(1, grad, g))
+            channels = self.channels
+            self.stages.append(AllGather(1, grad, g, lambda: channels))
             have = Layout.REPLICATE
         if have == Layout.SHARD_BATCH and want != Layout.SHARD_BATCH:
             grad = "reduce_scatter" if (want == Layout.REPLICATE and partial_consumer) else "split"
-            self.stages.append(AllGather(0, grad, g))
+            batch = self.batch
+            self.stages.append(AllGather(0, grad, g, lambda: batch.global_size))
             have = Layout.REPLICATE
         if have == Layout.REPLICATE and want == Layout.SHARD_BATCH:
             self.stages.append(Split(0, g))

@@ -6,6 +6,8 @@ Each wraps one autograd collective of :mod:`pyowt.distributed`; the choice of ba
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -13,17 +15,23 @@ from .. import distributed as pdist
 
 
 class AllGather(nn.Module):
-    """Shard(dim) -> Replicate; backward reduce-scatter (Partial consumer gradient) or split."""
+    """Shard(dim) -> Replicate; backward reduce-scatter (Partial consumer gradient) or split.
 
-    def __init__(self, dim: int, grad: str, group):
+    ``total`` returns the full size along ``dim`` (known to the plan: the global batch, or a
+    layer's channel count), so the per-rank sizes need no exchange at run time.
+    """
+
+    def __init__(self, dim: int, grad: str, group, total: Callable[[], int]):
         super().__init__()
-        self.dim, self.grad, self.group = dim, grad, group
+        self.dim, self.grad, self.group, self.total = dim, grad, group, total
+        self.k = pdist.get_world_size(group)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, grad={self.grad!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pdist.all_gather(x, dim=self.dim, group=self.group, grad=self.grad)
+        sizes = pdist.split_sizes(self.total(), self.k)
+        return pdist.all_gather(x, dim=self.dim, group=self.group, grad=self.grad, sizes=sizes)
 
 
 class Split(nn.Module):

@@ -1,0 +1,158 @@
+"""``pyowt compare``: train one model with each strategy on K workers and compare.
+
+For every strategy: images/s, bytes communicated per iteration per worker (measured with
+:func:`pyowt.distributed.comm_stats`), peak memory, the loss after N steps and its difference
+from the single-process run on the same global batches (which it must match: the strategies
+change where the arithmetic happens, not what it computes).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as pdist
+from .launch import spawn
+from .models import AlexNetSmall
+
+DEFAULT_STRATEGIES = ("data", "model", "owt")
+
+
+@dataclass
+class StrategyResult:
+    strategy: str
+    workers: int
+    images_per_s: float
+    comm_bytes_per_iter: int
+    comm_calls_per_iter: Dict[str, int]
+    peak_rss_mb: float
+    losses: List[float] = field(default_factory=list)
+    max_loss_diff: Optional[float] = None
+
+
+def build_model(name: str, num_classes: int, in_channels: int, seed: int) -> torch.nn.Module:
+    """``small`` (AlexNetSmall) or ``alexnet`` (torchvision's), seeded."""
+    torch.manual_seed(seed)
+    if name == "small":
+        return AlexNetSmall(num_classes=num_classes, in_channels=in_channels)
+    if name == "alexnet":
+        import torchvision
+
+        m = torchvision.models.alexnet(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            m.features[0] = torch.nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)
+        return m
+    raise ValueError(f"model must be 'small' or 'alexnet', got {name!r}")
+
+
+def _batches(data: str, steps: int, batch: int, size: int, seed: int):
+    """The same global batches on every process: digits (real) or synthetic images."""
+    g = torch.Generator().manual_seed(seed)
+    if data == "digits":
+        from .data import digits_dataset
+
+        train, _ = digits_dataset(size=size, seed=seed)
+        x_all, y_all = train.tensors
+        for _ in range(steps):
+            idx = torch.randint(0, len(y_all), (batch,), generator=g)
+            yield x_all[idx], y_all[idx]
+    elif data == "synthetic":
+        for _ in range(steps):
+            yield torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    else:
+        raise ValueError(f"data must be 'digits' or 'synthetic', got {data!r}")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _single_process(model_name, data, steps, batch, size, seed, lr):
+    from .parallel import seeded_dropout_copy
+
+    in_ch = 1 if data == "digits" else 3
+    model = seeded_dropout_copy(build_model(model_name, 10, in_ch, seed), seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses, t0 = [], None
+    for i, (x, y) in enumerate(_batches(data, steps, batch, size, seed)):
+        if i == 1:
+            t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    rate = (steps - 1) * batch / (time.perf_counter() - t0) if steps > 1 else float("nan")
+    return StrategyResult("single", 1, rate, 0, {}, _peak_rss_mb(), losses)
+
+
+def _worker(strategy, model_name, data, steps, batch, size, seed, lr):
+    from .parallel import parallelize
+
+    in_ch = 1 if data == "digits" else 3
+    pmodel = parallelize(build_model(model_name, 10, in_ch, seed), strategy, seed=seed)
+    opt = torch.optim.SGD(pmodel.parameters(), lr=lr, momentum=0.9)
+    losses, t0, stats = [], None, None
+    for i, (x, y) in enumerate(_batches(data, steps, batch, size, seed)):
+        if i == 1:
+            t0 = time.perf_counter()
+        with pdist.comm_stats() as s:
+            xl, yl = pmodel.local_batch(x, y)
+            loss = pmodel.loss(pmodel(xl), yl)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if i == 0:
+            stats = s
+        losses.append(loss.item())
+    rate = (steps - 1) * batch / (time.perf_counter() - t0) if steps > 1 else float("nan")
+    sent = stats.total_sent - stats["shape_exchange"].sent
+    calls = {k: v for k, v in stats.calls.items() if k != "shape_exchange" and v}
+    return StrategyResult(pmodel.plan.name, pdist.get_world_size(), rate, sent, calls, _peak_rss_mb(), losses)
+
+
+def compare(model: str = "small", strategies: Sequence[str] = DEFAULT_STRATEGIES, workers: int = 2,
+            steps: int = 20, batch: int = 64, data: str = "digits", size: int = 32, seed: int = 0,
+            lr: float = 0.05, json_path: Optional[str] = None, out=print) -> List[StrategyResult]:
+    """Train ``model`` ``steps`` steps with each strategy on ``workers`` Gloo processes.
+
+    Returns one :class:`StrategyResult` per strategy after the single-process reference
+    (first). ``images_per_s`` is measured over steps 2..N (step 1 warms up) on rank 0; the
+    communication is that of one iteration on rank 0.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if batch < workers:
+        raise ValueError(f"batch ({batch}) must be at least the number of workers ({workers})")
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (the first is a warm-up), got {steps}")
+    out(f"pyowt compare: {model} on {data} ({size}x{size}), global batch {batch}, {steps} SGD steps, "
+        f"{workers} Gloo workers")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = [_single_process(model, data, steps, batch, size, seed, lr)]
+    out(f"  single process done: {results[0].images_per_s:.1f} images/s")
+    for strategy in strategies:
+        r = spawn(_worker, workers, args=(strategy, model, data, steps, batch, size, seed, lr))[0]
+        r.max_loss_diff = max(abs(a - b) for a, b in zip(r.losses, results[0].losses))
+        results.append(r)
+        out(f"  {r.strategy} done: {r.images_per_s:.1f} images/s")
+    out("")
+    out(f"{'strategy':<12} {'images/s':>9} {'vs single':>9} {'comm MB/iter':>13} {'peak RSS MB':>12} "
+        f"{'final loss':>11} {'max |dloss|':>12}")
+    base = results[0].images_per_s
+    for r in results:
+        diff = "-" if r.max_loss_diff is None else f"{r.max_loss_diff:.2e}"
+        out(f"{r.strategy:<12} {r.images_per_s:9.1f} {r.images_per_s / base:8.2f}x {r.comm_bytes_per_iter / 1e6:13.3f} "
+            f"{r.peak_rss_mb:12.0f} {r.losses[-1]:11.4f} {diff:>12}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"model": model, "data": data, "batch": batch, "steps": steps, "workers": workers,
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+        out(f"results written to {json_path}")
+    return results
