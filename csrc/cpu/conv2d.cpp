@@ -1,0 +1,225 @@
+// CPU kernels of pyowt::conv2d_bias_act and its backward.
+//
+// Forward: oneDNN's convolution with a fused ReLU post-op (mkldnn::_convolution_pointwise,
+// found through the dispatcher because ATen exposes no C++ header for it), else
+// at::conv2d followed by an in-place relu_. Measured on a 2-core AMD EPYC (AlexNet layers,
+// batch 8, fp32): both are within noise of each other and both beat
+// relu(conv2d(...)) because the activation needs no second output buffer; the fused
+// post-op is kept because it saves one pass over the output.
+// Backward: the ReLU mask (out > 0) applied to grad_out, then at::convolution_backward.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/MemoryFormat.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "channel_layout.h"
+
+namespace pyowt {
+namespace {
+
+struct ConvGeometry {
+  int64_t n, c_in, h, w, c_out, r, s, h_out, w_out;
+};
+
+void check_pair(at::IntArrayRef v, const char* name, int64_t min_value) {
+  TORCH_CHECK(v.size() == 2, name, " must have 2 elements, got ", v.size(), ": ", v);
+  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, name, " must be >= ", min_value,
+              " in both axes, got ", v);
+}
+
+bool is_relu(c10::string_view activation) {
+  TORCH_CHECK(activation == "relu" || activation == "none",
+              "activation must be \"relu\" or \"none\", got \"", std::string(activation), "\"");
+  return activation == "relu";
+}
+
+ConvGeometry check_conv_args(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "x must be 4-d (N, C_in, H, W), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, "weight must be 4-d (C_out, C_in/groups, R, S), got shape ",
+              weight.sizes());
+  check_float_dtype(x, "x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), "weight is on ", weight.device(), " but x is on ",
+              x.device());
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
+  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3),
+                 weight.size(0), weight.size(2), weight.size(3), 0, 0};
+  TORCH_CHECK(g.c_in % groups == 0 && g.c_out % groups == 0, "groups=", groups,
+              " must divide C_in=", g.c_in, " and C_out=", g.c_out);
+  TORCH_CHECK(weight.size(1) * groups == g.c_in, "weight has ", weight.size(1),
+              " input channels per group but x has C_in=", g.c_in, " and groups=", groups,
+              " (expected ", g.c_in / groups, ")");
+  TORCH_CHECK(g.r >= 1 && g.s >= 1, "weight kernel size must be >= 1, got ", g.r, "x", g.s);
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == g.c_out, "bias must have shape (", g.c_out,
+                ",), got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "bias dtype ", b.scalar_type(),
+                " differs from x dtype ", x.scalar_type());
+    TORCH_CHECK(b.device() == x.device(), "bias is on ", b.device(), " but x is on ", x.device());
+  }
+  const int64_t eff_r = dilation[0] * (g.r - 1) + 1, eff_s = dilation[1] * (g.s - 1) + 1;
+  const int64_t ph = g.h + 2 * padding[0], pw = g.w + 2 * padding[1];
+  TORCH_CHECK(eff_r <= ph && eff_s <= pw, "dilated kernel ", eff_r, "x", eff_s,
+              " is larger than the padded input ", ph, "x", pw, " (x shape ", x.sizes(),
+              ", padding ", padding, ")");
+  g.h_out = (ph - eff_r) / stride[0] + 1;
+  g.w_out = (pw - eff_s) / stride[1] + 1;
+  return g;
+}
+
+// Tensors in `fmt` with exactly the strides torch.empty(..., memory_format=fmt) gives, so
+// that the fake kernels (which allocate that way) promise the real strides. Size-1
+// dimensions make is_contiguous(fmt) true for several stride patterns; copy only then.
+at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt) {
+  std::vector<int64_t> want;
+  if (fmt == at::MemoryFormat::ChannelsLast) {
+    want = c10::get_channels_last_strides_2d(t.sizes());
+  } else {
+    want.assign(t.dim(), 1);
+    for (int64_t d = t.dim() - 2; d >= 0; --d) want[d] = want[d + 1] * std::max<int64_t>(t.size(d + 1), 1);
+  }
+  if (t.strides() == at::IntArrayRef(want)) return t;
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(fmt));
+  out.copy_(t);
+  return out;
+}
+
+// mkldnn::_convolution_pointwise if this torch registered it with a CPU kernel.
+const c10::OperatorHandle* fused_conv_op() {
+  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
+    auto handle = c10::Dispatcher::singleton().findOp({"mkldnn::_convolution_pointwise", ""});
+    if (handle.has_value() && handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return handle;
+    return std::nullopt;
+  }();
+  return op.has_value() ? &*op : nullptr;
+}
+
+// oneDNN runs float32 everywhere, but float16/bfloat16 only on CPUs with the matching ISA
+// (it raises otherwise). Learn that once per dtype: 0 unknown, 1 works, -1 refused.
+std::atomic<int>& low_precision_state(at::ScalarType st) {
+  static std::atomic<int> half_state{0}, bf16_state{0};
+  return st == at::kHalf ? half_state : bf16_state;
+}
+
+at::Tensor call_fused(const c10::OperatorHandle& op, const at::Tensor& x, const at::Tensor& w,
+                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      bool relu) {
+  // Schema: (X, W, B?, padding, stride, dilation, groups, attr, scalars, algorithm).
+  std::vector<c10::IValue> stack;
+  stack.reserve(10);
+  stack.emplace_back(x);
+  stack.emplace_back(w);
+  stack.emplace_back(bias.has_value() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(padding.vec());
+  stack.emplace_back(stride.vec());
+  stack.emplace_back(dilation.vec());
+  stack.emplace_back(groups);
+  stack.emplace_back(std::string(relu ? "relu" : "none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(c10::IValue());
+  op.callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+at::Tensor conv2d_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               c10::string_view activation) {
+  const bool relu = is_relu(activation);
+  const ConvGeometry g = check_conv_args(x_in, weight, bias, stride, padding, dilation, groups);
+  TORCH_CHECK(x_in.device().is_cpu(), "conv2d_bias_act (cpu) got x on ", x_in.device());
+  const auto fmt = preferred_format(x_in, 1);
+  const at::Tensor x = x_in.contiguous(fmt);
+
+  const c10::OperatorHandle* op = fused_conv_op();
+  const bool nonempty = x.numel() > 0 && g.c_out > 0;
+  if (op != nullptr && nonempty) {
+    const at::ScalarType st = x.scalar_type();
+    if (st == at::kFloat) {
+      return in_format(call_fused(*op, x, weight, bias, stride, padding, dilation, groups, relu), fmt);
+    }
+    std::atomic<int>& state = low_precision_state(st);
+    if (state.load() >= 0) {
+      try {
+        at::Tensor out = call_fused(*op, x, weight, bias, stride, padding, dilation, groups, relu);
+        state.store(1);
+        return in_format(out, fmt);
+      } catch (const c10::Error&) {
+        // The arguments were checked above, so a refusal is oneDNN lacking this dtype.
+        if (state.load() == 1) throw;
+        state.store(-1);
+      }
+    }
+  }
+  at::Tensor out = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+  if (relu) out.relu_();
+  return in_format(out, fmt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight,
+    const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, bool has_bias) {
+  const bool relu = is_relu(activation);
+  const ConvGeometry g =
+      check_conv_args(x_in, weight, std::nullopt, stride, padding, dilation, groups);
+  TORCH_CHECK(x_in.device().is_cpu(), "conv2d_bias_act_backward (cpu) got x on ", x_in.device());
+  const std::vector<int64_t> out_shape{g.n, g.c_out, g.h_out, g.w_out};
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "out shape ", out.sizes(),
+              " differs from the convolution's output shape ", at::IntArrayRef(out_shape));
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "grad_out shape ", grad_out.sizes(),
+              " differs from out shape ", out.sizes());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"},
+                                std::pair<const at::Tensor&, const char*>{out, "out"}}) {
+    TORCH_CHECK(t.scalar_type() == x_in.scalar_type(), name, " dtype ", t.scalar_type(),
+                " differs from x dtype ", x_in.scalar_type());
+    TORCH_CHECK(t.device() == x_in.device(), name, " is on ", t.device(), " but x is on ",
+                x_in.device());
+  }
+  const auto fmt = preferred_format(x_in, 1);
+  const auto w_fmt = preferred_format(weight, 1);
+  const at::Tensor x = x_in.contiguous(fmt);
+  // grad_out where out > 0, else 0: the ReLU's derivative recovered from its output.
+  at::Tensor g_masked = relu ? at::threshold_backward(grad_out, out, 0) : grad_out;
+  g_masked = g_masked.contiguous(fmt);
+
+  at::Tensor grad_x, grad_w, grad_b;
+  if (x.numel() == 0 || g.c_out == 0) {
+    grad_x = at::zeros(x.sizes(), x.options().memory_format(fmt));
+    grad_w = at::zeros(weight.sizes(), weight.options().memory_format(w_fmt));
+    grad_b = at::zeros({has_bias ? g.c_out : 0}, x.options());
+    return {grad_x, grad_w, grad_b};
+  }
+  std::optional<std::vector<int64_t>> bias_sizes;
+  if (has_bias) bias_sizes = std::vector<int64_t>{g.c_out};
+  std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(
+      g_masked, x, weight, bias_sizes.has_value() ? at::OptionalIntArrayRef(*bias_sizes) : std::nullopt,
+      stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+      {true, true, has_bias});
+  grad_b = has_bias ? grad_b : at::empty({0}, x.options());
+  return {in_format(grad_x, fmt), in_format(grad_w, w_fmt), grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyowt, CPU, m) {
+  m.impl("conv2d_bias_act", &conv2d_bias_act_cpu);
+  m.impl("conv2d_bias_act_backward", &conv2d_bias_act_backward_cpu);
+}
+
+}  // namespace pyowt

@@ -1,0 +1,192 @@
+"""Triton forward kernel of out = act(conv2d(x, weight) + bias): an implicit GEMM.
+
+The convolution is the GEMM ``out[m, n] = sum_k A[m, k] * B[k, n]`` with
+``m = (image, oh, ow)`` over ``M = N * H_out * W_out``, ``n`` the output channel
+(``C_out / groups`` per group) and ``k = (r, s, c)`` over ``K = R * S * C_in / groups`` with
+the input channel innermost. ``A`` is never materialized: each tile of it is gathered from
+the NHWC input (``x`` in channels_last memory, so a run of ``c`` is contiguous), with
+out-of-image taps (the padding) masked to zero. ``B`` is the weight in ``(C_out, R, S, C_in)``
+memory order (weight.contiguous(memory_format=torch.channels_last)), a plain row-major
+``(C_out, K)`` matrix. Bias and ReLU run in the epilogue on the float32 accumulator, and
+the store goes through the output's strides, so NCHW and NHWC outputs cost the same.
+
+Two ways to walk ``k`` (constexpr ``FLAT_K``):
+
+* blocked (default for C_in/groups >= 32): one loop over (r, s, channel block); the tap
+  offset is a scalar per iteration, so the gather is one 2-d add and the loads along ``c``
+  are contiguous;
+* flat (few input channels, e.g. the RGB first layer): ``k`` runs over ``R*S*C`` in
+  blocks and every element decodes its own (r, s, c); the blocked walk would pad C=3 to a
+  whole block and waste most of each MMA.
+
+Groups are a grid axis: group ``g`` reads channels ``[g*C, (g+1)*C)`` of x and writes
+``[g*CO, (g+1)*CO)`` of out, with ``C``/``CO`` the per-group channel counts.
+
+The launchers take ``shape``, a ``pyowt.ops.conv2d.ConvShape`` (any object with its fields).
+Every load and store is masked, so any shape is safe. Offsets inside one image are int32
+(the launcher refuses an image of 2**31 elements or more); the image offset is int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreter_enabled
+
+INT32_MAX = 2**31 - 1
+# Below this many input channels per group the flat k walk wastes less of each MMA.
+FLAT_K_BELOW = 32
+
+
+def _config(bm, bn, bk, warps, stages, **extra):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra},
+                         num_warps=warps, num_stages=stages)
+
+
+def fwd_configs():
+    # The interpreter runs one config (autotuning it would only cost time): blocks large
+    # enough for numpy to vectorize, yet close to the tiny test shapes.
+    if interpreter_enabled():
+        return [_config(128, 16, 16, 4, 1, GROUP_M=4)]
+    return [
+        _config(128, 128, 32, 8, 3, GROUP_M=8),
+        _config(128, 64, 32, 4, 4, GROUP_M=8),
+        _config(64, 128, 32, 4, 4, GROUP_M=8),
+        _config(128, 256, 64, 8, 3, GROUP_M=8),
+        _config(256, 128, 64, 8, 3, GROUP_M=8),
+        _config(64, 64, 64, 4, 3, GROUP_M=8),
+    ]
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr):
+    """acc += a @ b; float32 operands in full precision (no TF32) when IEEE."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in GROUP_M-row bands, so neighbouring programs share B tiles in L2."""
+    per_band = GROUP_M * num_n
+    band = pid // per_band
+    first_m = band * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_band) % rows
+    pid_n = (pid % per_band) // rows
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=fwd_configs(), key=["M", "CO", "C", "R", "S", "FLAT_K"])
+@triton.jit
+def conv2d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, C, H, W, CO, HO, WO, R, S,
+    sxn, sxc, sxh, sxw,
+    syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    g = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(CO, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < CO
+    img = offs_m // (HO * WO)
+    pix = offs_m % (HO * WO)
+    oh = pix // WO
+    ow = pix % WO
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_img = x_ptr + img.to(tl.int64) * sxn + (g * C) * sxc  # (BLOCK_M,) pointers
+    KW = R * S * C  # one weight row (one output channel) in (r, s, c) order
+    w_row = w_ptr + (g * CO + offs_n).to(tl.int64) * KW  # (BLOCK_N,) pointers
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if FLAT_K:
+        for k0 in range(0, KW, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < KW
+            c = offs_k % C
+            rs = offs_k // C
+            ih = ih0[:, None] + ((rs // S) * dil_h)[None, :]
+            iw = iw0[:, None] + ((rs % S) * dil_w)[None, :]
+            a_ok = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            a = tl.load(x_img[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc, mask=a_ok, other=0.0)
+            b = tl.load(w_row[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = mma(a, b, acc, IEEE)
+    else:
+        # One loop over (tap, channel block) so the compiler pipelines all of it.
+        c_blocks = tl.cdiv(C, BLOCK_K)
+        for it in range(0, R * S * c_blocks):
+            rs = it // c_blocks
+            c0 = (it % c_blocks) * BLOCK_K
+            ih = ih0 + (rs // S) * dil_h
+            iw = iw0 + (rs % S) * dil_w
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            c_ok = offs_c < C
+            a = tl.load((x_img + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_row[None, :] + (rs * C + offs_c)[:, None],
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = mma(a, b, acc, IEEE)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + g * CO + offs_n, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y_pix = img.to(tl.int64) * syn + oh * syh + ow * syw
+    y_ptrs = y_ptr + y_pix[:, None] + ((g * CO + offs_n) * syc)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def check_int32_images(shape) -> None:
+    """Offsets inside one image are int32: refuse images too large for that, clearly."""
+    per_image = max(shape.c_in * shape.h * shape.w, shape.c_out * shape.h_out * shape.w_out)
+    if per_image > INT32_MAX:
+        raise ValueError(
+            f"conv2d_bias_act (triton): one image of {per_image} elements exceeds the int32 "
+            f"offsets of the kernel (at most {INT32_MAX}); use backend='aten'"
+        )
+
+
+def use_flat_k(channels_per_group: int) -> bool:
+    return channels_per_group < FLAT_K_BELOW
+
+
+def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torch.Tensor,
+                      shape, relu: bool, flat_k=None) -> None:
+    """Write act(conv2d(x, w) + bias) into ``y``.
+
+    Args:
+        launch: ``wrap_triton`` (or the identity) applied to the kernel before launching.
+        x: (N, C_in, H, W), any strides (channels_last makes the gathers contiguous).
+        w_cl: (C_out, C_in/groups, R, S) in channels_last memory, i.e. (C_out, R, S, C) rows.
+        bias: (C_out,) contiguous, or None.
+        y: (N, C_out, H_out, W_out) output, any strides.
+        flat_k: force the k walk (None: chosen from C_in/groups, see the module docstring).
+    """
+    check_int32_images(shape)
+    c = shape.c_in // shape.groups
+    co = shape.c_out // shape.groups
+    m = shape.n * shape.h_out * shape.w_out
+    if m == 0 or co == 0:
+        return
+    flat = use_flat_k(c) if flat_k is None else bool(flat_k)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]), shape.groups)
+
+    launch(conv2d_fwd_kernel)[grid](
+        x, w_cl, w_cl if bias is None else bias, y,
+        m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s,
+        *x.stride(), *y.stride(),
+        *shape.stride, *shape.padding, *shape.dilation,
+        HAS_BIAS=bias is not None, RELU=relu, FLAT_K=flat, IEEE=x.dtype == torch.float32,
+    )

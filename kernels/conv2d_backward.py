@@ -1,0 +1,249 @@
+"""Triton backward kernels of out = act(conv2d(x, weight) + bias): two implicit GEMMs.
+
+With ``dy = grad_out * (out > 0)`` (the ReLU mask is applied on the fly from the saved
+output; ``activation="none"`` skips it):
+
+* grad_input, ``dx[(img, ih, iw), c] = sum_{r, s, co} dy[(img, oh, ow), co] * w[co, c, r, s]``
+  with ``oh = (ih + pad_h - r*dil_h) / stride_h`` when that divides exactly and lands in
+  the output (the transposed convolution, gathered instead of scattered so every output
+  element is written once, without atomics). Rows are input pixels, columns input
+  channels, the reduction walks (tap, output-channel block). Strides above 1 leave most
+  taps empty for a given pixel; they are masked, not skipped.
+* grad_weight, ``dw[co, (r, s, c)] = sum_m dy[m, co] * A[m, (r, s, c)]`` with ``A`` the
+  same gathered input as the forward. The reduction runs over all ``M = N*H_out*W_out``
+  output pixels while the result is small, so ``M`` is split in ``SPLIT`` chunks across
+  a grid axis (split-K); each chunk writes its own float32 partial (no atomics, so the
+  result is deterministic) and the launcher sums them. The bias gradient
+  ``sum_m dy[m, co]`` rides along: the programs of the first k tile add up the dy tile
+  they already hold, per chunk, into a second partial buffer.
+
+``dy`` and ``out`` must share strides (the launcher makes both channels_last), so one set
+of offsets serves both. Every load and store is masked.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreter_enabled
+from .conv2d import _config, check_int32_images, grouped_tile, mma
+
+
+def dgrad_configs():
+    if interpreter_enabled():
+        return [_config(128, 16, 16, 4, 1, GROUP_M=4)]
+    return [
+        _config(128, 128, 32, 8, 3, GROUP_M=8),
+        _config(128, 64, 32, 4, 4, GROUP_M=8),
+        _config(64, 128, 32, 4, 4, GROUP_M=8),
+        _config(128, 128, 64, 8, 3, GROUP_M=8),
+    ]
+
+
+def wgrad_configs():
+    # BLOCK_M is the reduction (pixel) block; BLOCK_N output channels; BLOCK_K (r, s, c).
+    if interpreter_enabled():
+        return [_config(32, 16, 16, 4, 1)]
+    return [
+        _config(64, 128, 128, 8, 3),
+        _config(64, 64, 128, 4, 3),
+        _config(32, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+    ]
+
+
+@triton.autotune(configs=dgrad_configs(), key=["M", "C", "CO", "R", "S"])
+@triton.jit
+def conv2d_dgrad_kernel(
+    dy_ptr, out_ptr, w_ptr, dx_ptr,
+    M, C, H, W, CO, HO, WO, R, S,
+    syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    RELU: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    g = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels (img, ih, iw)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels of group g
+    m_ok = offs_m < M
+    n_ok = offs_n < C
+    img = offs_m // (H * W)
+    pix = offs_m % (H * W)
+    ih = pix // W
+    iw = pix % W
+    y_img = img.to(tl.int64) * syn + (g * CO) * syc
+    KW = R * S * C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    co_blocks = tl.cdiv(CO, BLOCK_K)
+    for it in range(0, R * S * co_blocks):
+        rs = it // co_blocks
+        co0 = (it % co_blocks) * BLOCK_K
+        th = ih + pad_h - (rs // S) * dil_h
+        tw = iw + pad_w - (rs % S) * dil_w
+        # Clamp before dividing: negative values are masked anyway, and integer division
+        # of negatives differs between the GPU (truncates) and the interpreter (floors).
+        thc = tl.maximum(th, 0)
+        twc = tl.maximum(tw, 0)
+        oh = thc // stride_h
+        ow = twc // stride_w
+        row_ok = (m_ok & (th >= 0) & (tw >= 0) & (thc % stride_h == 0) & (twc % stride_w == 0)
+                  & (oh < HO) & (ow < WO))
+        offs_co = co0 + tl.arange(0, BLOCK_K)
+        co_ok = offs_co < CO
+        ld_ok = row_ok[:, None] & co_ok[None, :]
+        y_off = (y_img + oh * syh + ow * syw)[:, None] + (offs_co * syc)[None, :]
+        dy = tl.load(dy_ptr + y_off, mask=ld_ok, other=0.0)
+        if RELU:
+            o = tl.load(out_ptr + y_off, mask=ld_ok, other=0.0)
+            dy = tl.where(o > 0, dy, tl.zeros_like(dy))
+        # w[co, c, r, s] sits at (g*CO + co) * KW + (r*S + s) * C + c in (C_out, R, S, C).
+        w_off = (g * CO + offs_co).to(tl.int64)[:, None] * KW + (rs * C + offs_n)[None, :]
+        wt = tl.load(w_ptr + w_off, mask=co_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mma(dy, wt, acc, IEEE)
+    dx_off = (img.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + ((g * C + offs_n) * sxc)[None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=wgrad_configs(), key=["M", "C", "CO", "R", "S", "CHUNK"])
+@triton.jit
+def conv2d_wgrad_kernel(
+    dy_ptr, out_ptr, x_ptr, dw_ptr, db_ptr,
+    M, C, H, W, CO, HO, WO, R, S, CO_TOTAL, CHUNK,
+    syn, syc, syh, syw,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    KW = R * S * C
+    k_tiles = tl.cdiv(KW, BLOCK_K)
+    pid_n = tl.program_id(0) // k_tiles
+    pid_k = tl.program_id(0) % k_tiles
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    co_ok = offs_co < CO
+    k_ok = offs_k < KW
+    c = offs_k % C
+    rs = offs_k // C
+    r_off = (rs // S) * dil_h
+    s_off = (rs % S) * dil_w
+    y_ch = ((g * CO + offs_co) * syc)[:, None]  # (BLOCK_N, 1)
+    x_ch = ((g * C + c) * sxc)[None, :]  # (1, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m_start = split * CHUNK
+    m_end = tl.minimum(m_start + CHUNK, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        img = offs_m // (HO * WO)
+        pix = offs_m % (HO * WO)
+        oh = pix // WO
+        ow = pix % WO
+        # dy^T tile (BLOCK_N, BLOCK_M): output channels by pixels.
+        y_off = y_ch + (img.to(tl.int64) * syn + oh * syh + ow * syw)[None, :]
+        y_ok = co_ok[:, None] & m_ok[None, :]
+        dy = tl.load(dy_ptr + y_off, mask=y_ok, other=0.0)
+        if RELU:
+            o = tl.load(out_ptr + y_off, mask=y_ok, other=0.0)
+            dy = tl.where(o > 0, dy, tl.zeros_like(dy))
+        # Gathered input tile (BLOCK_M, BLOCK_K), as in the forward's flat walk.
+        ih = (oh * stride_h - pad_h)[:, None] + r_off[None, :]
+        iw = (ow * stride_w - pad_w)[:, None] + s_off[None, :]
+        a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_ptr + (img.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw + x_ch,
+                    mask=a_ok, other=0.0)
+        acc = mma(dy, a, acc, IEEE)
+        if HAS_BIAS:
+            db += tl.sum(dy.to(tl.float32), axis=1)
+    # Partials: dw_ptr is (SPLIT, CO_TOTAL, KW) float32, db_ptr (SPLIT, CO_TOTAL) float32.
+    row = split.to(tl.int64) * CO_TOTAL + g * CO + offs_co
+    tl.store(dw_ptr + row[:, None] * KW + offs_k[None, :], acc, mask=co_ok[:, None] & k_ok[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + row, db, mask=co_ok & (pid_k == 0))
+
+
+def _split_count(m: int, tiles: int, device: torch.device) -> tuple:
+    """(SPLIT, CHUNK): chunks of the M reduction so that the grid fills the device.
+
+    On a GPU aim for about four programs per SM, each chunk at least 256 rows and aligned
+    to 128 (whole pixel blocks); the interpreter uses up to three small chunks so the
+    tests run the partial-sum path with chunk boundaries inside a block.
+    """
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, (4 * sms) // max(tiles, 1))
+        split = max(1, min(want, m // 256))
+        chunk = triton.cdiv(triton.cdiv(m, split), 128) * 128
+    else:
+        split = max(1, min(3, m // 24))
+        chunk = triton.cdiv(m, split)
+    return triton.cdiv(m, chunk), chunk
+
+
+def launch_conv2d_dgrad(launch, dy: torch.Tensor, out: torch.Tensor, w_cl: torch.Tensor,
+                        dx: torch.Tensor, shape, relu: bool) -> None:
+    """grad_input into ``dx`` (any strides). ``dy``/``out`` share strides; w_cl as forward."""
+    check_int32_images(shape)
+    c = shape.c_in // shape.groups
+    co = shape.c_out // shape.groups
+    m = shape.n * shape.h * shape.w
+    if m == 0 or c == 0:
+        return
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), shape.groups)
+
+    launch(conv2d_dgrad_kernel)[grid](
+        dy, out, w_cl, dx,
+        m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s,
+        *dy.stride(), *dx.stride(),
+        *shape.stride, *shape.padding, *shape.dilation,
+        RELU=relu, IEEE=dy.dtype == torch.float32,
+    )
+
+
+def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                        shape, relu: bool, has_bias: bool, split=None):
+    """(grad_weight as float32 (C_out, R*S*C) rows, grad_bias float32 (C_out,) or None).
+
+    The caller reshapes/casts; ``split`` forces the number of M chunks (tests).
+    """
+    check_int32_images(shape)
+    c = shape.c_in // shape.groups
+    co = shape.c_out // shape.groups
+    kw = shape.r * shape.s * c
+    m = shape.n * shape.h_out * shape.w_out
+    dev = dy.device
+    if m == 0 or co == 0 or kw == 0:
+        dw = torch.zeros((shape.c_out, kw), dtype=torch.float32, device=dev)
+        return dw, (torch.zeros(shape.c_out, dtype=torch.float32, device=dev) if has_bias else None)
+    tiles = triton.cdiv(co, 64) * triton.cdiv(kw, 64) * shape.groups
+    if split is None:
+        n_split, chunk = _split_count(m, tiles, dev)
+    else:
+        chunk = triton.cdiv(m, max(1, int(split)))
+        n_split = triton.cdiv(m, chunk)
+    dw = torch.empty((n_split, shape.c_out, kw), dtype=torch.float32, device=dev)
+    db = torch.empty((n_split, shape.c_out) if has_bias else (1,), dtype=torch.float32, device=dev)
+
+    def grid(meta):
+        return (triton.cdiv(co, meta["BLOCK_N"]) * triton.cdiv(kw, meta["BLOCK_K"]), n_split, shape.groups)
+
+    launch(conv2d_wgrad_kernel)[grid](
+        dy, out, x, dw, db,
+        m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s, shape.c_out, chunk,
+        *dy.stride(), *x.stride(),
+        *shape.stride, *shape.padding, *shape.dilation,
+        HAS_BIAS=has_bias, RELU=relu, IEEE=dy.dtype == torch.float32,
+    )
+    # The partials are summed in float32 in a fixed order: deterministic.
+    dw = dw[0] if n_split == 1 else dw.sum(dim=0)
+    if not has_bias:
+        return dw, None
+    return dw, (db[0] if n_split == 1 else db.sum(dim=0))

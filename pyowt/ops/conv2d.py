@@ -1,0 +1,296 @@
+"""``conv2d_bias_act``: out = act(conv2d(x, weight) + bias), act in {ReLU, identity}.
+
+The convolution of every conv layer with its bias and activation fused into the epilogue:
+C++ (``torch.ops.pyowt.conv2d_bias_act``: oneDNN's fused post-op on CPU, our kernel on
+CUDA), Triton (``torch.ops.pyowt.conv2d_bias_act_triton``, implicit-GEMM kernels in
+pyowt.kernels.conv2d and pyowt.kernels.conv2d_backward) and ATen, each with a fake kernel
+and autograd. The backward recovers the ReLU mask from the saved output (out > 0), so the
+pre-activation is never stored.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+from ..kernels import HAS_TRITON
+from . import _checks
+from .backend import register_op, resolve_backend
+
+OP = "conv2d_bias_act"
+# The CUDA default follows the Triton/CUDA kernels landing in parallel: revisit this order
+# with the benchmark (benchmarks/test_bench_conv.py) on an H100.
+register_op(
+    OP,
+    implemented=("triton", "cuda", "cpu", "aten"),
+    prefer_cuda=("cuda", "triton", "aten"),
+    prefer_cpu=("cpu", "aten"),
+)
+
+ACTIVATIONS = ("relu", "none")
+
+
+class ConvShape(NamedTuple):
+    """Sizes of one conv2d: x (n, c_in, h, w), weight (c_out, c_in/groups, r, s)."""
+
+    n: int
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    r: int
+    s: int
+    h_out: int
+    w_out: int
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+
+def conv_shape(x_shape, w_shape, stride, padding, dilation, groups) -> ConvShape:
+    """The geometry of a conv whose arguments were validated (see :func:`conv2d_bias_act`)."""
+    n, c_in, h, w = (int(v) for v in x_shape)
+    c_out, _, r, s = (int(v) for v in w_shape)
+    h_out = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return ConvShape(n, c_in, h, w, c_out, r, s, h_out, w_out, tuple(stride), tuple(padding),
+                     tuple(dilation), int(groups))
+
+
+def _pair(value, name: str, minimum: int) -> Tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} in both axes, got {value!r}")
+    return pair
+
+
+def _activation(activation) -> str:
+    if activation is None:
+        return "none"
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'relu', 'none' or None, got {activation!r}")
+    return activation
+
+
+def _output_format(x: torch.Tensor) -> torch.memory_format:
+    return _checks.preferred_memory_format(x, 1)
+
+
+def conv2d_bias_act_reference(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                              activation="relu") -> torch.Tensor:
+    """The ATen composition ``relu(conv2d(x, weight, bias))`` (identity for "none")."""
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    out = F.relu(out) if _activation(activation) == "relu" else out
+    return out.contiguous(memory_format=_output_format(x))
+
+
+def _empty_out(x: torch.Tensor, shape: ConvShape) -> torch.Tensor:
+    return torch.empty((shape.n, shape.c_out, shape.h_out, shape.w_out), dtype=x.dtype,
+                       device=x.device, memory_format=_output_format(x))
+
+
+def _grad_shapes_fake(x, weight, has_bias):
+    gx = torch.empty_like(x, memory_format=_output_format(x))
+    gw = torch.empty_like(weight, memory_format=_checks.preferred_memory_format(weight, 1))
+    gb = x.new_empty((weight.shape[0] if has_bias else 0,))
+    return gx, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, activation = inputs
+    ctx.conv = (list(stride), list(padding), list(dilation), groups, activation)
+    ctx.has_bias = bias is not None
+    # The output is needed only for the ReLU mask.
+    ctx.save_for_backward(x, weight, output if activation == "relu" else None)
+
+
+# --- C++ / CUDA registration (only when the extension is loaded) -------------------------
+if _extension.STATUS.loaded:
+
+    @torch.library.register_fake("pyowt::conv2d_bias_act")
+    def _conv_fake(x, weight, bias, stride, padding, dilation, groups, activation):
+        return _empty_out(x, conv_shape(x.shape, weight.shape, stride, padding, dilation, groups))
+
+    @torch.library.register_fake("pyowt::conv2d_bias_act_backward")
+    def _conv_backward_fake(grad_out, x, weight, out, stride, padding, dilation, groups,
+                            activation, has_bias):
+        return _grad_shapes_fake(x, weight, has_bias)
+
+    def _conv_backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation, groups, activation = ctx.conv
+        # With "none" the op ignores `out` beyond its shape: pass the gradient instead.
+        grad_x, grad_w, grad_b = torch.ops.pyowt.conv2d_bias_act_backward(
+            grad, x, weight, grad if out is None else out, stride, padding, dilation, groups,
+            activation, ctx.has_bias)
+        return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None, None, None, None
+
+    torch.library.register_autograd("pyowt::conv2d_bias_act", _conv_backward, setup_context=_setup_context)
+
+
+# --- Triton registration -----------------------------------------------------------------
+if HAS_TRITON:
+    from torch.library import triton_op, wrap_triton
+
+    from ..kernels import conv2d as _fwd
+    from ..kernels import conv2d_backward as _bwd
+
+    @triton_op("pyowt::conv2d_bias_act_triton", mutates_args=())
+    def conv2d_bias_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               stride: List[int], padding: List[int], dilation: List[int],
+                               groups: int, activation: str) -> torch.Tensor:
+        shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
+        out = _empty_out(x, shape)
+        # NHWC operands: a run of input channels is contiguous in x and in each weight row.
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        w_cl = weight.contiguous(memory_format=torch.channels_last)
+        _fwd.launch_conv2d_fwd(wrap_triton, x_cl, w_cl, None if bias is None else bias.contiguous(),
+                               out, shape, activation == "relu")
+        return out
+
+    @triton_op("pyowt::conv2d_bias_act_backward_triton", mutates_args=())
+    def conv2d_bias_act_backward_triton(
+        grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+        stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str,
+        has_bias: bool, output_mask: List[bool],
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like the C++ backward, plus ``output_mask`` (grad x, weight, bias): a gradient
+        not asked for is returned as an empty (0,) tensor and not computed (the first
+        layer's input gradient is never needed, and is the most expensive one)."""
+        shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
+        relu = activation == "relu"
+        dy = grad_out.contiguous(memory_format=torch.channels_last)
+        # dy and out must share strides; without ReLU `out` is never read.
+        o = out.contiguous(memory_format=torch.channels_last) if relu else dy
+        w_cl = weight.contiguous(memory_format=torch.channels_last)
+        # Distinct empty tensors: outputs of a custom op may not alias each other.
+        grad_x, grad_w, grad_b = (x.new_empty((0,)) for _ in range(3))
+        if output_mask[0]:
+            grad_x = torch.empty_like(x, memory_format=_output_format(x))
+            _bwd.launch_conv2d_dgrad(wrap_triton, dy, o, w_cl, grad_x, shape, relu)
+        want_bias = has_bias and output_mask[2]
+        if output_mask[1]:
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            dw, db = _bwd.launch_conv2d_wgrad(wrap_triton, dy, o, x_cl, shape, relu, want_bias)
+            c = shape.c_in // shape.groups
+            # (C_out, R*S*C) rows are the weight in channels_last memory order.
+            dw = dw.view(shape.c_out, shape.r, shape.s, c).permute(0, 3, 1, 2).to(weight.dtype)
+            grad_w = dw.contiguous(memory_format=_checks.preferred_memory_format(weight, 1))
+            if want_bias:
+                grad_b = db.to(weight.dtype)
+        elif want_bias:
+            masked = torch.where(o > 0, dy, torch.zeros_like(dy)) if relu else dy
+            grad_b = masked.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
+        return grad_x, grad_w, grad_b
+
+    # Explicit fake kernels: opcheck's fake-tensor test needs them under the interpreter.
+    @conv2d_bias_act_triton.register_fake
+    def _(x, weight, bias, stride, padding, dilation, groups, activation):
+        return _empty_out(x, conv_shape(x.shape, weight.shape, stride, padding, dilation, groups))
+
+    @conv2d_bias_act_backward_triton.register_fake
+    def _(grad_out, x, weight, out, stride, padding, dilation, groups, activation, has_bias,
+          output_mask):
+        gx, gw, gb = _grad_shapes_fake(x, weight, has_bias and output_mask[2])
+        return (gx if output_mask[0] else x.new_empty((0,)),
+                gw if output_mask[1] else x.new_empty((0,)), gb)
+
+    def _conv_triton_backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation, groups, activation = ctx.conv
+        need = [bool(v) for v in ctx.needs_input_grad[:3]]
+        grad_x, grad_w, grad_b = torch.ops.pyowt.conv2d_bias_act_backward_triton(
+            grad, x, weight, grad if out is None else out, stride, padding, dilation, groups,
+            activation, ctx.has_bias, need)
+        return (grad_x if need[0] else None, grad_w if need[1] else None,
+                grad_b if (ctx.has_bias and need[2]) else None, None, None, None, None, None)
+
+    conv2d_bias_act_triton.register_autograd(_conv_triton_backward, setup_context=_setup_context)
+
+
+def _validate(x, weight, bias, stride, padding, dilation, groups, activation):
+    _checks.check_tensor(x, "x")
+    _checks.check_tensor(weight, "weight")
+    if bias is not None:
+        _checks.check_tensor(bias, "bias")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-d (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-d (C_out, C_in/groups, R, S), got shape {tuple(weight.shape)}")
+    _checks.check_float_dtype(x, "x")
+    _checks.check_same(x, weight, "x", "weight")
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    c_in, c_out = x.shape[1], weight.shape[0]
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(f"groups={groups} must be >= 1 and divide C_in={c_in} and C_out={c_out}")
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(
+            f"weight has {weight.shape[1]} input channels per group but x has C_in={c_in} with "
+            f"groups={groups} (expected weight.shape[1] == {c_in // groups})")
+    if weight.shape[2] < 1 or weight.shape[3] < 1:
+        raise ValueError(f"weight kernel size must be >= 1, got {tuple(weight.shape[2:])}")
+    if bias is not None:
+        _checks.check_same(x, bias, "x", "bias")
+        if bias.dim() != 1 or bias.shape[0] != c_out:
+            raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    act = _activation(activation)
+    shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
+    for axis, size, k, p, d in ((0, shape.h, shape.r, padding[0], dilation[0]),
+                                (1, shape.w, shape.s, padding[1], dilation[1])):
+        extent = d * (k - 1) + 1
+        if extent > size + 2 * p:
+            raise ValueError(
+                f"the dilated kernel ({extent} along {'HW'[axis]}) is larger than the padded input "
+                f"({size} + 2*{p} = {size + 2 * p}); x shape {tuple(x.shape)}, weight shape "
+                f"{tuple(weight.shape)}")
+    return shape, act
+
+
+def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    stride=1, padding=0, dilation=1, groups: int = 1, activation: Optional[str] = "relu",
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """``act(conv2d(x, weight) + bias)`` in one fused op, differentiable.
+
+    Args:
+        x: ``(N, C_in, H, W)`` float32/float16/bfloat16, NCHW or channels_last (any strides
+            work; other layouts are copied to NCHW first).
+        weight: ``(C_out, C_in / groups, R, S)``, x's dtype and device.
+        bias: ``(C_out,)`` or None.
+        stride, dilation: int or pair, >= 1. padding: int or pair, >= 0 (zero padding).
+        groups: divides C_in and C_out. Every backend runs any ``groups`` natively (the
+            Triton kernels put the group on a grid axis), so there is no ATen fallback.
+        activation: ``"relu"`` (default) or ``None``/``"none"``.
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"aten"``; default: the C++ kernel
+            for the device (on CUDA, then Triton, then ATen: the order will follow the
+            benchmark results), see :mod:`pyowt.ops.backend`.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` in x's memory format (channels_last in, channels_last
+        out), with ``H_out = (H + 2*padding - dilation*(R-1) - 1) // stride + 1`` (same for W).
+
+    Raises:
+        TypeError / ValueError naming the offending argument (ranks, channels, dtypes,
+        devices, groups, a kernel larger than the padded input, bad stride/padding/dilation,
+        unknown activation or backend).
+    """
+    shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
+    chosen = resolve_backend(OP, x.device, backend)
+    args = (list(shape.stride), list(shape.padding), list(shape.dilation), shape.groups, act)
+    if chosen == "aten":
+        return conv2d_bias_act_reference(x, weight, bias, *args)
+    if chosen == "triton":
+        return torch.ops.pyowt.conv2d_bias_act_triton(x, weight, bias, *args)
+    return torch.ops.pyowt.conv2d_bias_act(x, weight, bias, *args)

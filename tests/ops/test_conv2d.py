@@ -1,0 +1,408 @@
+"""conv2d_bias_act on every backend that runs here, against a float64 reference.
+
+The configurations come from a seeded RNG (``make_grid``) and ``test_grid_covers_ranges``
+checks that they span what the op promises: stride 1-4, padding 0-3, dilation 1-2, kernels
+1x1 to 11x11, odd H and W, batch 1-3, groups 1 and 2, bias or not, ReLU or identity,
+NCHW and channels_last, and both k walks of the Triton forward. Shapes stay tiny so the
+Triton interpreter gets through them in well under a minute.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyowt import _extension
+from pyowt.kernels import HAS_TRITON
+from pyowt.ops import conv2d_bias_act, resolve_backend
+from pyowt.ops.conv2d import conv2d_bias_act_reference
+
+from ..utils import assert_close_rel
+
+needs_ext = pytest.mark.skipif(not _extension.STATUS.loaded, reason="extension not built")
+
+N_CONFIGS = 56
+
+
+def _spread(rng, values, n):
+    """``n`` draws that contain every value (shuffled repeats), so coverage is certain."""
+    out = (list(values) * (n // len(values) + 1))[:n]
+    rng.shuffle(out)
+    return out
+
+
+def make_grid(seed=2024, n=N_CONFIGS):
+    rng = random.Random(seed)
+    strides = _spread(rng, [1, 2, 3, 4], n)
+    pads = _spread(rng, [0, 1, 2, 3], n)
+    dils = _spread(rng, [1, 2], n)
+    # Large kernels are rare: each one costs the interpreter R*S loop iterations per tile.
+    kernels = _spread(rng, [1, 1, 2, 3, 3, 3, 4, 5, 5, 7, 11, 1, 3, 2], n)
+    groups = _spread(rng, [1, 1, 1, 2], n)
+    grid = []
+    for i in range(n):
+        g = groups[i]
+        k = kernels[i]
+        r, s = (k, k) if rng.random() < 0.7 else (k, rng.randint(1, 5))
+        p = pads[i]
+        d = dils[i]
+        ph, pw = p, rng.choice([p, rng.randint(0, 3)])
+        dh, dw = d, rng.choice([d, 1])
+        # The dilated kernel must fit in the padded input (H, W <= 13).
+        if dh * (r - 1) + 1 > 13 + 2 * ph:
+            dh = 1
+        if dw * (s - 1) + 1 > 13 + 2 * pw:
+            dw = 1
+        h_min = max(1, dh * (r - 1) + 1 - 2 * ph)
+        w_min = max(1, dw * (s - 1) + 1 - 2 * pw)
+        big = r * s > 25
+        h = rng.choice([v for v in range(h_min, 14) if v % 2 == 1 or v == h_min][: 3 if big else 8])
+        w = rng.choice([v for v in range(w_min, 14) if v % 2 == 1 or v == w_min][: 3 if big else 8])
+        grid.append(dict(
+            batch=1 if big else rng.randint(1, 3),
+            c_in=g * rng.randint(1, 5 // g), c_out=g * rng.randint(1, 5 // g), groups=g,
+            h=h, w=w, kernel=(r, s), stride=(strides[i], rng.choice([strides[i], rng.randint(1, 4)])),
+            padding=(ph, pw), dilation=(dh, dw), bias=rng.random() < 0.6,
+            activation=rng.choice(["relu", "relu", None]),
+            layout=rng.choice(["nchw", "channels_last"]), flat_k=i % 2 == 0, seed=1000 + i,
+        ))
+    return grid
+
+
+GRID = make_grid()
+IDS = [f"c{i}" for i in range(len(GRID))]
+
+
+def test_grid_covers_ranges():
+    def seen(key):
+        return {v for c in GRID for v in (c[key] if isinstance(c[key], tuple) else (c[key],))}
+
+    assert len(GRID) >= 50
+    assert seen("stride") == {1, 2, 3, 4}
+    assert seen("padding") == {0, 1, 2, 3}
+    assert seen("dilation") == {1, 2}
+    assert {1, 11} <= seen("kernel") and len(seen("kernel")) >= 6
+    assert seen("batch") == {1, 2, 3}
+    assert seen("groups") == {1, 2}
+    assert seen("bias") == {True, False}
+    assert seen("activation") == {"relu", None}
+    assert seen("layout") == {"nchw", "channels_last"}
+    assert seen("flat_k") == {True, False}
+    assert any(c["h"] % 2 and c["w"] % 2 for c in GRID) and any(c["h"] != c["w"] for c in GRID)
+    assert any(c["kernel"][0] != c["kernel"][1] for c in GRID)
+    # Channel counts are never multiples of the 16-wide blocks: every tile is partial.
+    assert max(c["c_in"] for c in GRID) <= 5 and len({c["c_out"] for c in GRID}) >= 4
+
+
+def _make(cfg, dtype, device):
+    g = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randn(cfg["batch"], cfg["c_in"], cfg["h"], cfg["w"], generator=g, dtype=torch.float64)
+    w = torch.randn(cfg["c_out"], cfg["c_in"] // cfg["groups"], *cfg["kernel"], generator=g,
+                    dtype=torch.float64)
+    b = torch.randn(cfg["c_out"], generator=g, dtype=torch.float64) if cfg["bias"] else None
+    # Round to the tested dtype once, so the reference sees exactly the kernel's inputs.
+    x, w = x.to(dtype).double(), w.to(dtype).double()
+    b = None if b is None else b.to(dtype).double()
+    xd = x.to(dtype).to(device)
+    if cfg["layout"] == "channels_last":
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    wd = w.to(dtype).to(device)
+    bd = None if b is None else b.to(dtype).to(device)
+    return (x, w, b), (xd, wd, bd)
+
+
+def check_config(cfg, backend, dtype, device):
+    (x64, w64, b64), (x, w, b) = _make(cfg, dtype, device)
+    kw = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"],
+              groups=cfg["groups"], activation=cfg["activation"])
+    leaves = [x64, w64] + ([b64] if b64 is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    ref = F.conv2d(x64, w64, b64, kw["stride"], kw["padding"], kw["dilation"], kw["groups"])
+    ref = F.relu(ref) if kw["activation"] == "relu" else ref
+    gen = torch.Generator().manual_seed(cfg["seed"] + 7)
+    weight_out = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref_grads = torch.autograd.grad((ref * weight_out).sum(), leaves)
+
+    ours = [x, w] + ([b] if b is not None else [])
+    for t in ours:
+        t.requires_grad_(True)
+    out = conv2d_bias_act(x, w, b, backend=backend, **kw)
+    assert out.shape == ref.shape and out.dtype == dtype and out.device == x.device
+    if cfg["layout"] == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last), "channels_last not kept"
+    else:
+        assert out.is_contiguous(), "NCHW output expected"
+    grads = torch.autograd.grad((out.double() * weight_out.to(device)).sum(), ours)
+    assert_close_rel(out, ref, dtype, "output")
+    for name, got, want in zip(("grad x", "grad weight", "grad bias"), grads, ref_grads):
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        assert_close_rel(got, want, dtype, name)
+
+
+@pytest.fixture
+def k_walk(monkeypatch, request):
+    """Force the Triton forward's k walk of a config (flat or blocked)."""
+    def force(cfg):
+        if HAS_TRITON:
+            from pyowt.kernels import conv2d as kconv
+            monkeypatch.setattr(kconv, "FLAT_K_BELOW", 10**9 if cfg["flat_k"] else 0)
+    return force
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=IDS)
+@pytest.mark.parametrize("backend", ["cpu", "aten"])
+def test_cpu_backends_fp32(backend, cfg):
+    if backend == "cpu" and not _extension.STATUS.loaded:
+        pytest.skip("extension not built")
+    check_config(cfg, backend, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", GRID[::4], ids=IDS[::4])
+@needs_ext
+def test_cpu_backend_half(cfg, dtype):
+    check_config(cfg, "cpu", dtype, "cpu")
+
+
+@pytest.mark.parametrize("cfg", GRID, ids=IDS)
+def test_triton_fp32(triton_device, k_walk, cfg):
+    k_walk(cfg)
+    check_config(cfg, "triton", torch.float32, triton_device)
+
+
+@pytest.mark.parametrize("cfg", GRID[1::5], ids=IDS[1::5])
+def test_triton_fp16(triton_device, k_walk, cfg):
+    k_walk(cfg)
+    check_config(cfg, "triton", torch.float16, triton_device)
+
+
+# Larger shapes for the GPU: many tiles, partial tiles, channel counts off the block sizes,
+# the split-K reduction of the weight gradient, AlexNet-like first layers.
+GPU_EXTRA = [
+    dict(batch=3, c_in=3, c_out=64, groups=1, h=63, w=67, kernel=(11, 11), stride=(4, 4),
+         padding=(2, 2), dilation=(1, 1), bias=True, activation="relu", layout="channels_last"),
+    dict(batch=2, c_in=67, c_out=129, groups=1, h=27, w=25, kernel=(5, 5), stride=(1, 1),
+         padding=(2, 2), dilation=(1, 1), bias=True, activation="relu", layout="channels_last"),
+    dict(batch=4, c_in=96, c_out=130, groups=2, h=13, w=15, kernel=(3, 3), stride=(1, 2),
+         padding=(1, 1), dilation=(2, 1), bias=False, activation=None, layout="nchw"),
+    dict(batch=8, c_in=256, c_out=64, groups=1, h=14, w=14, kernel=(1, 1), stride=(1, 1),
+         padding=(0, 0), dilation=(1, 1), bias=True, activation="relu", layout="channels_last"),
+]
+GPU_GRID = GRID + [dict(c, flat_k=bool(i % 2), seed=9000 + i) for i, c in enumerate(GPU_EXTRA)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", GPU_GRID, ids=[f"g{i}" for i in range(len(GPU_GRID))])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends(backend, cfg, dtype, k_walk):
+    k_walk(cfg)
+    check_config(cfg, backend, dtype, "cuda")
+
+
+def test_wgrad_split_k_matches_single_chunk(triton_device):
+    """The split-K partial sums of the weight/bias gradients equal the one-chunk result."""
+    from pyowt.kernels.conv2d_backward import launch_conv2d_wgrad
+    from pyowt.ops.conv2d import conv_shape
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 9, 7, generator=g).to(triton_device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 3, 3, 2, generator=g).to(triton_device)
+    out = F.relu(F.conv2d(x, w, None, 1, 1)).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(out.shape, generator=g).to(triton_device).contiguous(memory_format=torch.channels_last)
+    shape = conv_shape(x.shape, w.shape, (1, 1), (1, 1), (1, 1), 1)
+    results = [launch_conv2d_wgrad(lambda k: k, dy, out, x, shape, True, True, split=s) for s in (1, 4, 7)]
+    for dw, db in results[1:]:
+        torch.testing.assert_close(dw, results[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(db, results[0][1], rtol=1e-5, atol=1e-5)
+    masked = torch.where(out > 0, dy, 0)
+    torch.testing.assert_close(results[0][1], masked.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_backward_skips_unneeded_gradients(triton_device):
+    x = torch.randn(1, 3, 7, 7, device=triton_device)  # no grad, like a network's input
+    w = torch.randn(4, 3, 3, 3, device=triton_device, requires_grad=True)
+    b = torch.randn(4, device=triton_device, requires_grad=True)
+    out = conv2d_bias_act(x, w, b, padding=1, backend="triton")
+    gw, gb = torch.autograd.grad(out.sum(), [w, b])
+    x64, w64, b64 = x.double(), w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = F.relu(F.conv2d(x64, w64, b64, padding=1))
+    rw, rb = torch.autograd.grad(ref.sum(), [w64, b64])
+    assert_close_rel(gw, rw, torch.float32, "grad weight")
+    assert_close_rel(gb, rb, torch.float32, "grad bias")
+    gx, gw, gb = torch.ops.pyowt.conv2d_bias_act_backward_triton(
+        torch.ones_like(out), x, w.detach(), out.detach(), [1, 1], [1, 1], [1, 1], 1, "relu", True,
+        [False, False, True])
+    assert gx.shape == (0,) and gw.shape == (0,)
+    assert_close_rel(gb, rb, torch.float32, "grad bias only")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "aten", "triton"])
+def test_empty_batch(backend):
+    if backend == "cpu" and not _extension.STATUS.loaded:
+        pytest.skip("extension not built")
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from pyowt.ops.backend import unavailable_reason
+        if unavailable_reason("triton", torch.device("cpu")) is not None:
+            pytest.skip("triton cannot run on CPU here")
+    x = torch.randn(0, 3, 5, 5, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    out = conv2d_bias_act(x, w, b, backend=backend)
+    assert out.shape == (0, 4, 3, 3)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and torch.all(w.grad == 0) and torch.all(b.grad == 0)
+
+
+def _samples(device, n=4):
+    samples = []
+    for cfg in GRID[:n]:
+        _, (x, w, b) = _make(cfg, torch.float32, device)
+        args = (x.requires_grad_(True), w.requires_grad_(True),
+                None if b is None else b.requires_grad_(True),
+                list(cfg["stride"]), list(cfg["padding"]), list(cfg["dilation"]), cfg["groups"],
+                cfg["activation"] or "none")
+        samples.append(args)
+    return samples
+
+
+@needs_ext
+def test_opcheck_cpp_op():
+    for args in _samples("cpu"):
+        torch.library.opcheck(torch.ops.pyowt.conv2d_bias_act.default, args)
+        out = torch.ops.pyowt.conv2d_bias_act(*args).detach()
+        bwd = (torch.randn_like(out), args[0].detach(), args[1].detach(), out, *args[3:],
+               args[2] is not None)
+        torch.library.opcheck(torch.ops.pyowt.conv2d_bias_act_backward.default, bwd)
+
+
+def test_opcheck_triton_op(triton_device):
+    # Under the interpreter the aot-dispatch and compile checks cannot run (Inductor does
+    # not compile Triton for CPU; see DESIGN.md); they run on a GPU.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if triton_device.type == "cuda":
+        utils = utils + ("test_aot_dispatch_dynamic",)
+    for args in _samples(triton_device, n=2):
+        torch.library.opcheck(torch.ops.pyowt.conv2d_bias_act_triton.default, args, test_utils=utils)
+        out = torch.ops.pyowt.conv2d_bias_act_triton(*args).detach()
+        bwd = (torch.randn_like(out), args[0].detach(), args[1].detach(), out, *args[3:],
+               args[2] is not None, [True, True, True])
+        torch.library.opcheck(torch.ops.pyowt.conv2d_bias_act_backward_triton.default, bwd,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+class _SmallNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from pyowt.nn import FusedConv2d
+        self.c1 = FusedConv2d(3, 6, 3, stride=2, padding=1)
+        self.c2 = FusedConv2d(6, 5, (3, 1), padding=(1, 0), dilation=(2, 1), bias=False, activation=None)
+
+    def forward(self, x):
+        return self.c2(self.c1(x)).mean(dim=(2, 3))
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = _SmallNet()
+    x = torch.randn(2, 3, 11, 9)
+    eager = model(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_default_backend_on_cpu():
+    expected = "cpu" if _extension.STATUS.loaded else "aten"
+    assert resolve_backend("conv2d_bias_act", torch.device("cpu")) == expected
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv("PYOWT_BACKEND_CONV2D_BIAS_ACT", "aten")
+    assert resolve_backend("conv2d_bias_act", torch.device("cpu")) == "aten"
+    monkeypatch.setenv("PYOWT_BACKEND_CONV2D_BIAS_ACT", "nonsense")
+    with pytest.raises(ValueError, match="'nonsense' is not a backend"):
+        conv2d_bias_act(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
+
+
+def test_reference_is_relu_of_conv():
+    x, w, b = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4)
+    torch.testing.assert_close(conv2d_bias_act_reference(x, w, b, 1, 1), F.relu(F.conv2d(x, w, b, 1, 1)))
+    torch.testing.assert_close(conv2d_bias_act(x, w, b, padding=1, activation=None), F.conv2d(x, w, b, 1, 1))
+
+
+X, W = torch.randn(2, 4, 9, 9), torch.randn(6, 4, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,exc,match",
+    [
+        ((torch.randn(4, 9, 9), W), {}, ValueError, r"x must be 4-d .*got shape \(4, 9, 9\)"),
+        ((X, torch.randn(6, 4, 3)), {}, ValueError, r"weight must be 4-d .*got shape \(6, 4, 3\)"),
+        ((X, torch.randn(6, 3, 3, 3)), {}, ValueError, "weight has 3 input channels per group but x has C_in=4"),
+        ((X, W.double()), {}, TypeError, "weight dtype torch.float64 differs from x dtype torch.float32"),
+        ((X.int(), W), {}, TypeError, "x must be float32, float16 or bfloat16, got torch.int32"),
+        ((X, W, torch.randn(5)), {}, ValueError, r"bias must have shape \(6,\), got \(5,\)"),
+        ((X, W, torch.randn(6).half()), {}, TypeError, "bias dtype torch.float16 differs"),
+        ((X, torch.randn(6, 2, 3, 3)), {"groups": 3}, ValueError, "groups=3 must be >= 1 and divide C_in=4 and C_out=6"),
+        ((X, W), {"groups": 0}, ValueError, "groups=0"),
+        ((X, torch.randn(6, 4, 12, 3)), {"padding": 1}, ValueError, r"dilated kernel \(12 along H\) is larger than the padded input \(9 \+ 2\*1 = 11\)"),
+        ((X, W), {"dilation": (1, 5)}, ValueError, r"dilated kernel \(11 along W\)"),
+        ((X, W), {"stride": 0}, ValueError, "stride must be >= 1 in both axes, got 0"),
+        ((X, W), {"dilation": (1, 0)}, ValueError, r"dilation must be >= 1 in both axes, got \(1, 0\)"),
+        ((X, W), {"padding": -1}, ValueError, "padding must be >= 0 in both axes, got -1"),
+        ((X, W), {"stride": (1, 2, 3)}, TypeError, r"stride must be an int or a pair of ints, got \(1, 2, 3\)"),
+        ((X, W), {"padding": 1.5}, TypeError, "padding must be an int or a pair of ints, got 1.5"),
+        ((X, W), {"activation": "gelu"}, ValueError, "activation must be 'relu', 'none' or None, got 'gelu'"),
+        ((X, W), {"backend": "tpu"}, ValueError, "backend='tpu' is not a backend"),
+        ((X, W), {"backend": "cuda"}, ValueError, "backend 'cuda' needs CUDA tensors, got device cpu"),
+        (([1.0], W), {}, TypeError, "x must be a torch.Tensor, got list"),
+    ],
+)
+def test_bad_input_errors(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        conv2d_bias_act(*args, **kwargs)
+
+
+def test_device_mismatch_is_named():
+    meta_w = torch.randn(6, 4, 3, 3, device="meta")
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        conv2d_bias_act(X, meta_w)
+
+
+@needs_ext
+def test_cpp_op_checks_its_arguments():
+    op = torch.ops.pyowt.conv2d_bias_act
+    std = ([1, 1], [0, 0], [1, 1], 1, "relu")
+    with pytest.raises(RuntimeError, match="x must be 4-d"):
+        op(torch.randn(4, 9, 9), W, None, *std)
+    with pytest.raises(RuntimeError, match="weight has 3 input channels per group but x has C_in=4"):
+        op(X, torch.randn(6, 3, 3, 3), None, *std)
+    with pytest.raises(RuntimeError, match="groups=4 must divide C_in=4 and C_out=6"):
+        op(X, torch.randn(6, 1, 3, 3), None, [1, 1], [0, 0], [1, 1], 4, "relu")
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(6,\)"):
+        op(X, W, torch.randn(5), *std)
+    with pytest.raises(RuntimeError, match="weight dtype Double differs from x dtype Float"):
+        op(X, W.double(), None, *std)
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        op(X, W, None, [0, 1], [0, 0], [1, 1], 1, "relu")
+    with pytest.raises(RuntimeError, match="padding must be >= 0"):
+        op(X, W, None, [1, 1], [-1, 0], [1, 1], 1, "relu")
+    with pytest.raises(RuntimeError, match="dilated kernel 13x3 is larger than the padded input 9x9"):
+        op(X, W, None, [1, 1], [0, 0], [6, 1], 1, "relu")
+    with pytest.raises(RuntimeError, match='activation must be "relu" or "none", got "tanh"'):
+        op(X, W, None, [1, 1], [0, 0], [1, 1], 1, "tanh")
+    out = op(X, W, None, *std)
+    with pytest.raises(RuntimeError, match="grad_out shape"):
+        torch.ops.pyowt.conv2d_bias_act_backward(out[:1], X, W, out, *std, False)
+    with pytest.raises(RuntimeError, match="out shape"):
+        torch.ops.pyowt.conv2d_bias_act_backward(out, X, W, out[:, :3], *std, False)
