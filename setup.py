@@ -79,6 +79,28 @@ def _missing_header_dir():
     return out
 
 
+def _cublaslt_link():
+    """(library_dirs, libraries) that link cuBLASLt, which csrc/cuda/linear.cu calls.
+
+    CUDAExtension links the CUDA runtime but not cuBLAS. Look in the toolkit first
+    (CUDA_HOME/lib64), then in torch's ``nvidia`` wheels on sys.path (a toolkit without
+    the math libraries, as on our build machines). Prefer the soname of torch's own CUDA
+    major version: that is the copy torch has already loaded when pyowt._C is imported.
+    """
+    major = (torch.version.cuda or "").split(".")[0]
+    home = cpp_extension.CUDA_HOME or ""
+    dirs = [os.path.join(home, "lib64"), os.path.join(home, "lib")]
+    for site in sys.path:
+        dirs += sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib")))
+    for d in dirs:
+        names = [os.path.basename(p) for p in glob.glob(os.path.join(d, "libcublasLt.so*"))]
+        for name in (f"libcublasLt.so.{major}", "libcublasLt.so"):
+            if name in names:
+                # -l:<file> links that exact file (GNU ld); its soname becomes the dependency.
+                return [d], [":" + name]
+    sys.exit("cannot build the CUDA sources: libcublasLt not found in " + ", ".join(dirs))
+
+
 def _want_cuda():
     if _flag("PYOWT_SKIP_CUDA"):
         return False, "PYOWT_SKIP_CUDA=1"
@@ -114,9 +136,11 @@ define_macros = [("PYOWT_WITH_CUDA", "1" if with_cuda else "0")]
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 libraries = []
+library_dirs = []
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     include_dirs.append(_missing_header_dir())
+    library_dirs, libraries = _cublaslt_link()
     extension_cls = cpp_extension.CUDAExtension
 else:
     extension_cls = cpp_extension.CppExtension
@@ -127,6 +151,7 @@ extension = extension_cls(
     include_dirs=include_dirs,
     define_macros=define_macros,
     libraries=libraries,
+    library_dirs=library_dirs,
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
 )
 

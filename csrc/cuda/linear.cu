@@ -1,0 +1,248 @@
+// CUDA kernels of pyowt::linear_bias_act and its backward, on cuBLASLt epilogues.
+//
+// Row-major tensors are column-major transposes, so with x (M, K), W (N, K), y (M, N):
+//   forward   y^T (N x M)  = op_T(W^T)  x^T        epilogue BIAS / RELU_BIAS / RELU
+//   dW        dW^T (K x N) = x^T  op_T(G^T)        epilogue BGRADB: grad_bias = sum over M
+//   dX        dX^T (K x M) = W^T  G^T
+// where G = grad_out * (out > 0) comes from a small mask kernel. (cuBLASLt's DRELU_BGRAD
+// epilogue applies the ReLU derivative to the GEMM's *output*, i.e. to the layer below;
+// our mask is on the GEMM's input, so it is a separate pass over M x N elements.)
+//
+// Compute is float32 for every dtype (CUBLAS_COMPUTE_32F: float32 inputs run in full
+// precision, never TF32). If cuBLASLt offers no algorithm for an epilogue on some
+// shape/arch, the GEMM runs without it and ATen adds the bias/ReLU/bias-gradient.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublasLt.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace pyowt {
+
+// Defined in csrc/linear.cpp.
+int64_t linear_rows(const at::Tensor& x);
+bool linear_is_relu(c10::string_view activation);
+void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias);
+void check_linear_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                const at::Tensor& weight, const at::Tensor& out, bool relu);
+
+namespace {
+
+// cuBLASLt uses the workspace for split-K and stream-K kernels; 32 MiB is NVIDIA's advice
+// for Hopper. It comes from torch's caching allocator on the current stream, so it is
+// reused across calls without a cudaMalloc and without racing other streams.
+constexpr int64_t kWorkspaceBytes = int64_t(32) << 20;
+constexpr int kThreads = 256;
+
+#define PYOWT_CUBLASLT_CHECK(call)                                                        \
+  do {                                                                                    \
+    const cublasStatus_t status_ = (call);                                                \
+    TORCH_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "cuBLASLt call ", #call, " failed: ",   \
+                cublasLtGetStatusString(status_), " (status ", static_cast<int>(status_), \
+                ")");                                                                     \
+  } while (0)
+
+// RAII owners of the cuBLASLt descriptors (destroyed even when a check throws).
+struct MatmulDesc {
+  cublasLtMatmulDesc_t d = nullptr;
+  ~MatmulDesc() { if (d) cublasLtMatmulDescDestroy(d); }
+};
+struct Layout {
+  cublasLtMatrixLayout_t d = nullptr;
+  ~Layout() { if (d) cublasLtMatrixLayoutDestroy(d); }
+};
+struct Preference {
+  cublasLtMatmulPreference_t d = nullptr;
+  ~Preference() { if (d) cublasLtMatmulPreferenceDestroy(d); }
+};
+
+cudaDataType_t cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return CUDA_R_32F;
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    default: TORCH_CHECK(false, "linear_bias_act (cuda): unsupported dtype ", t);
+  }
+}
+
+// The largest power of two (<= 256) dividing the address: cuBLASLt assumes 256-byte aligned
+// buffers unless told otherwise, and a view with a storage offset may not be.
+uint32_t alignment_of(const void* p) {
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  uint32_t a = 256;
+  while (a > 1 && (addr % a) != 0) a /= 2;
+  return a;
+}
+
+// Column-major D (m x n, leading dim ldd) = op(A) op(B) with `epilogue`, all in `dtype`.
+// `bias` is the BIAS input (length m) or the BGRADB output (length n). Returns false when
+// cuBLASLt has no algorithm for this epilogue here (the caller then falls back).
+bool lt_matmul(cublasOperation_t transa, cublasOperation_t transb, int64_t m, int64_t n, int64_t k,
+               const void* a, int64_t lda, const void* b, int64_t ldb, void* d, int64_t ldd,
+               at::ScalarType dtype, cublasLtEpilogue_t epilogue, void* bias,
+               const at::TensorOptions& options) {
+  const cudaDataType_t dt = cuda_dtype(dtype);
+  MatmulDesc desc;
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&desc.d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_TRANSA, &transa, sizeof(transa)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_TRANSB, &transb, sizeof(transb)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+  if (bias != nullptr) {
+    PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  }
+  Layout la, lb, ld;
+  const bool ta = transa != CUBLAS_OP_N, tb = transb != CUBLAS_OP_N;
+  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&la.d, dt, ta ? k : m, ta ? m : k, lda));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&lb.d, dt, tb ? n : k, tb ? k : n, ldb));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&ld.d, dt, m, n, ldd));
+
+  Preference pref;
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref.d));
+  uint64_t ws = kWorkspaceBytes;
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  const uint32_t align_a = alignment_of(a), align_b = alignment_of(b), align_d = alignment_of(d);
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
+
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  cublasLtMatmulHeuristicResult_t heuristic = {};
+  int found = 0;
+  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(handle, desc.d, la.d, lb.d, ld.d, ld.d,
+                                                           pref.d, 1, &heuristic, &found);
+  if (hs == CUBLAS_STATUS_NOT_SUPPORTED || (hs == CUBLAS_STATUS_SUCCESS && found == 0)) {
+    TORCH_CHECK(epilogue != CUBLASLT_EPILOGUE_DEFAULT, "cuBLASLt has no algorithm for a ", m, "x",
+                n, "x", k, " GEMM in ", dtype);
+    return false;
+  }
+  PYOWT_CUBLASLT_CHECK(hs);
+
+  at::Tensor workspace = at::empty({static_cast<int64_t>(heuristic.workspaceSize)},
+                                   options.dtype(at::kByte));
+  const float alpha = 1.0f, beta = 0.0f;
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmul(handle, desc.d, &alpha, a, la.d, b, lb.d, &beta, d, ld.d, d,
+                                      ld.d, &heuristic.algo, workspace.data_ptr(),
+                                      heuristic.workspaceSize, at::cuda::getCurrentCUDAStream()));
+  return true;
+}
+
+template <typename scalar_t>
+__global__ void relu_grad_mask_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
+                                      scalar_t* __restrict__ masked, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
+    masked[i] = out[i] > scalar_t(0) ? grad[i] : scalar_t(0);
+  }
+}
+
+at::Tensor relu_grad_mask(const at::Tensor& grad, const at::Tensor& out) {
+  at::Tensor masked = at::empty_like(grad);
+  const int64_t n = grad.numel();
+  if (n == 0) return masked;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 32));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "linear_relu_mask_cuda", [&] {
+    relu_grad_mask_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), masked.mutable_data_ptr<scalar_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return masked;
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(n);
+  return shape;
+}
+
+at::Tensor linear_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                const std::optional<at::Tensor>& bias_in,
+                                c10::string_view activation) {
+  const bool relu = linear_is_relu(activation);
+  check_linear_args(x_in, weight_in, bias_in);
+  TORCH_CHECK(x_in.is_cuda(), "linear_bias_act (cuda) got x on ", x_in.device());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t n = weight_in.size(0), k = weight_in.size(1);
+  const at::Tensor x = x_in.reshape({linear_rows(x_in), k}).contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  std::optional<at::Tensor> bias;
+  if (bias_in.has_value()) bias = bias_in->contiguous();
+  const int64_t m = x.size(0);
+
+  at::Tensor y;
+  if (m == 0 || n == 0 || k == 0) {
+    // Nothing for a GEMM to do; ATen handles the degenerate shapes.
+    y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    if (relu) y.relu_();
+    return y.reshape(out_shape(x_in, n));
+  }
+  y = at::empty({m, n}, x.options());
+  const cublasLtEpilogue_t epilogue =
+      relu ? (bias.has_value() ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
+           : (bias.has_value() ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
+  void* bias_ptr = bias.has_value() ? bias->data_ptr() : nullptr;
+  const bool fused = lt_matmul(CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, weight.const_data_ptr(), k,
+                               x.const_data_ptr(), k, y.data_ptr(), n, x.scalar_type(), epilogue,
+                               bias_ptr, x.options());
+  if (!fused) {
+    lt_matmul(CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, weight.const_data_ptr(), k, x.const_data_ptr(), k,
+              y.data_ptr(), n, x.scalar_type(), CUBLASLT_EPILOGUE_DEFAULT, nullptr, x.options());
+    if (bias.has_value()) y.add_(*bias);
+    if (relu) y.relu_();
+  }
+  return y.reshape(out_shape(x_in, n));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bias_act_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const at::Tensor& out_in, c10::string_view activation, bool has_bias) {
+  const bool relu = linear_is_relu(activation);
+  check_linear_backward_args(grad_in, x_in, weight_in, out_in, relu);
+  TORCH_CHECK(x_in.is_cuda(), "linear_bias_act_backward (cuda) got x on ", x_in.device());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t n = weight_in.size(0), k = weight_in.size(1);
+  const at::Tensor x = x_in.reshape({linear_rows(x_in), k}).contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor grad = grad_in.reshape({linear_rows(x_in), n}).contiguous();
+  const int64_t m = x.size(0);
+  const at::Tensor g = relu ? relu_grad_mask(grad, out_in.reshape({linear_rows(x_in), n}).contiguous()) : grad;
+
+  auto bias_sum = [&] {
+    return has_bias ? g.sum(0, /*keepdim=*/false, at::kFloat).to(g.scalar_type())
+                    : at::empty({0}, g.options());
+  };
+  if (m == 0 || n == 0 || k == 0) {
+    return {at::mm(g, weight).reshape(x_in.sizes()), at::mm(g.t(), x), bias_sum()};
+  }
+
+  at::Tensor grad_w = at::empty({n, k}, x.options());
+  at::Tensor grad_bias = at::empty({has_bias ? n : 0}, x.options());
+  const bool fused = lt_matmul(CUBLAS_OP_N, CUBLAS_OP_T, k, n, m, x.const_data_ptr(), k,
+                               g.const_data_ptr(), n, grad_w.data_ptr(), k, x.scalar_type(),
+                               has_bias ? CUBLASLT_EPILOGUE_BGRADB : CUBLASLT_EPILOGUE_DEFAULT,
+                               has_bias ? grad_bias.data_ptr() : nullptr, x.options());
+  if (!fused) {
+    lt_matmul(CUBLAS_OP_N, CUBLAS_OP_T, k, n, m, x.const_data_ptr(), k, g.const_data_ptr(), n,
+              grad_w.data_ptr(), k, x.scalar_type(), CUBLASLT_EPILOGUE_DEFAULT, nullptr, x.options());
+    grad_bias = bias_sum();
+  }
+  at::Tensor grad_x = at::empty({m, k}, x.options());
+  lt_matmul(CUBLAS_OP_N, CUBLAS_OP_N, k, m, n, weight.const_data_ptr(), k, g.const_data_ptr(), n,
+            grad_x.data_ptr(), k, x.scalar_type(), CUBLASLT_EPILOGUE_DEFAULT, nullptr, x.options());
+  return {grad_x.reshape(x_in.sizes()), grad_w, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyowt, CUDA, m) {
+  m.impl("linear_bias_act", &linear_bias_act_cuda);
+  m.impl("linear_bias_act_backward", &linear_bias_act_backward_cuda);
+}
+
+}  // namespace pyowt

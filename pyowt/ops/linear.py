@@ -1,0 +1,200 @@
+"""``linear_bias_act``: y = act(x @ weight^T + bias), the fused fully-connected layer.
+
+Backends: C++ (``torch.ops.pyowt.linear_bias_act``: oneDNN/ATen GEMMs with a fused mask and
+bias-gradient pass on CPU, cuBLASLt epilogues on CUDA; csrc/{cpu,cuda}/linear.*), Triton
+(``torch.ops.pyowt.linear_bias_act_triton``: GEMMs with the bias/ReLU epilogue and the ReLU
+mask in the backward prologue; pyowt.kernels.linear) and ATen (``F.relu(F.linear(...))``).
+Each has a fake kernel and autograd. The backward returns (dX, dW, db) in one op.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+from ..kernels import HAS_TRITON
+from . import _checks
+from .backend import register_op, resolve_backend
+
+OP = "linear_bias_act"
+# CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
+# forward and forward+backward; see benchmarks/test_bench_linear.py), so it comes first.
+register_op(
+    OP,
+    implemented=("triton", "cuda", "cpu", "aten"),
+    prefer_cuda=("cuda", "triton", "aten"),
+    prefer_cpu=("cpu", "aten"),
+)
+
+ACTIVATIONS = ("relu", "none")
+# The Triton kernels index with 32-bit offsets.
+_MAX_TRITON_NUMEL = 2**31 - 1
+
+
+def linear_bias_act_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                              activation: Optional[str] = "relu") -> torch.Tensor:
+    """The ATen composition: ``relu(F.linear(x, weight, bias))`` (no ReLU for None/"none")."""
+    y = F.linear(x, weight, bias)
+    return F.relu(y) if activation == "relu" else y
+
+
+def _out_shape(x: torch.Tensor, weight: torch.Tensor):
+    return tuple(x.shape[:-1]) + (weight.shape[0],)
+
+
+def _rows(x: torch.Tensor) -> int:
+    """The product of x's leading dims (not numel // in_features: in_features may be 0)."""
+    rows = 1
+    for s in x.shape[:-1]:
+        rows *= s
+    return rows
+
+
+def _fake_forward(x, weight, bias, activation):
+    return x.new_empty(_out_shape(x, weight))
+
+
+def _fake_backward(grad_out, x, weight, out, activation, has_bias):
+    n = weight.shape[0] if has_bias else 0
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty((n,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, activation = inputs
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    # The output is needed only for the ReLU mask; without it do not keep it alive.
+    ctx.save_for_backward(x, weight, output if activation == "relu" else None)
+
+
+def _saved(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    if out is None:  # activation "none": the kernels do not read it
+        out = grad.new_empty((0,))
+    return grad, x, weight, out, ctx.activation, ctx.has_bias
+
+
+# --- C++ / CUDA registration (only when the extension is loaded) -------------------------
+if _extension.STATUS.loaded:
+    torch.library.register_fake("pyowt::linear_bias_act")(_fake_forward)
+    torch.library.register_fake("pyowt::linear_bias_act_backward")(_fake_backward)
+
+    def _linear_backward(ctx, grad):
+        gx, gw, gb = torch.ops.pyowt.linear_bias_act_backward(*_saved(ctx, grad))
+        return gx, gw, (gb if ctx.has_bias else None), None
+
+    torch.library.register_autograd("pyowt::linear_bias_act", _linear_backward, setup_context=_setup_context)
+
+
+# --- Triton registration -----------------------------------------------------------------
+if HAS_TRITON:
+    from torch.library import triton_op, wrap_triton
+
+    from ..kernels import linear as _kernels
+
+    def _check_triton_size(*tensors):
+        for t in tensors:
+            if t.numel() > _MAX_TRITON_NUMEL:
+                raise ValueError(f"linear_bias_act (triton): a tensor of {t.numel()} elements exceeds the "
+                                 f"32-bit indexing limit {_MAX_TRITON_NUMEL}; use backend='cuda'")
+
+    @triton_op("pyowt::linear_bias_act_triton", mutates_args=())
+    def linear_bias_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               activation: str) -> torch.Tensor:
+        k = weight.shape[1]
+        x2 = x.reshape(_rows(x), k)
+        y = x.new_empty((x2.shape[0], weight.shape[0]))
+        _check_triton_size(x2, weight, y)
+        _kernels.launch_linear_fwd(wrap_triton, x2, weight, bias, y, activation == "relu")
+        return y.view(_out_shape(x, weight))
+
+    @triton_op("pyowt::linear_bias_act_backward_triton", mutates_args=())
+    def linear_bias_act_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                        out: torch.Tensor, activation: str,
+                                        has_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, k = weight.shape
+        x2 = x.reshape(_rows(x), k)
+        g = grad_out.reshape(_rows(x), n)
+        o = out.reshape(_rows(x), n) if activation == "relu" else None
+        _check_triton_size(x2, weight, g)
+        dx = x.new_empty(x2.shape)
+        dw = weight.new_empty(weight.shape)
+        db = weight.new_empty((n if has_bias else 0,))
+        if g.shape[0] == 0 or k == 0:
+            # No rows (or no inputs): dW and db come out of the (empty) reductions as zeros.
+            # The kernels' grids would be empty or never store db, so use torch here.
+            dw.zero_()
+            if has_bias:
+                gm = g if o is None else g * (o > 0)
+                db.copy_(gm.sum(0, dtype=torch.float32))
+        else:
+            _kernels.launch_linear_dw(wrap_triton, g, o, x2, dw, db if has_bias else None)
+        _kernels.launch_linear_dx(wrap_triton, g, o, weight, dx)
+        return dx.view(x.shape), dw, db
+
+    # Explicit fake kernels: under the interpreter the triton_op has none of its own
+    # (DESIGN.md: opcheck's fake-tensor test needs them).
+    linear_bias_act_triton.register_fake(_fake_forward)
+    linear_bias_act_backward_triton.register_fake(_fake_backward)
+
+    def _linear_triton_backward(ctx, grad):
+        gx, gw, gb = torch.ops.pyowt.linear_bias_act_backward_triton(*_saved(ctx, grad))
+        return gx, gw, (gb if ctx.has_bias else None), None
+
+    linear_bias_act_triton.register_autograd(_linear_triton_backward, setup_context=_setup_context)
+
+
+def _normalize_activation(activation) -> str:
+    if activation is None:
+        return "none"
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be 'relu' or None, got {activation!r}")
+    return activation
+
+
+def check_linear_args(x, weight, bias) -> None:
+    """Raise TypeError/ValueError naming the argument if x, weight, bias do not fit together."""
+    _checks.check_tensor(x, "x")
+    _checks.check_tensor(weight, "weight")
+    _checks.check_float_dtype(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-d (out_features, in_features), got shape {tuple(weight.shape)}")
+    _checks.check_same(x, weight, "x", "weight")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight has in_features {weight.shape[1]} but x has {x.shape[-1]} features in "
+                         f"its last dim (x shape {tuple(x.shape)})")
+    if bias is not None:
+        _checks.check_tensor(bias, "bias")
+        _checks.check_same(x, bias, "x", "bias")
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight's out_features, "
+                             f"got {tuple(bias.shape)}")
+
+
+def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    activation: Optional[str] = "relu", backend: Optional[str] = None) -> torch.Tensor:
+    """``act(x @ weight.T + bias)``, differentiable in x, weight and bias.
+
+    Args:
+        x: ``(..., in_features)`` float32/float16/bfloat16; leading dims are flattened.
+        weight: ``(out_features, in_features)``, x's dtype and device.
+        bias: ``(out_features,)`` or None.
+        activation: ``"relu"`` or ``None`` (identity).
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"aten"``; default: see
+            :mod:`pyowt.ops.backend` (env ``PYOWT_BACKEND_LINEAR_BIAS_ACT``).
+
+    Returns:
+        ``(..., out_features)`` contiguous tensor of x's dtype and device.
+    """
+    act = _normalize_activation(activation)
+    check_linear_args(x, weight, bias)
+    chosen = resolve_backend(OP, x.device, backend)
+    if chosen == "aten":
+        return linear_bias_act_reference(x, weight, bias, act)
+    if chosen == "triton":
+        return torch.ops.pyowt.linear_bias_act_triton(x, weight, bias, act)
+    return torch.ops.pyowt.linear_bias_act(x, weight, bias, act)
