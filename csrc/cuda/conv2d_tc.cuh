@@ -1,0 +1,269 @@
+// Tensor-core implicit-GEMM conv2d + bias + activation for fp16 / bf16 (sm_80+).
+//
+// One block computes a kBM x kBN tile of out[m, co] (m = output pixel, co = output channel)
+// with 4 warps in a 2 x 2 grid, each warp a 64 x 32 sub-tile as 4 x 2 WMMA 16x16x16
+// fragments accumulating in fp32. The K loop walks kBK = 32 columns at a time through two
+// shared-memory stages:
+//   * B (weight, (C_out, ldw) with ldw a multiple of 8 and zero columns past K) always
+//     arrives by 16-byte cp.async, zero-filled past C_out and past ldw.
+//   * A (NHWC activations) arrives by 16-byte cp.async when C_in % 8 == 0 and x is 16-byte
+//     aligned (8 consecutive k then share one (r, s) and are contiguous channels), and
+//     otherwise (e.g. AlexNet's conv1, C_in = 3) element by element through registers:
+//     each thread owns one row and gathers its 32 k's, stepping (r, s, c) incrementally.
+//     Out-of-image, past-M and past-K elements are zero, so the K tail needs no special case.
+// The epilogue stages the fp32 tile through shared memory (reusing the pipeline buffers),
+// adds the bias, applies ReLU and writes every in-range element once, in NHWC or NCHW
+// order (the shared tile is stored row- or column-major so that consecutive threads read
+// consecutive words and write consecutive addresses).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "conv2d_common.cuh"
+
+namespace pyowt {
+namespace conv2d_cuda {
+namespace tc {
+
+constexpr int kBM = 128;
+constexpr int kBN = 64;
+constexpr int kBK = 32;
+constexpr int kThreads = 128;
+constexpr int kWarpM = 64;
+constexpr int kWarpN = 32;
+constexpr int kFragM = kWarpM / 16;
+constexpr int kFragN = kWarpN / 16;
+// Shared row pitch in elements: 80 bytes keeps every 8-element chunk 16-byte aligned
+// (cp.async, uint4 stores), every 16x16 fragment origin 32-byte aligned (WMMA), and puts
+// consecutive rows on different banks.
+constexpr int kLds = kBK + 8;
+constexpr int kAStage = kBM * kLds;  // elements per A stage
+constexpr int kBStage = kBN * kLds;  // elements per B stage
+constexpr int kPipeBytes = 2 * (kAStage + kBStage) * 2;
+// fp32 staging tile for the epilogue; +4 floats per row/column against bank conflicts
+// (WMMA needs the pitch to be a multiple of 4 floats).
+constexpr int kLdcRow = kBN + 4;  // row-major [kBM][kLdcRow] for NHWC output
+constexpr int kLdcCol = kBM + 4;  // column-major [kBN][kLdcCol] for NCHW output
+constexpr int kCBytes = (kBM * kLdcRow > kBN * kLdcCol ? kBM * kLdcRow : kBN * kLdcCol) * 4;
+constexpr int kSmemBytes = kPipeBytes > kCBytes ? kPipeBytes : kCBytes;
+
+static_assert(kThreads == 32 * (kBM / kWarpM) * (kBN / kWarpN), "one warp per warp tile");
+static_assert(kBM * kBK / 8 == 4 * kThreads, "vector A load: 4 chunks of 8 per thread");
+static_assert(kBN * kBK / 8 == 2 * kThreads, "B load: 2 chunks of 8 per thread");
+static_assert(kBM == kThreads && kBK == 32, "scalar A load: one row of 32 per thread");
+static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+
+// Maps at::Half / at::BFloat16 to the CUDA type WMMA takes (same bits).
+template <typename scalar_t>
+struct WmmaType;
+template <>
+struct WmmaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// x: NHWC input as raw 16-bit words; w: (C_out, ldw) weight words; bias may be null.
+template <typename scalar_t, bool kVecA, bool kNhwcOut>
+__global__ void __launch_bounds__(kThreads)
+    conv2d_tc_kernel(const ConvParams p, const uint16_t* __restrict__ x, const uint16_t* __restrict__ w,
+                     const scalar_t* __restrict__ bias, scalar_t* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // the host never launches this below sm_80
+#else
+  using namespace nvcuda;
+  using T = typename WmmaType<scalar_t>::type;
+
+  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  uint16_t* const As = reinterpret_cast<uint16_t*>(smem);  // [2][kBM][kLds]
+  uint16_t* const Bs = As + 2 * kAStage;                    // [2][kBN][kLds]
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int wm = warp >> 1;  // warp row: pixels wm*64 .. +63 of the tile
+  const int wn = warp & 1;   // warp column: channels wn*32 .. +31 of the tile
+  const int m_block = blockIdx.x * kBM;
+  const int n_block = blockIdx.y * kBN;
+  const int num_kt = (p.K + kBK - 1) / kBK;
+
+  // Vector A loader: chunk q = tid + 128 * i (i < 4) is row q / 4 = tid / 4 + 32 * i,
+  // columns (tid % 4) * 8 .. +7. The same column chunk for all four rows of a thread.
+  const int ld_row = tid >> 2;
+  const int ld_col = (tid & 3) * 8;
+  RowInfo vrow[kVecA ? 4 : 1];
+  if constexpr (kVecA) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) vrow[i] = decode_row(p, m_block + ld_row + 32 * i);
+  }
+  // Scalar A loader: thread tid owns row tid and all 32 columns.
+  const RowInfo srow = decode_row(p, m_block + tid);
+  uint32_t a_regs[kBK / 2];  // 32 16-bit words, packed in pairs (scalar path only)
+
+  auto load_a_vec = [&](int kt, int stage) {
+    const int k0 = kt * kBK + ld_col;
+    int r, s, c;
+    decode_k(p, k0, r, s, c);
+    const bool k_ok = k0 < p.K;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int off;
+      const bool ok = a_offset(p, vrow[i], r, s, c, off) && k_ok;
+      cp_async_16(As + stage * kAStage + (ld_row + 32 * i) * kLds + ld_col, x + (ok ? off : 0), ok);
+    }
+  };
+
+  auto load_a_regs = [&](int kt) {
+    const int k0 = kt * kBK;
+    int r, s, c;
+    decode_k(p, k0, r, s, c);
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      int off;
+      const bool ok = a_offset(p, srow, r, s, c, off) && (k0 + kk < p.K);
+      const uint32_t v = ok ? static_cast<uint32_t>(x[off]) : 0u;
+      if (kk % 2 == 0) {
+        a_regs[kk / 2] = v;
+      } else {
+        a_regs[kk / 2] |= v << 16;
+      }
+      if (++c == p.C) {
+        c = 0;
+        if (++s == p.S) {
+          s = 0;
+          ++r;
+        }
+      }
+    }
+  };
+
+  auto store_a_regs = [&](int stage) {
+    uint4* dst = reinterpret_cast<uint4*>(As + stage * kAStage + tid * kLds);
+#pragma unroll
+    for (int j = 0; j < kBK / 8; ++j) {
+      dst[j] = make_uint4(a_regs[4 * j], a_regs[4 * j + 1], a_regs[4 * j + 2], a_regs[4 * j + 3]);
+    }
+  };
+
+  auto load_b = [&](int kt, int stage) {
+    const int k0 = kt * kBK + ld_col;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int co = n_block + ld_row + 32 * i;
+      const bool ok = co < p.Cout && k0 < p.ldw;
+      cp_async_16(Bs + stage * kBStage + (ld_row + 32 * i) * kLds + ld_col,
+                  w + (ok ? co * p.ldw + k0 : 0), ok);
+    }
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragM][kFragN];
+#pragma unroll
+  for (int i = 0; i < kFragM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  }
+
+  auto compute = [&](int stage) {
+    const T* a_s = reinterpret_cast<const T*>(As + stage * kAStage);
+    const T* b_s = reinterpret_cast<const T*>(Bs + stage * kBStage);
+#pragma unroll
+    for (int ks = 0; ks < kBK / 16; ++ks) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[kFragM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[kFragN];
+#pragma unroll
+      for (int i = 0; i < kFragM; ++i) {
+        wmma::load_matrix_sync(fa[i], a_s + (wm * kWarpM + i * 16) * kLds + ks * 16, kLds);
+      }
+#pragma unroll
+      for (int j = 0; j < kFragN; ++j) {
+        // B stored [co][k]: a K x N matrix in column-major order with pitch kLds.
+        wmma::load_matrix_sync(fb[j], b_s + (wn * kWarpN + j * 16) * kLds + ks * 16, kLds);
+      }
+#pragma unroll
+      for (int i = 0; i < kFragM; ++i) {
+#pragma unroll
+        for (int j = 0; j < kFragN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
+    }
+  };
+
+  // Two-stage pipeline. Iteration kt first issues the loads of tile kt+1 into the other
+  // stage (last read in iteration kt-1, which every thread finished before that
+  // iteration's closing barrier), waits for tile kt, computes on it, and (scalar path)
+  // parks its register-held A of tile kt+1 into the other stage.
+  if (num_kt > 0) {
+    if constexpr (kVecA) {
+      load_a_vec(0, 0);
+    } else {
+      load_a_regs(0);
+      store_a_regs(0);
+    }
+    load_b(0, 0);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < num_kt; ++kt) {
+    const int stage = kt & 1;
+    const bool has_next = kt + 1 < num_kt;
+    if (has_next) {
+      if constexpr (kVecA) load_a_vec(kt + 1, stage ^ 1);
+      load_b(kt + 1, stage ^ 1);
+      cp_async_commit();
+      if constexpr (!kVecA) load_a_regs(kt + 1);
+      cp_async_wait<1>();  // tile kt has landed; tile kt+1 may still be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    compute(stage);
+    if constexpr (!kVecA) {
+      if (has_next) store_a_regs(stage ^ 1);
+    }
+    __syncthreads();
+  }
+
+  // Epilogue: the pipeline buffers are free (closing barrier above, no cp.async pending).
+  __syncthreads();
+  float* const Cs = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int i = 0; i < kFragM; ++i) {
+#pragma unroll
+    for (int j = 0; j < kFragN; ++j) {
+      const int m0 = wm * kWarpM + i * 16;
+      const int n0 = wn * kWarpN + j * 16;
+      if constexpr (kNhwcOut) {
+        wmma::store_matrix_sync(Cs + m0 * kLdcRow + n0, acc[i][j], kLdcRow, wmma::mem_row_major);
+      } else {
+        wmma::store_matrix_sync(Cs + n0 * kLdcCol + m0, acc[i][j], kLdcCol, wmma::mem_col_major);
+      }
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
+    int ml, nl;
+    float v;
+    if constexpr (kNhwcOut) {
+      ml = idx / kBN;
+      nl = idx - ml * kBN;
+      v = Cs[ml * kLdcRow + nl];
+    } else {
+      nl = idx / kBM;
+      ml = idx - nl * kBM;
+      v = Cs[nl * kLdcCol + ml];
+    }
+    const int m = m_block + ml;
+    const int co = n_block + nl;
+    if (m < p.M && co < p.Cout) {
+      out[out_offset<kNhwcOut>(p, m, co)] = static_cast<scalar_t>(epilogue_value(p, v, bias, co));
+    }
+  }
+#endif
+}
+
+}  // namespace tc
+}  // namespace conv2d_cuda
+}  // namespace pyowt
