@@ -18,6 +18,21 @@ from torch import nn
 from .. import distributed as pdist
 
 
+def bucket_indices(nbytes: List[int], bucket_bytes: int) -> List[List[int]]:
+    """Group parameters (given in forward order by their sizes in bytes) into buckets in
+    backward order: a bucket closes once it holds at least ``bucket_bytes``."""
+    buckets, current, size = [], [], 0
+    for i in reversed(range(len(nbytes))):
+        current.append(i)
+        size += nbytes[i]
+        if size >= bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
 class _Bucket:
     def __init__(self, params: List[nn.Parameter]):
         self.params = params
@@ -43,15 +58,9 @@ class GradSync:
         self.buckets: List[_Bucket] = []
         self._bucket_of: Dict[int, _Bucket] = {}
         self._queued = False
-        current, size = [], 0
-        for p in reversed([p for p in params if p.requires_grad]):
-            current.append(p)
-            size += p.numel() * p.element_size()
-            if size >= bucket_bytes:
-                self.buckets.append(_Bucket(current))
-                current, size = [], 0
-        if current:
-            self.buckets.append(_Bucket(current))
+        params = [p for p in params if p.requires_grad]
+        for idx in bucket_indices([p.numel() * p.element_size() for p in params], bucket_bytes):
+            self.buckets.append(_Bucket([params[i] for i in idx]))
         self._handles = []
         for b in self.buckets:
             for p in b.params:

@@ -38,10 +38,11 @@ from .. import distributed as pdist
 from ..nn.functional import parallel_cross_entropy
 from .dropout import SeededDropout, _salt
 from .grad_sync import GradSync
-from .graph import CONV, CROSS_CHANNEL, DROPOUT, FLATTEN, LINEAR, POINTWISE, capture_chain
+from .graph import CONV, capture_chain
 from .layers import ShardedConv2d, ShardedLayer, ShardedLinear, shard_range
-from .layout import DATA, INPUT_LAYOUT, OUTPUT_LAYOUT, SPLIT_IN, SPLIT_OUT, Layout
+from .layout import DATA, Layout
 from .plan import Plan, resolve_plan, validate_plan
+from .program import ALL_GATHER, COPY_TO_GROUP, DROP, LAYER, MODULE, SPLIT, Program, compile_plan
 from .transitions import AllGather, CopyToGroup, Split
 
 
@@ -98,15 +99,14 @@ class ParallelModel(nn.Module):
         label_layout: ``Shard(batch)`` or ``Replicate``: which labels :meth:`loss` expects.
     """
 
-    def __init__(self, stages: List[nn.Module], plan: Plan, group, input_layout: Layout,
-                 output_layout: Layout, num_classes: int, batch: _BatchInfo, bucket_bytes: int):
+    def __init__(self, stages: List[nn.Module], plan: Plan, group, program: Program, batch: _BatchInfo,
+                 bucket_bytes: int):
         super().__init__()
         self.stages = nn.ModuleList(stages)
-        self.plan, self.group = plan, group
+        self.plan, self.group, self.program = plan, group, program
         self.k, self.rank = pdist.get_world_size(group), pdist.get_rank(group)
-        self.input_layout, self.output_layout = input_layout, output_layout
-        self.label_layout = Layout.SHARD_BATCH if output_layout == Layout.SHARD_BATCH else Layout.REPLICATE
-        self.num_classes = num_classes
+        self.input_layout, self.output_layout = program.input_layout, program.output_layout
+        self.label_layout = Layout.SHARD_BATCH if self.output_layout == Layout.SHARD_BATCH else Layout.REPLICATE
         self._batch = batch
         replicated = [p for layer in self.sharded_layers() if layer.config == DATA for p in layer.parameters()]
         self.grad_sync = GradSync(replicated, group, bucket_bytes) if self.k > 1 and replicated else None
@@ -169,79 +169,32 @@ class ParallelModel(nn.Module):
         return local + (total - local.detach())
 
 
-class _Builder:
-    """Walks the chain, tracking the activation's layout, and emits stages."""
-
-    def __init__(self, plan: Plan, group, seed: int, batch: _BatchInfo):
-        self.plan, self.group, self.seed, self.batch = plan, group, seed, batch
-        self.k, self.rank = pdist.get_world_size(group), pdist.get_rank(group)
-        self.stages: List[nn.Module] = []
-        self.layout: Optional[Layout] = None
-        self.channels: Optional[int] = None
-        # Whether the current Replicate activation's producer sums a Partial gradient
-        # (an all-gather with a reduce-scatter backward, or the model input).
-        self.partial_grad_ok = True
-
-    def to_layout(self, want: Layout, consumer: Optional[str] = None) -> None:
-        have, g = self.layout, self.group
-        partial_consumer = consumer == SPLIT_OUT
-        if have == want:
-            if want == Layout.REPLICATE and partial_consumer and not self.partial_grad_ok:
-                self.stages.append(CopyToGroup(g))
-            return
-        if have == Layout.SHARD_CHANNEL and want != Layout.SHARD_CHANNEL:
-            grad = "reduce_scatter" if (want == Layout.REPLICATE and partial_consumer) else "split"
-            channels = self.channels
-            self.stages.append(AllGather(1, grad, g, lambda: channels))
-            have = Layout.REPLICATE
-        if have == Layout.SHARD_BATCH and want != Layout.SHARD_BATCH:
-            grad = "reduce_scatter" if (want == Layout.REPLICATE and partial_consumer) else "split"
-            batch = self.batch
-            self.stages.append(AllGather(0, grad, g, lambda: batch.global_size))
-            have = Layout.REPLICATE
-        if have == Layout.REPLICATE and want == Layout.SHARD_BATCH:
-            self.stages.append(Split(0, g))
-        elif have == Layout.REPLICATE and want == Layout.SHARD_CHANNEL:
-            self.stages.append(Split(1, g))
-        self.layout = want
-        self.partial_grad_ok = True
-
-    def add(self, steps) -> Tuple[List[nn.Module], Layout, Layout, int]:
-        skip = set()
-        first_cfg = next(self.plan.layers[s.name] for s in steps if s.has_weights)
-        input_layout = INPUT_LAYOUT[first_cfg] if first_cfg != SPLIT_IN else Layout.REPLICATE
-        self.layout = input_layout
-        num_classes = None
-        for i, s in enumerate(steps):
-            if i in skip:
-                continue
-            if s.has_weights:
-                cfg = self.plan.layers[s.name]
-                self.to_layout(INPUT_LAYOUT[cfg], consumer=cfg)
-                nxt = steps[i + 1] if i + 1 < len(steps) else None
-                act = None
-                if nxt is not None and nxt.kind == POINTWISE and isinstance(nxt.module, nn.ReLU):
-                    act = "relu"
-                    skip.add(i + 1)
-                cls = ShardedConv2d if s.kind == CONV else ShardedLinear
-                layer = cls(s.module, cfg, act, self.group, s.name)
-                self.stages.append(layer)
-                self.layout = OUTPUT_LAYOUT[cfg]
-                self.partial_grad_ok = cfg != SPLIT_IN
-                self.channels = layer.out_channels
-                num_classes = layer.out_channels
-            elif s.kind == POINTWISE:
-                self.stages.append(s.module)
-            elif s.kind == DROPOUT:
-                self.stages.append(ParallelDropout(s.module.p, self.seed, _salt(s.name), self.layout,
-                                                   self.channels, self.batch, self.k, self.rank))
-            elif s.kind in (CROSS_CHANNEL, FLATTEN):
-                if self.layout == Layout.SHARD_CHANNEL:
-                    self.to_layout(Layout.REPLICATE)
-                self.stages.append(s.module if s.module is not None else nn.Flatten(1))
-            else:  # pragma: no cover - capture_chain only yields the kinds above
-                raise AssertionError(s.kind)
-        return self.stages, input_layout, self.layout, num_classes
+def _instantiate(program: Program, group, seed: int, batch: _BatchInfo) -> List[nn.Module]:
+    """Modules for a compiled program on ``group``."""
+    k, rank = pdist.get_world_size(group), pdist.get_rank(group)
+    stages: List[nn.Module] = []
+    for op in program.ops:
+        if op.kind == LAYER:
+            cls = ShardedConv2d if op.step.kind == CONV else ShardedLinear
+            stages.append(cls(op.step.module, op.config, op.activation, group, op.step.name))
+        elif op.kind == MODULE:
+            stages.append(op.step.module if op.step.module is not None else nn.Flatten(1))
+        elif op.kind == DROP:
+            stages.append(ParallelDropout(op.step.module.p, seed, _salt(op.step.name), op.layout,
+                                          op.channels, batch, k, rank))
+        elif op.kind == ALL_GATHER:
+            if op.gather_of == "batch":
+                total = (lambda: batch.global_size)
+            else:
+                total = (lambda c=op.channels: c)
+            stages.append(AllGather(op.dim, op.grad, group, total))
+        elif op.kind == SPLIT:
+            stages.append(Split(op.dim, group))
+        elif op.kind == COPY_TO_GROUP:
+            stages.append(CopyToGroup(group))
+        else:  # pragma: no cover
+            raise AssertionError(op.kind)
+    return stages
 
 
 def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broadcast_params: bool = True,
@@ -286,8 +239,8 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
             for t in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(t.data, src=src, group=group)
     batch = _BatchInfo()
-    stages, input_layout, output_layout, num_classes = _Builder(plan, group, seed, batch).add(steps)
-    pmodel = ParallelModel(stages, plan, group, input_layout, output_layout, num_classes, batch,
-                           int(bucket_mb * 2**20))
+    program = compile_plan(plan, steps)
+    stages = _instantiate(program, group, seed, batch)
+    pmodel = ParallelModel(stages, plan, group, program, batch, int(bucket_mb * 2**20))
     pmodel.train(model.training)
     return pmodel

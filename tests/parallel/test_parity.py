@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import pyowt
 from pyowt.parallel import full_state_dict, parallelize, seeded_dropout_copy
+from pyowt.parallel.checkpoint import _named_shards
+from pyowt.parallel.layers import unshard
 
 from ..utils import rel_err
 from ._models import global_batch, make_model
@@ -23,45 +24,41 @@ LR, MOMENTUM = 0.05, 0.9
 PLANS = [("data", {}), ("model", {}), ("owt", {"scheme": "a"})]
 
 
-def _reference(model_name, seed, batch):
-    model, size = make_model(model_name, seed)
-    ref = seeded_dropout_copy(copy.deepcopy(model), seed=seed)
-    opt = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOMENTUM)
-    losses = []
-    for step in range(STEPS):
-        x, y = global_batch(step, batch, size)
-        loss = F.cross_entropy(ref(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in ref.state_dict().items()}
+def _full_grads(pmodel):
+    return {name: unshard(layer, p.grad, which) for name, layer, which, p in _named_shards(pmodel)}
 
 
-def _parallel(model_name, seed, batch, preset, options):
+def _check_parity(model_name, preset, options, batch, seed=0):
+    """Lockstep: the parallel model and the single-process reference take the same steps;
+    after every backward the gathered gradients, and at the end the parameters, must agree."""
     torch.manual_seed(seed)
     model, size = make_model(model_name, seed)
+    ref = seeded_dropout_copy(copy.deepcopy(model), seed=seed)
     pmodel = parallelize(model, preset, seed=seed, **options)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOMENTUM)
     opt = torch.optim.SGD(pmodel.parameters(), lr=LR, momentum=MOMENTUM)
-    losses = []
+    report, losses = [], []
     for step in range(STEPS):
         x, y = global_batch(step, batch, size)
+        ref_loss = F.cross_entropy(ref(x), y)
+        ref_opt.zero_grad()
+        ref_loss.backward()
         xl, yl = pmodel.local_batch(x, y)
         loss = pmodel.loss(pmodel(xl), yl)
         opt.zero_grad()
         loss.backward()
-        opt.step()
         losses.append(loss.item())
-    return losses, full_state_dict(pmodel)
-
-
-def _check_parity(model_name, preset, options, batch, seed=0):
-    losses, params = _parallel(model_name, seed, batch, preset, options)
-    ref_losses, ref_params = _reference(model_name, seed, batch)
-    report = []
-    for step, (a, b) in enumerate(zip(losses, ref_losses)):
-        if abs(a - b) > 1e-5 * abs(b):
-            report.append(f"step {step}: loss {a!r} != reference {b!r}")
+        if abs(loss.item() - ref_loss.item()) > 1e-5 * abs(ref_loss.item()):
+            report.append(f"step {step}: loss {loss.item()!r} != reference {ref_loss.item()!r}")
+        ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+        for name, g in _full_grads(pmodel).items():
+            err = rel_err(g, ref_grads[name])
+            if err > 1e-5:
+                report.append(f"step {step}: grad {name}: relative error {err:.3g}")
+        ref_opt.step()
+        opt.step()
+    params = full_state_dict(pmodel)
+    ref_params = ref.state_dict()
     assert set(params) == set(ref_params), (sorted(params), sorted(ref_params))
     for name in ref_params:
         err = rel_err(params[name], ref_params[name])
