@@ -39,6 +39,41 @@ INT32_MAX = 2**31 - 1
 FLAT_K_BELOW = 32
 
 
+# Geometry ints are not specialized: Triton would otherwise compile a variant for every
+# pattern of "== 1" / "divisible by 16" among ~20 sizes (one per test shape). Alignment
+# that matters for vector loads is passed explicitly (the *_ALIGN constexprs) instead;
+# the channel strides (sxc, syc) stay specialized, their "== 1" makes loads contiguous.
+GEOMETRY_ARGS = ["M", "C", "H", "W", "CO", "HO", "WO", "R", "S", "stride_h", "stride_w",
+                 "pad_h", "pad_w", "dil_h", "dil_w"]
+
+
+def pow2_align(*values: int, cap: int = 16) -> int:
+    """Largest power of two (<= cap) dividing every value: a tl.multiple_of hint."""
+    a = cap
+    for v in values:
+        while a > 1 and v % a:
+            a //= 2
+    return a
+
+
+def make_pruner(rows: str, cols: str):
+    """An ``early_config_prune`` keeping tiles that fit the problem (rows x cols tiles
+    named BLOCK_M x BLOCK_N); tiny problems get the first such config and no tuning.
+
+    (The autotuner skips benchmarking when one config is left, so the GPU tests' many
+    small shapes cost a compile each, not a tuning sweep.)
+    """
+    def prune(configs, named_args, **kwargs):
+        m, n = int(named_args[rows]), int(named_args[cols])
+        fit_m = max(64, triton.next_power_of_2(max(m, 1)))
+        fit_n = max(64, triton.next_power_of_2(max(n, 1)))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= fit_m and c.kwargs["BLOCK_N"] <= fit_n]
+        kept = kept or configs[:1]
+        return kept[:1] if m * n < 4 * 128 * 128 else kept
+
+    return prune
+
+
 def _config(bm, bn, bk, warps, stages, **extra):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra},
                          num_warps=warps, num_stages=stages)
@@ -79,8 +114,9 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(configs=fwd_configs(), key=["M", "CO", "C", "R", "S", "FLAT_K"])
-@triton.jit
+@triton.autotune(configs=fwd_configs(), key=["M", "CO", "C", "R", "S", "FLAT_K"],
+                 prune_configs_by={"early_config_prune": make_pruner("M", "CO")})
+@triton.jit(do_not_specialize=GEOMETRY_ARGS + ["sxn", "sxh", "sxw", "syn", "syh", "syw"])
 def conv2d_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, C, H, W, CO, HO, WO, R, S,
@@ -88,8 +124,15 @@ def conv2d_fwd_kernel(
     syn, syc, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, IEEE: tl.constexpr,
+    X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # X_ALIGN divides every pixel offset of x and C; Y_ALIGN every pixel offset of y and CO
+    # (see the launcher). Rebuilding C and CO as multiples of them tells the compiler that
+    # the channel masks are constant over aligned runs, so loads and stores along the
+    # channels vectorize (and can be pipelined with cp.async).
+    C = (C // X_ALIGN) * X_ALIGN
+    CO = (CO // Y_ALIGN) * Y_ALIGN
     g = tl.program_id(1)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(CO, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -102,9 +145,9 @@ def conv2d_fwd_kernel(
     ow = pix % WO
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
-    x_img = x_ptr + img.to(tl.int64) * sxn + (g * C) * sxc  # (BLOCK_M,) pointers
+    x_img = x_ptr + tl.multiple_of(img.to(tl.int64) * sxn + (g * C) * sxc, X_ALIGN)  # (BLOCK_M,)
     KW = R * S * C  # one weight row (one output channel) in (r, s, c) order
-    w_row = w_ptr + (g * CO + offs_n).to(tl.int64) * KW  # (BLOCK_N,) pointers
+    w_row = w_ptr + tl.multiple_of((g * CO + offs_n).to(tl.int64) * KW, X_ALIGN)  # (BLOCK_N,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if FLAT_K:
@@ -130,7 +173,8 @@ def conv2d_fwd_kernel(
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             offs_c = c0 + tl.arange(0, BLOCK_K)
             c_ok = offs_c < C
-            a = tl.load((x_img + ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
+            a_pix = tl.multiple_of(ih * sxh + iw * sxw, X_ALIGN)
+            a = tl.load((x_img + a_pix)[:, None] + offs_c[None, :] * sxc,
                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(w_row[None, :] + (rs * C + offs_c)[:, None],
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -141,7 +185,7 @@ def conv2d_fwd_kernel(
         acc += bias.to(tl.float32)[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    y_pix = img.to(tl.int64) * syn + oh * syh + ow * syw
+    y_pix = tl.multiple_of(img.to(tl.int64) * syn + oh * syh + ow * syw, Y_ALIGN)
     y_ptrs = y_ptr + y_pix[:, None] + ((g * CO + offs_n) * syc)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -189,4 +233,6 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
         *x.stride(), *y.stride(),
         *shape.stride, *shape.padding, *shape.dilation,
         HAS_BIAS=bias is not None, RELU=relu, FLAT_K=flat, IEEE=x.dtype == torch.float32,
+        X_ALIGN=pow2_align(c, *x.stride()) if x.stride(1) == 1 else 1,
+        Y_ALIGN=pow2_align(co, *y.stride()) if y.stride(1) == 1 else 1,
     )

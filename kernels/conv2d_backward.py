@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from . import interpreter_enabled
-from .conv2d import _config, check_int32_images, grouped_tile, mma
+from .conv2d import (GEOMETRY_ARGS, _config, check_int32_images, grouped_tile, make_pruner, mma,
+                     pow2_align, use_flat_k)
 
 
 def dgrad_configs():
@@ -53,17 +54,22 @@ def wgrad_configs():
     ]
 
 
-@triton.autotune(configs=dgrad_configs(), key=["M", "C", "CO", "R", "S"])
-@triton.jit
+@triton.autotune(configs=dgrad_configs(), key=["M", "C", "CO", "R", "S"],
+                 prune_configs_by={"early_config_prune": make_pruner("M", "C")})
+@triton.jit(do_not_specialize=GEOMETRY_ARGS + ["syn", "syh", "syw", "sxn", "sxh", "sxw"])
 def conv2d_dgrad_kernel(
     dy_ptr, out_ptr, w_ptr, dx_ptr,
     M, C, H, W, CO, HO, WO, R, S,
     syn, syc, syh, syw,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    RELU: tl.constexpr, IEEE: tl.constexpr,
+    RELU: tl.constexpr, IEEE: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # Y_ALIGN divides dy's pixel offsets and CO; X_ALIGN divides dx's pixel offsets and C
+    # (so weight rows and taps too): vectorized channel loads/stores, as in the forward.
+    C = (C // X_ALIGN) * X_ALIGN
+    CO = (CO // Y_ALIGN) * Y_ALIGN
     g = tl.program_id(1)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels (img, ih, iw)
@@ -74,7 +80,7 @@ def conv2d_dgrad_kernel(
     pix = offs_m % (H * W)
     ih = pix // W
     iw = pix % W
-    y_img = img.to(tl.int64) * syn + (g * CO) * syc
+    y_img = tl.multiple_of(img.to(tl.int64) * syn + (g * CO) * syc, Y_ALIGN)
     KW = R * S * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     co_blocks = tl.cdiv(CO, BLOCK_K)
@@ -94,7 +100,8 @@ def conv2d_dgrad_kernel(
         offs_co = co0 + tl.arange(0, BLOCK_K)
         co_ok = offs_co < CO
         ld_ok = row_ok[:, None] & co_ok[None, :]
-        y_off = (y_img + oh * syh + ow * syw)[:, None] + (offs_co * syc)[None, :]
+        y_pix = tl.multiple_of(oh * syh + ow * syw, Y_ALIGN)
+        y_off = (y_img + y_pix)[:, None] + (offs_co * syc)[None, :]
         dy = tl.load(dy_ptr + y_off, mask=ld_ok, other=0.0)
         if RELU:
             o = tl.load(out_ptr + y_off, mask=ld_ok, other=0.0)
@@ -103,35 +110,52 @@ def conv2d_dgrad_kernel(
         w_off = (g * CO + offs_co).to(tl.int64)[:, None] * KW + (rs * C + offs_n)[None, :]
         wt = tl.load(w_ptr + w_off, mask=co_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(dy, wt, acc, IEEE)
-    dx_off = (img.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None] + ((g * C + offs_n) * sxc)[None, :]
+    dx_pix = tl.multiple_of(img.to(tl.int64) * sxn + ih * sxh + iw * sxw, X_ALIGN)
+    dx_off = dx_pix[:, None] + ((g * C + offs_n) * sxc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=wgrad_configs(), key=["M", "C", "CO", "R", "S", "CHUNK"])
-@triton.jit
+@triton.autotune(configs=wgrad_configs(), key=["M", "C", "CO", "R", "S", "CHUNK", "FLAT_K"],
+                 prune_configs_by={"early_config_prune": make_pruner("CHUNK", "CO")})
+@triton.jit(do_not_specialize=GEOMETRY_ARGS + ["CO_TOTAL", "CHUNK", "syn", "syh", "syw", "sxn", "sxh", "sxw"])
 def conv2d_wgrad_kernel(
     dy_ptr, out_ptr, x_ptr, dw_ptr, db_ptr,
     M, C, H, W, CO, HO, WO, R, S, CO_TOTAL, CHUNK,
     syn, syc, syh, syw,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, IEEE: tl.constexpr, FLAT_K: tl.constexpr,
+    X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Alignment as in the forward: X_ALIGN divides x's pixel offsets and C, Y_ALIGN dy's
+    # pixel offsets and CO. The k tile is flat over (r, s, c) (FLAT_K, few channels) or
+    # one tap by a channel block (contiguous, vectorized gathers of x).
+    C = (C // X_ALIGN) * X_ALIGN
+    CO = (CO // Y_ALIGN) * Y_ALIGN
     KW = R * S * C
-    k_tiles = tl.cdiv(KW, BLOCK_K)
+    if FLAT_K:
+        k_tiles = tl.cdiv(KW, BLOCK_K)
+    else:
+        c_blocks = tl.cdiv(C, BLOCK_K)
+        k_tiles = R * S * c_blocks
     pid_n = tl.program_id(0) // k_tiles
     pid_k = tl.program_id(0) % k_tiles
     split = tl.program_id(1)
     g = tl.program_id(2)
     offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     co_ok = offs_co < CO
-    k_ok = offs_k < KW
-    c = offs_k % C
-    rs = offs_k // C
-    r_off = (rs // S) * dil_h
-    s_off = (rs % S) * dil_w
+    if FLAT_K:
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < KW
+        c = offs_k % C
+        r_off = ((offs_k // C) // S) * dil_h
+        s_off = ((offs_k // C) % S) * dil_w
+    else:
+        rs_tap = pid_k // c_blocks
+        c = (pid_k % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = c < C
+        offs_k = rs_tap * C + c
     y_ch = ((g * CO + offs_co) * syc)[:, None]  # (BLOCK_N, 1)
     x_ch = ((g * C + c) * sxc)[None, :]  # (1, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -146,18 +170,29 @@ def conv2d_wgrad_kernel(
         oh = pix // WO
         ow = pix % WO
         # dy^T tile (BLOCK_N, BLOCK_M): output channels by pixels.
-        y_off = y_ch + (img.to(tl.int64) * syn + oh * syh + ow * syw)[None, :]
+        y_pix = tl.multiple_of(img.to(tl.int64) * syn + oh * syh + ow * syw, Y_ALIGN)
+        y_off = y_ch + y_pix[None, :]
         y_ok = co_ok[:, None] & m_ok[None, :]
         dy = tl.load(dy_ptr + y_off, mask=y_ok, other=0.0)
         if RELU:
             o = tl.load(out_ptr + y_off, mask=y_ok, other=0.0)
             dy = tl.where(o > 0, dy, tl.zeros_like(dy))
-        # Gathered input tile (BLOCK_M, BLOCK_K), as in the forward's flat walk.
-        ih = (oh * stride_h - pad_h)[:, None] + r_off[None, :]
-        iw = (ow * stride_w - pad_w)[:, None] + s_off[None, :]
-        a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_ptr + (img.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw + x_ch,
-                    mask=a_ok, other=0.0)
+        # Gathered input tile (BLOCK_M, BLOCK_K), as in the forward.
+        ih0 = oh * stride_h - pad_h
+        iw0 = ow * stride_w - pad_w
+        if FLAT_K:
+            ih = ih0[:, None] + r_off[None, :]
+            iw = iw0[:, None] + s_off[None, :]
+            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_off = (img.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw + x_ch
+        else:
+            ih = ih0 + (rs_tap // S) * dil_h
+            iw = iw0 + (rs_tap % S) * dil_w
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ok = row_ok[:, None] & k_ok[None, :]
+            a_pix = tl.multiple_of(img.to(tl.int64) * sxn + ih * sxh + iw * sxw, X_ALIGN)
+            a_off = a_pix[:, None] + x_ch
+        a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
         acc = mma(dy, a, acc, IEEE)
         if HAS_BIAS:
             db += tl.sum(dy.to(tl.float32), axis=1)
@@ -205,11 +240,13 @@ def launch_conv2d_dgrad(launch, dy: torch.Tensor, out: torch.Tensor, w_cl: torch
         *dy.stride(), *dx.stride(),
         *shape.stride, *shape.padding, *shape.dilation,
         RELU=relu, IEEE=dy.dtype == torch.float32,
+        X_ALIGN=pow2_align(c, *dx.stride()) if dx.stride(1) == 1 else 1,
+        Y_ALIGN=pow2_align(co, *dy.stride()) if dy.stride(1) == 1 else 1,
     )
 
 
 def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
-                        shape, relu: bool, has_bias: bool, split=None):
+                        shape, relu: bool, has_bias: bool, split=None, flat_k=None):
     """(grad_weight as float32 (C_out, R*S*C) rows, grad_bias float32 (C_out,) or None).
 
     The caller reshapes/casts; ``split`` forces the number of M chunks (tests).
@@ -232,15 +269,21 @@ def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Te
     dw = torch.empty((n_split, shape.c_out, kw), dtype=torch.float32, device=dev)
     db = torch.empty((n_split, shape.c_out) if has_bias else (1,), dtype=torch.float32, device=dev)
 
+    flat = use_flat_k(c) if flat_k is None else bool(flat_k)
+
     def grid(meta):
-        return (triton.cdiv(co, meta["BLOCK_N"]) * triton.cdiv(kw, meta["BLOCK_K"]), n_split, shape.groups)
+        bk = meta["BLOCK_K"]
+        k_tiles = triton.cdiv(kw, bk) if flat else shape.r * shape.s * triton.cdiv(c, bk)
+        return (triton.cdiv(co, meta["BLOCK_N"]) * k_tiles, n_split, shape.groups)
 
     launch(conv2d_wgrad_kernel)[grid](
         dy, out, x, dw, db,
         m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s, shape.c_out, chunk,
         *dy.stride(), *x.stride(),
         *shape.stride, *shape.padding, *shape.dilation,
-        HAS_BIAS=has_bias, RELU=relu, IEEE=dy.dtype == torch.float32,
+        HAS_BIAS=has_bias, RELU=relu, IEEE=dy.dtype == torch.float32, FLAT_K=flat,
+        X_ALIGN=pow2_align(c, *x.stride()) if x.stride(1) == 1 else 1,
+        Y_ALIGN=pow2_align(co, *dy.stride()) if dy.stride(1) == 1 else 1,
     )
     # The partials are summed in float32 in a fixed order: deterministic.
     dw = dw[0] if n_split == 1 else dw.sum(dim=0)
