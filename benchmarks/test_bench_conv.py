@@ -1,0 +1,319 @@
+"""Benchmark of conv2d_bias_act against ATen (and torch.compile) on AlexNet/ResNet-50 layers.
+
+    pytest benchmarks/test_bench_conv.py -q -s --benchmark-enable   [PYOWT_BENCH_JSON=out.json]
+
+Every test times ours and the references in one interleaved loop (ratios from the same
+run, never across runs) and reports ``speedup = t_ref / t_ours`` (> 1: ours is faster)
+next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwidth)``.
+
+* GPU (skipped without CUDA): batch 128, bf16 (``PYOWT_BENCH_CONV_DTYPES=bfloat16,float16``
+  for more), channels_last everywhere, CUDA-event medians with rotating inputs. References:
+  ``relu(conv2d(...))`` (cuDNN) and ``torch.compile(mode="max-autotune")`` of the same
+  (``PYOWT_BENCH_COMPILE``: ``1`` forward only (default), ``all``, ``0`` none; skipped once
+  ``PYOWT_BENCH_BUDGET_S`` seconds (default 100) have passed, to fit the GPU check).
+  Ours: the ``triton`` and, when built, the ``cuda`` backend.
+* CPU: batch 8 (224x224 inputs: batch 128 would take minutes per layer on a small CPU),
+  float32, NCHW, fastest of the repeats; ours is the ``cpu`` backend (oneDNN fused
+  post-op), the reference ATen ``relu(conv2d(...))``. Target: geometric mean >= 1.1x
+  over the AlexNet layers, forward.
+
+The first layer of each network runs its backward without an input gradient, as in
+training. The table is printed at the end of the module; ``PYOWT_BENCH_JSON=<path>`` also
+writes it as JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyowt
+from pyowt.ops import conv2d_bias_act
+from pyowt.ops.backend import unavailable_reason
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    c_in: int
+    c_out: int
+    size: int
+    kernel: int
+    stride: int
+    padding: int
+    first: bool = False  # a network's input layer: no input gradient
+
+    def out_size(self):
+        return (self.size + 2 * self.padding - self.kernel) // self.stride + 1
+
+    def flops(self, batch):
+        o = self.out_size()
+        return 2 * batch * self.c_out * o * o * self.c_in * self.kernel * self.kernel
+
+    def bytes(self, batch, elem):
+        o = self.out_size()
+        return elem * (batch * self.c_in * self.size ** 2 + batch * self.c_out * o * o
+                       + self.c_out * self.c_in * self.kernel ** 2)
+
+
+ALEXNET = [
+    Layer("alexnet.conv1", 3, 64, 224, 11, 4, 2, first=True),
+    Layer("alexnet.conv2", 64, 192, 27, 5, 1, 2),
+    Layer("alexnet.conv3", 192, 384, 13, 3, 1, 1),
+    Layer("alexnet.conv4", 384, 256, 13, 3, 1, 1),
+    Layer("alexnet.conv5", 256, 256, 13, 3, 1, 1),
+]
+RESNET50 = [
+    Layer("resnet50.conv1", 3, 64, 224, 7, 2, 3, first=True),
+    Layer("resnet50.l1.3x3", 64, 64, 56, 3, 1, 1),
+    Layer("resnet50.l2.3x3", 128, 128, 28, 3, 1, 1),
+    Layer("resnet50.l3.1x1", 1024, 256, 14, 1, 1, 0),
+]
+LAYERS = ALEXNET + RESNET50
+MODES = ("fwd", "fwd+bwd")
+HAS_CUDA = torch.cuda.is_available()
+GPU_BATCH, CPU_BATCH = 128, 8
+GPU_DTYPES = [getattr(torch, d) for d in
+              os.environ.get("PYOWT_BENCH_CONV_DTYPES", "bfloat16").split(",") if d]
+_START = time.perf_counter()
+ROWS: list = []
+
+
+# --- measurement --------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(fns: dict, device, reps: int, warmup: int = 2, stat=statistics.median) -> dict:
+    """Seconds per call of each fn (``stat`` of the repeats: median by default),
+    interleaved round by round so that drift hits every fn alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            times[k].append(_time_once(fn, device))
+    return {k: stat(v) for k, v in times.items()}
+
+
+_PEAKS: dict = {}
+
+
+def peaks(device, dtype):
+    """(GEMM FLOP/s, copy bytes/s) measured here: the floor's denominators."""
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        n = 8192 if device.type == "cuda" else 2048
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        t_mm = measure({"mm": lambda: torch.mm(a, b)}, device, 10)["mm"]
+        big = torch.empty(2**28 if device.type == "cuda" else 2**25, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(big)
+        t_cp = measure({"copy": lambda: dst.copy_(big)}, device, 10)["copy"]
+        _PEAKS[key] = (2 * n ** 3 / t_mm, 2 * big.numel() / t_cp)  # copy reads + writes
+    return _PEAKS[key]
+
+
+# --- one layer ----------------------------------------------------------------------------
+def _inputs(layer, batch, dtype, device, copies):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    xs = [torch.randn(batch, layer.c_in, layer.size, layer.size, generator=g).to(device, dtype)
+          .contiguous(memory_format=fmt).requires_grad_(not layer.first) for _ in range(copies)]
+    w = (torch.randn(layer.c_out, layer.c_in, layer.kernel, layer.kernel, generator=g)
+         / math.sqrt(layer.c_in * layer.kernel ** 2)).to(device, dtype)
+    if device.type == "cuda":
+        w = w.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(layer.c_out, generator=g).to(device, dtype)
+    return xs, w.requires_grad_(True), b.requires_grad_(True)
+
+
+def _callables(impls: dict, layer, xs, w, b, mode):
+    """One zero-argument callable per impl; each call takes the next input copy."""
+    o = layer.out_size()
+    grad = torch.randn(xs[0].shape[0], layer.c_out, o, o, device=w.device, dtype=w.dtype)
+    if w.device.type == "cuda":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    out = {}
+    for name, f in impls.items():
+        state = {"i": 0}
+
+        def call(f=f, state=state):
+            x = xs[state["i"] % len(xs)]
+            state["i"] += 1
+            y = f(x, w, b)
+            if mode == "fwd+bwd":
+                inputs = [w, b] + ([x] if x.requires_grad else [])
+                torch.autograd.grad(y, inputs, grad)
+            return y
+
+        out[name] = call
+    return out
+
+
+def _record(layer, mode, dtype, device, batch, times: dict, ours: str, notes=""):
+    rate, bw = peaks(device, dtype)
+    mult = 1 if mode == "fwd" else (2 if layer.first else 3)
+    elem = torch.finfo(dtype).bits // 8
+    floor = max(mult * layer.flops(batch) / rate, mult * layer.bytes(batch, elem) / bw)
+    for impl, t in times.items():
+        ROWS.append(dict(
+            layer=layer.name, mode=mode, dtype=str(dtype).replace("torch.", ""),
+            device=device.type, batch=batch, impl=impl, ms=t * 1e3,
+            tflops=mult * layer.flops(batch) / t / 1e12, floor_ms=floor * 1e3,
+            speedup_vs_aten=times["aten"] / t if "aten" in times else None,
+            speedup_vs_compile=(times["compile"] / t if "compile" in times else None),
+            ours=impl == ours or impl.startswith("ours"), notes=notes,
+        ))
+
+
+def _conv_ref(layer):
+    def ref(x, w, b):
+        return F.relu(F.conv2d(x, w, b, layer.stride, layer.padding))
+    return ref
+
+
+def _ours(layer, backend):
+    def run(x, w, b):
+        return conv2d_bias_act(x, w, b, layer.stride, layer.padding, backend=backend)
+    return run
+
+
+# --- tests --------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layer", LAYERS, ids=[l.name for l in LAYERS])
+def test_conv_cpu(benchmark, layer, mode):
+    if unavailable_reason("cpu", torch.device("cpu")) is not None:
+        pytest.skip("the C++ extension is not built")
+    device = torch.device("cpu")
+    xs, w, b = _inputs(layer, CPU_BATCH, torch.float32, device, copies=2)
+    fns = _callables({"ours:cpu": _ours(layer, "cpu"), "aten": _conv_ref(layer)}, layer, xs, w, b, mode)
+    # The minimum, not the median: a small shared CPU adds other processes' noise to some
+    # repeats, and the fastest repeat is the reproducible cost of each implementation.
+    times = measure(fns, device, reps=9 if mode == "fwd" else 5, warmup=1, stat=min)
+    _record(layer, mode, torch.float32, device, CPU_BATCH, times, "ours:cpu")
+    benchmark.extra_info.update(speedup_vs_aten=times["aten"] / times["ours:cpu"])
+    benchmark.pedantic(fns["ours:cpu"], rounds=3, iterations=1)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=[str(d).replace("torch.", "") for d in GPU_DTYPES])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layer", LAYERS, ids=[l.name for l in LAYERS])
+def test_conv_gpu(benchmark, layer, mode, dtype):
+    device = torch.device("cuda")
+    # Enough input copies that they do not all sit in L2 (50 MB on an H100).
+    elem = torch.finfo(dtype).bits // 8
+    copies = max(2, min(8, (128 << 20) // (GPU_BATCH * layer.c_in * layer.size ** 2 * elem) + 1))
+    xs, w, b = _inputs(layer, GPU_BATCH, dtype, device, copies)
+    impls = {"aten": _conv_ref(layer)}
+    backends = [be for be in ("triton", "cuda") if unavailable_reason(be, device) is None]
+    for be in backends:
+        impls[f"ours:{be}"] = _ours(layer, be)
+    notes = ""
+    compile_mode = os.environ.get("PYOWT_BENCH_COMPILE", "1")
+    budget = float(os.environ.get("PYOWT_BENCH_BUDGET_S", "100"))
+    if compile_mode == "all" or (compile_mode == "1" and mode == "fwd"):
+        if time.perf_counter() - _START < budget:
+            impls["compile"] = torch.compile(_conv_ref(layer), mode="max-autotune", dynamic=False)
+        else:
+            notes = "compile skipped (time budget)"
+    fns = _callables(impls, layer, xs, w, b, mode)
+    try:
+        times = measure(fns, device, reps=20, warmup=3)
+    except Exception as e:  # noqa: BLE001 - a failed compile must not hide our numbers
+        if "compile" not in fns:
+            raise
+        notes = f"compile failed: {type(e).__name__}"
+        fns.pop("compile")
+        times = measure(fns, device, reps=20, warmup=3)
+    ours = "ours:triton" if "ours:triton" in times else f"ours:{backends[0]}"
+    _record(layer, mode, dtype, device, GPU_BATCH, times, ours, notes)
+    benchmark.extra_info.update({k: v for k, v in times.items()})
+    benchmark.pedantic(lambda: (fns[ours](), torch.cuda.synchronize()), rounds=5, iterations=1)
+
+
+# --- report -------------------------------------------------------------------------------
+def _geomean(values):
+    values = [v for v in values if v]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def summarize(rows):
+    """Geometric-mean speedups of each of our impls per (device, dtype, mode, network)."""
+    out = {}
+    for r in rows:
+        if not r["ours"]:
+            continue
+        net = r["layer"].split(".")[0]
+        key = f"{r['device']}/{r['dtype']}/{r['mode']}/{net}/{r['impl']}"
+        out.setdefault(key, {"vs_aten": [], "vs_compile": []})
+        out[key]["vs_aten"].append(r["speedup_vs_aten"])
+        out[key]["vs_compile"].append(r["speedup_vs_compile"])
+    return {k: {m: _geomean(v) for m, v in d.items()} for k, d in out.items()}
+
+
+def format_table(rows, summary):
+    head = (f"{'layer':<18}| {'mode':<8}| {'dtype':<8}| {'impl':<12}| {'ms':>9} | {'TFLOP/s':>8} "
+            f"| {'floor ms':>8} | {'vs aten':>7} | {'vs compile':>10} | notes")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        va = f"{r['speedup_vs_aten']:.2f}x" if r["speedup_vs_aten"] else "-"
+        vc = f"{r['speedup_vs_compile']:.2f}x" if r["speedup_vs_compile"] else "-"
+        lines.append(f"{r['layer']:<18}| {r['mode']:<8}| {r['dtype']:<8}| {r['impl']:<12}| "
+                     f"{r['ms']:9.3f} | {r['tflops']:8.2f} | {r['floor_ms']:8.3f} | {va:>7} | {vc:>10} | {r['notes']}")
+    lines.append("")
+    lines.append("geometric-mean speedup ratio (t_ref / t_ours; > 1 = ours faster):")
+    for k, d in sorted(summary.items()):
+        va = f"{d['vs_aten']:.3f}x" if d["vs_aten"] else "-"
+        vc = f"{d['vs_compile']:.3f}x" if d["vs_compile"] else "-"
+        lines.append(f"  {k:<48} vs aten {va:>8}   vs compile {vc:>8}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request):
+    yield
+    if not ROWS:
+        return
+    summary = summarize(ROWS)
+    table = format_table(ROWS, summary)
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        with capman.global_and_fixture_disabled():
+            print("\n" + table)
+    else:
+        print("\n" + table)
+    path = os.environ.get("PYOWT_BENCH_JSON")
+    if path:
+        dev = torch.cuda.get_device_name() if HAS_CUDA else "cpu"
+        doc = dict(benchmark="conv2d_bias_act", device=dev, torch=torch.__version__,
+                   pyowt=pyowt.__version__, cpu_threads=torch.get_num_threads(),
+                   peaks={k: {"gemm_flops": v[0], "copy_bytes_per_s": v[1]} for k, v in
+                          ((f"{d}/{t}", p) for (d, t), p in _PEAKS.items())},
+                   rows=ROWS, summary=summary)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
