@@ -26,16 +26,15 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def keep_mask(global_shape: Sequence[int], offsets: Sequence[int], local_shape: Sequence[int],
+def keep_mask(global_shape: Sequence[int], coords: Sequence[torch.Tensor],
               p: float, seed: int, salt: int, step: int, device=None) -> torch.Tensor:
-    """Boolean keep-mask of the block ``[offsets, offsets + local_shape)`` of a tensor of
-    ``global_shape`` (same rank), drawn as the whole tensor's mask would be."""
+    """Boolean keep-mask of the block of a tensor of ``global_shape`` whose indices along
+    dim d are ``coords[d]`` (1-D int64), drawn as the whole tensor's mask would be."""
     index = torch.zeros((), dtype=torch.int64, device=device)
-    for d, (size, off, n) in enumerate(zip(global_shape, offsets, local_shape)):
-        coord = torch.arange(off, off + n, dtype=torch.int64, device=device)
-        shape = [1] * len(local_shape)
-        shape[d] = n
-        index = index * size + coord.view(shape)
+    for d, (size, coord) in enumerate(zip(global_shape, coords)):
+        shape = [1] * len(coords)
+        shape[d] = coord.numel()
+        index = index * size + coord.to(device=device, dtype=torch.int64).view(shape)
     key = _mix32(torch.tensor((seed * 0x9E3779B1 + salt * 0x85EBCA6B + step * 0xC2B2AE35) & _MASK32, device=device))
     lo = _mix32(index ^ key)
     hi = _mix32((index >> 32) ^ lo ^ 0x27D4EB2F)
@@ -61,8 +60,9 @@ class SeededDropout(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}, seed={self.seed}, salt={self.salt}"
 
-    def forward(self, x: torch.Tensor, global_shape=None, offsets=None, step=None) -> torch.Tensor:
-        """``x`` is the block at ``offsets`` of a tensor of ``global_shape`` (default: all of it)."""
+    def forward(self, x: torch.Tensor, global_shape=None, offsets=None, step=None, rows=None) -> torch.Tensor:
+        """``x`` is the block at ``offsets`` of a tensor of ``global_shape`` (default: all of
+        it); ``rows`` (1-D int64), if given, are the global indices of x's rows instead."""
         if not self.training or self.p == 0.0:
             return x
         if step is None:
@@ -72,7 +72,10 @@ class SeededDropout(nn.Module):
             return x * 0.0
         global_shape = tuple(x.shape) if global_shape is None else tuple(global_shape)
         offsets = (0,) * x.dim() if offsets is None else tuple(offsets)
-        mask = keep_mask(global_shape, offsets, x.shape, self.p, self.seed, self.salt, step, x.device)
+        coords = [torch.arange(off, off + n) for off, n in zip(offsets, x.shape)]
+        if rows is not None:
+            coords[0] = rows
+        mask = keep_mask(global_shape, coords, self.p, self.seed, self.salt, step, x.device)
         return x * mask.to(x.dtype) * (1.0 / (1.0 - self.p))
 
 

@@ -42,6 +42,7 @@ from .graph import CONV, capture_chain
 from .layers import ShardedConv2d, ShardedLayer, ShardedLinear, shard_range
 from .layout import DATA, Layout
 from .plan import Plan, resolve_plan, validate_plan
+from .passes import run_head_passes
 from .program import ALL_GATHER, COPY_TO_GROUP, DROP, LAYER, MODULE, SPLIT, Program, compile_plan
 from .transitions import AllGather, CopyToGroup, Split
 
@@ -52,6 +53,8 @@ class _BatchInfo:
     def __init__(self):
         self.global_size: Optional[int] = None
         self.step = 0
+        # Global row indices of the batch in the head when it runs in passes (None: all rows).
+        self.head_rows: Optional[torch.Tensor] = None
 
 
 class ParallelDropout(nn.Module):
@@ -70,14 +73,27 @@ class ParallelDropout(nn.Module):
         if not self.training or self.dropout.p == 0.0:
             return x
         global_shape, offsets = list(x.shape), [0] * x.dim()
+        b = self.batch.global_size
+        global_shape[0] = b
+        rows = None
         if self.layout == Layout.SHARD_BATCH:
-            b = self.batch.global_size
-            global_shape[0] = b
             offsets[0] = shard_range(b, self.k, self.rank)[0]
-        elif self.layout == Layout.SHARD_CHANNEL:
+        else:
+            rows = self.batch.head_rows
+        if self.layout == Layout.SHARD_CHANNEL:
             global_shape[1] = self.channels
             offsets[1] = shard_range(self.channels, self.k, self.rank)[0]
-        return self.dropout(x, global_shape, offsets, step=self.batch.step)
+        return self.dropout(x, global_shape, offsets, step=self.batch.step, rows=rows)
+
+
+def _head_boundary(stages: List[nn.Module], plan: Plan) -> int:
+    """Index of the all-gather that brings the batch into the split head (schemes b, c)."""
+    gathers = [i for i, m in enumerate(stages) if isinstance(m, AllGather) and m.dim == 0]
+    if len(gathers) != 1 or stages[gathers[0]].grad != "reduce_scatter" \
+            or any(isinstance(m, Split) and m.dim == 0 for m in stages[gathers[0]:]):
+        raise ValueError(f"plan {plan.name!r}: scheme {plan.scheme!r} needs a data-parallel trunk followed by a "
+                         "split head (exactly one batch all-gather into a split_out layer, as in the 'owt' preset)")
+    return gathers[0]
 
 
 def _structure_fingerprint(plan: Plan, steps) -> str:
@@ -100,19 +116,39 @@ class ParallelModel(nn.Module):
     """
 
     def __init__(self, stages: List[nn.Module], plan: Plan, group, program: Program, batch: _BatchInfo,
-                 bucket_bytes: int):
+                 bucket_bytes: int, head_optimizer=None):
         super().__init__()
         self.stages = nn.ModuleList(stages)
+        self.boundary = _head_boundary(stages, plan) if plan.scheme != "a" else None
+        self.head_optimizer = None
+        if self.boundary is not None and head_optimizer is not None:
+            self.head_optimizer = head_optimizer(list(self.head.parameters()))
         self.plan, self.group, self.program = plan, group, program
         self.k, self.rank = pdist.get_world_size(group), pdist.get_rank(group)
         self.input_layout, self.output_layout = program.input_layout, program.output_layout
         self.label_layout = Layout.SHARD_BATCH if self.output_layout == Layout.SHARD_BATCH else Layout.REPLICATE
         self._batch = batch
+        self._steps = 0
         replicated = [p for layer in self.sharded_layers() if layer.config == DATA for p in layer.parameters()]
         self.grad_sync = GradSync(replicated, group, bucket_bytes) if self.k > 1 and replicated else None
 
+    @property
+    def trunk(self) -> List[nn.Module]:
+        """Stages before the batch is gathered into the split head (schemes b and c)."""
+        return list(self.stages)[:self.boundary] if self.boundary is not None else list(self.stages)
+
+    @property
+    def head(self) -> nn.ModuleList:
+        """Stages after the batch is gathered into the split head (schemes b and c)."""
+        return nn.ModuleList(list(self.stages)[self.boundary + 1:]) if self.boundary is not None else nn.ModuleList()
+
     def sharded_layers(self) -> Iterator[ShardedLayer]:
         return (m for m in self.stages if isinstance(m, ShardedLayer))
+
+    def trunk_parameters(self) -> List[nn.Parameter]:
+        """Parameters outside the split head (all of them under scheme a)."""
+        head = {id(p) for p in self.head.parameters()}
+        return [p for p in self.parameters() if id(p) not in head]
 
     def no_sync(self):
         """Context manager: backward passes inside it do not sum replicated gradients."""
@@ -143,14 +179,20 @@ class ParallelModel(nn.Module):
         return xl, yl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's input (see :meth:`local_batch`) -> output in ``output_layout``."""
+        """This rank's input (see :meth:`local_batch`) -> output in ``output_layout``.
+
+        Under OWT schemes b and c in training mode the head runs in passes inside
+        :meth:`loss`, so the forward returns the trunk's output (this rank's rows).
+        """
         if self._batch.global_size is None:
             # Fed without local_batch: assume equal shards.
             self._batch.global_size = x.shape[0] * (self.k if self.input_layout == Layout.SHARD_BATCH else 1)
-        for stage in self.stages:
+        if self.training:  # dropout masks are keyed by the step (see pyowt.parallel.dropout)
+            self._batch.step = self._steps
+            self._steps += 1
+        stages = self.trunk if (self.boundary is not None and self.training) else self.stages
+        for stage in stages:
             x = stage(x)
-        if self.training:
-            self._batch.step += 1
         return x
 
     def loss(self, out: torch.Tensor, yl: torch.Tensor) -> torch.Tensor:
@@ -159,6 +201,12 @@ class ParallelModel(nn.Module):
         self._batch.global_size = None
         if b is None:
             raise RuntimeError("loss() must follow a forward of this model")
+        if self.boundary is not None and self.training:
+            self._batch.global_size = b
+            try:
+                return run_head_passes(self, out, yl)
+            finally:
+                self._batch.global_size = None
         if self.output_layout == Layout.SHARD_CHANNEL:
             return parallel_cross_entropy(out, yl, group=self.group, reduction="sum") / b
         local = F.cross_entropy(out, yl, reduction="sum") / b
@@ -198,7 +246,7 @@ def _instantiate(program: Program, group, seed: int, batch: _BatchInfo) -> List[
 
 
 def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broadcast_params: bool = True,
-                bucket_mb: float = 25.0, **plan_options) -> ParallelModel:
+                bucket_mb: float = 25.0, head_optimizer=None, **plan_options) -> ParallelModel:
     """Rewrite ``model`` for ``plan`` over ``group`` (default: the world); call on every rank.
 
     Args:
@@ -211,6 +259,12 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
         seed: dropout seed (masks are split-invariant; see :mod:`pyowt.parallel.dropout`).
         broadcast_params: start every rank from rank 0's parameters (like DDP).
         bucket_mb: gradient all-reduce bucket size for replicated parameters.
+        head_optimizer: for ``fc_update="per_pass"``: a callable taking the head's
+            parameters and returning the optimizer that steps them after every pass (e.g.
+            ``lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)``). The head's
+            parameters then never get a ``.grad`` outside the passes, so an optimizer over
+            ``pmodel.parameters()`` leaves them alone; give it only the trunk if you prefer
+            (``pmodel.trunk_parameters()``).
         plan_options: ``scheme``, ``fc_update`` for the ``"owt"`` preset.
 
     Raises:
@@ -221,8 +275,6 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
     steps = capture_chain(model)
     plan = resolve_plan(model, plan, **plan_options)
     validate_plan(plan, model)
-    if plan.scheme != "a":
-        raise NotImplementedError(f"plan {plan.name!r}: OWT scheme {plan.scheme!r} is not implemented yet; use scheme 'a'")
     k = pdist.get_world_size(group)
     fingerprint = _structure_fingerprint(plan, steps)
     if k > 1:
@@ -241,6 +293,8 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
     batch = _BatchInfo()
     program = compile_plan(plan, steps)
     stages = _instantiate(program, group, seed, batch)
-    pmodel = ParallelModel(stages, plan, group, program, batch, int(bucket_mb * 2**20))
+    pmodel = ParallelModel(stages, plan, group, program, batch, int(bucket_mb * 2**20), head_optimizer)
+    if plan.fc_update == "per_pass" and pmodel.head_optimizer is None:
+        raise ValueError(f"plan {plan.name!r}: fc_update='per_pass' needs head_optimizer=... (see parallelize's docstring)")
     pmodel.train(model.training)
     return pmodel

@@ -21,7 +21,8 @@ from ._models import global_batch, make_model
 
 STEPS = 3
 LR, MOMENTUM = 0.05, 0.9
-PLANS = [("data", {}), ("model", {}), ("owt", {"scheme": "a"})]
+PLANS = [("data", {}), ("model", {}), ("owt", {"scheme": "a"}), ("owt", {"scheme": "b"}), ("owt", {"scheme": "c"})]
+PLAN_IDS = ["data", "model", "owt-a", "owt-b", "owt-c"]
 
 
 def _full_grads(pmodel):
@@ -69,7 +70,7 @@ def _check_parity(model_name, preset, options, batch, seed=0):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("preset,options", PLANS, ids=[p for p, _ in PLANS])
+@pytest.mark.parametrize("preset,options", PLANS, ids=PLAN_IDS)
 def test_parity_small_alexnet(run_workers, k, preset, options):
     # Batch 11: uneven shards for K = 2, 3, 4.
     losses = run_workers(k, _check_parity, "small", preset, options, 11, timeout=300)
@@ -78,7 +79,7 @@ def test_parity_small_alexnet(run_workers, k, preset, options):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("preset,options", PLANS, ids=[p for p, _ in PLANS])
+@pytest.mark.parametrize("preset,options", PLANS, ids=PLAN_IDS)
 def test_parity_torchvision_alexnet(run_workers, k, preset, options):
     losses = run_workers(k, _check_parity, "torchvision", preset, options, 5, timeout=600)
     assert all(l == losses[0] for l in losses)
