@@ -8,7 +8,7 @@ from pyowt.parallel.comm_model import step_volume, total_sent
 
 from ._models import global_batch, make_model
 
-PRESETS = [("data", {}), ("model", {}), ("owt", {"scheme": "a"})]
+PRESETS = [("data", {}), ("model", {}), ("owt", {"scheme": "a"}), ("owt", {"scheme": "b"}), ("owt", {"scheme": "c"})]
 
 
 def _measure(preset, options, batch):
