@@ -15,8 +15,9 @@ consecutive programs share the same B tiles and a few A tiles, which stay in L2.
 Every kernel computes in float32. float32 inputs use ``input_precision="ieee"`` (no TF32),
 so they match a float64 reference to ~1e-6.
 
-Autotuning: a handful of configs on a GPU; under the interpreter (``TRITON_INTERPRET=1``,
-CPU tensors) a single small config, since the interpreter is slow and timing it is moot.
+Autotuning: a handful of configs on a GPU for problems of at least ``TUNE_MIN_MACS``
+multiply-adds, one fixed config below that; under the interpreter (``TRITON_INTERPRET=1``,
+CPU tensors) a single tiny config.
 The launchers take ``launch`` (``torch.library.wrap_triton``) so the calls trace under
 torch.compile.
 """
@@ -27,22 +28,44 @@ import triton.language as tl
 from . import interpreter_enabled
 
 
-def _configs():
+# Problems below this many multiply-adds run one fixed tile config instead of autotuning:
+# big tiles only waste work on them, and every autotuned config costs a compile per
+# specialization (the GPU tests' many odd little shapes would otherwise compile hundreds).
+TUNE_MIN_MACS = 1 << 27
+
+
+def _small_config():
+    if interpreter_enabled():  # the interpreter is slow and timing it is moot: tiny tiles
+        return triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4},
+                             num_warps=1, num_stages=1)
+    return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
+                         num_warps=4, num_stages=3)
+
+
+def _tuned_configs():
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4},
-                              num_warps=1, num_stages=1)]
+        return [_small_config()]
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
         (128, 256, 64, 3, 8),
         (256, 128, 64, 3, 8),
         (128, 128, 64, 4, 4),
         (128, 128, 32, 4, 8),
-        (64, 256, 32, 4, 4),
-        (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
-        (64, 64, 32, 5, 2),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                          num_stages=s, num_warps=w) for m, n, k, s, w in shapes]
+                          num_stages=st, num_warps=w) for m, n, k, st, w in shapes]
+
+
+def _variants(kernel):
+    """(small, tuned) launchable versions of one @triton.jit kernel (they share its compile
+    cache); the launcher picks by problem size."""
+    key = ["M", "N", "K"]
+    return (triton.autotune(configs=[_small_config()], key=key)(kernel),
+            triton.autotune(configs=_tuned_configs(), key=key)(kernel))
+
+
+def _pick(variants, macs: int):
+    return variants[1] if macs >= TUNE_MIN_MACS else variants[0]
 
 
 @triton.jit
@@ -65,7 +88,6 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
 @triton.jit
 def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
@@ -94,7 +116,6 @@ def linear_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
 @triton.jit
 def linear_dx_kernel(g_ptr, o_ptr, w_ptr, dx_ptr, M, N, K,
                      stride_gm, stride_gn, stride_om, stride_on, stride_wn, stride_wk,
@@ -125,7 +146,6 @@ def linear_dx_kernel(g_ptr, o_ptr, w_ptr, dx_ptr, M, N, K,
              acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
 @triton.jit
 def linear_dw_kernel(g_ptr, o_ptr, x_ptr, dw_ptr, db_ptr, M, N, K,
                      stride_gm, stride_gn, stride_om, stride_on, stride_xm, stride_xk,
@@ -164,6 +184,11 @@ def linear_dw_kernel(g_ptr, o_ptr, x_ptr, dw_ptr, db_ptr, M, N, K,
         tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=mask_n & (pid_k == 0))
 
 
+_FWD = _variants(linear_fwd_kernel)
+_DX = _variants(linear_dx_kernel)
+_DW = _variants(linear_dw_kernel)
+
+
 def _grid(rows: int, cols: int):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
@@ -174,7 +199,7 @@ def launch_linear_fwd(launch, x: torch.Tensor, w: torch.Tensor, bias, y: torch.T
     N = w.shape[0]
     if M == 0 or N == 0:
         return
-    launch(linear_fwd_kernel)[_grid(M, N)](
+    launch(_pick(_FWD, M * N * K))[_grid(M, N)](
         x, w, bias if bias is not None else y, y, M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, RELU=relu, IEEE=x.dtype == torch.float32)
@@ -187,7 +212,7 @@ def launch_linear_dx(launch, g: torch.Tensor, out, w: torch.Tensor, dx: torch.Te
     if M == 0 or K == 0:
         return
     o = out if out is not None else g
-    launch(linear_dx_kernel)[_grid(M, K)](
+    launch(_pick(_DX, M * N * K))[_grid(M, K)](
         g, o, w, dx, M, N, K,
         g.stride(0), g.stride(1), o.stride(0), o.stride(1), w.stride(0), w.stride(1),
         dx.stride(0), dx.stride(1),
@@ -201,7 +226,7 @@ def launch_linear_dw(launch, g: torch.Tensor, out, x: torch.Tensor, dw: torch.Te
     if N == 0 or K == 0:
         return
     o = out if out is not None else g
-    launch(linear_dw_kernel)[_grid(N, K)](
+    launch(_pick(_DW, M * N * K))[_grid(N, K)](
         g, o, x, dw, db if db is not None else dw, M, N, K,
         g.stride(0), g.stride(1), o.stride(0), o.stride(1), x.stride(0), x.stride(1),
         dw.stride(0), dw.stride(1),

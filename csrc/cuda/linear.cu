@@ -116,12 +116,13 @@ bool lt_matmul(cublasOperation_t transa, cublasOperation_t transb, int64_t m, in
   int found = 0;
   const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(handle, desc.d, la.d, lb.d, ld.d, ld.d,
                                                            pref.d, 1, &heuristic, &found);
-  if (hs == CUBLAS_STATUS_NOT_SUPPORTED || (hs == CUBLAS_STATUS_SUCCESS && found == 0)) {
-    TORCH_CHECK(epilogue != CUBLASLT_EPILOGUE_DEFAULT, "cuBLASLt has no algorithm for a ", m, "x",
-                n, "x", k, " GEMM in ", dtype);
-    return false;
+  if (hs != CUBLAS_STATUS_SUCCESS || found == 0) {
+    // An epilogue this cuBLASLt cannot fuse for this shape, dtype or alignment: the caller
+    // retries without it. Without an epilogue there is nothing to fall back to.
+    if (epilogue != CUBLASLT_EPILOGUE_DEFAULT) return false;
+    PYOWT_CUBLASLT_CHECK(hs);
+    TORCH_CHECK(found > 0, "cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " GEMM in ", dtype);
   }
-  PYOWT_CUBLASLT_CHECK(hs);
 
   at::Tensor workspace = at::empty({static_cast<int64_t>(heuristic.workspaceSize)},
                                    options.dtype(at::kByte));
