@@ -1,5 +1,5 @@
 # The two commands of the README, and the targets behind them.
-#   make demo   a short real run of the main job on CPU Gloo workers
+#   make demo   the main job: every strategy trained on 2 CPU Gloo workers, compared
 #   make test   the whole test suite (CPU; GPU tests skip without a GPU)
 # Both create .venv, install torch, pyowt (compiling its extension) and the extras first.
 
@@ -15,7 +15,7 @@ LOCK := flock $(CURDIR)/build/.lock
 CSRC := $(shell find csrc -type f 2>/dev/null) setup.py
 STAMP := $(VENV)/.pyowt-installed
 
-.PHONY: demo test build gpu-check bench clean
+.PHONY: demo test build gpu-check bench bench-strategies clean
 
 $(VENV)/.deps-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -36,13 +36,17 @@ build: $(STAMP)
 	$(LOCK) $(PY) setup.py --quiet build_ext --inplace
 
 demo: $(STAMP)
-	$(PY) -m pyowt demo
+	$(PY) -m pyowt compare
 
 test: $(STAMP) build
 	$(PY) -m pytest -q
 
 bench: $(STAMP) build
 	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-only
+
+# Strategies vs the single process and DDP (torchvision AlexNet, 2 Gloo workers).
+bench-strategies: $(STAMP) build
+	$(PY) -m benchmarks.strategies
 
 # On a machine with an NVIDIA GPU, torch, Triton and ninja (no network needed):
 #   make gpu-check OUT=<folder>

@@ -9,5 +9,6 @@ __version__ = "0.1.0"
 from . import _extension  # noqa: E402  (loads pyowt._C, registering the C++ ops, or warns)
 from . import ops  # noqa: E402
 from .info import info  # noqa: E402
+from .parallel import parallelize  # noqa: E402
 
-__all__ = ["__version__", "info", "ops"]
+__all__ = ["__version__", "info", "ops", "parallelize"]

@@ -14,12 +14,6 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(workers=args.workers, steps=args.steps, seed=args.seed)
-
-
 def _cmd_compare(args) -> int:
     from .compare import compare
 
@@ -35,11 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="print versions, the compiled extension and each op's backend (JSON)")
     s.set_defaults(func=_cmd_info)
-    s = sub.add_parser("demo", help="a short real training run on CPU Gloo workers (the README's main job)")
-    s.add_argument("--workers", type=int, default=2, help="Gloo worker processes (default 2)")
-    s.add_argument("--steps", type=int, default=150, help="SGD steps (default 150)")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_demo)
     s = sub.add_parser("compare", help="train with each strategy on K workers and compare throughput, "
                                          "communication, memory and loss against the single-process run")
     s.add_argument("--model", default="small", choices=["small", "alexnet"])

@@ -178,12 +178,22 @@ class ParallelModel(nn.Module):
         yl = y[rows] if self.label_layout == Layout.SHARD_BATCH else y
         return xl, yl
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, global_batch: Optional[int] = None) -> torch.Tensor:
         """This rank's input (see :meth:`local_batch`) -> output in ``output_layout``.
+
+        ``global_batch``: the size B of the global batch ``x`` is part of, when ``x`` was
+        loaded directly (see :mod:`pyowt.parallel.sampler`) rather than through
+        :meth:`local_batch`; its rows must then be this rank's ``batch_slice(B)``.
 
         Under OWT schemes b and c in training mode the head runs in passes inside
         :meth:`loss`, so the forward returns the trunk's output (this rank's rows).
         """
+        if global_batch is not None:
+            rows = self.batch_slice(global_batch)
+            if x.shape[0] != rows.stop - rows.start:
+                raise ValueError(f"x has {x.shape[0]} rows but this rank's part of a global batch of "
+                                 f"{global_batch} has {rows.stop - rows.start}")
+            self._batch.global_size = global_batch
         if self._batch.global_size is None:
             # Fed without local_batch: assume equal shards.
             self._batch.global_size = x.shape[0] * (self.k if self.input_layout == Layout.SHARD_BATCH else 1)
