@@ -42,30 +42,41 @@ def _small_config():
                          num_warps=4, num_stages=3)
 
 
-def _tuned_configs():
+def _tuned_configs(fp32: bool):
     if interpreter_enabled():
         return [_small_config()]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 4),
-        (128, 128, 32, 4, 8),
-        (64, 128, 32, 4, 4),
-    ]
+    if fp32:
+        # float32 in "ieee" precision runs on FMA units, not tensor cores: smaller tiles.
+        # (The 16-bit tiles below take 30-40 s each to compile for fp32 on sm_90 and need
+        # more shared memory than an H100 has.)
+        shapes = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (128, 128, 32, 3, 8), (64, 64, 32, 4, 4)]
+    else:
+        # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). Each config costs 0.5-2 s of
+        # compile per kernel and specialization on sm_90 (measured ahead of time, Triton
+        # 3.8): four keep the GPU check within its time budget.
+        shapes = [
+            (128, 256, 64, 3, 8),
+            (128, 128, 64, 4, 4),
+            (128, 128, 32, 4, 8),
+            (64, 128, 32, 4, 4),
+        ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
                           num_stages=st, num_warps=w) for m, n, k, st, w in shapes]
 
 
 def _variants(kernel):
-    """(small, tuned) launchable versions of one @triton.jit kernel (they share its compile
-    cache); the launcher picks by problem size."""
+    """Launchable versions of one @triton.jit kernel (sharing its compile cache): a fixed
+    config for small problems, autotuned ones for 16-bit and for float32 inputs."""
     key = ["M", "N", "K"]
-    return (triton.autotune(configs=[_small_config()], key=key)(kernel),
-            triton.autotune(configs=_tuned_configs(), key=key)(kernel))
+    return {"small": triton.autotune(configs=[_small_config()], key=key)(kernel),
+            "tuned16": triton.autotune(configs=_tuned_configs(False), key=key)(kernel),
+            "tuned32": triton.autotune(configs=_tuned_configs(True), key=key)(kernel)}
 
 
-def _pick(variants, macs: int):
-    return variants[1] if macs >= TUNE_MIN_MACS else variants[0]
+def _pick(variants, macs: int, dtype: torch.dtype):
+    if macs < TUNE_MIN_MACS:
+        return variants["small"]
+    return variants["tuned32" if dtype == torch.float32 else "tuned16"]
 
 
 @triton.jit
@@ -83,9 +94,13 @@ def _tile_coords(pid, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
+    # One return at the end: early returns under constexpr branches are not portable across
+    # Triton versions' code generators.
     if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -199,7 +214,7 @@ def launch_linear_fwd(launch, x: torch.Tensor, w: torch.Tensor, bias, y: torch.T
     N = w.shape[0]
     if M == 0 or N == 0:
         return
-    launch(_pick(_FWD, M * N * K))[_grid(M, N)](
+    launch(_pick(_FWD, M * N * K, x.dtype))[_grid(M, N)](
         x, w, bias if bias is not None else y, y, M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, RELU=relu, IEEE=x.dtype == torch.float32)
@@ -212,7 +227,7 @@ def launch_linear_dx(launch, g: torch.Tensor, out, w: torch.Tensor, dx: torch.Te
     if M == 0 or K == 0:
         return
     o = out if out is not None else g
-    launch(_pick(_DX, M * N * K))[_grid(M, K)](
+    launch(_pick(_DX, M * N * K, g.dtype))[_grid(M, K)](
         g, o, w, dx, M, N, K,
         g.stride(0), g.stride(1), o.stride(0), o.stride(1), w.stride(0), w.stride(1),
         dx.stride(0), dx.stride(1),
@@ -226,7 +241,7 @@ def launch_linear_dw(launch, g: torch.Tensor, out, x: torch.Tensor, dw: torch.Te
     if N == 0 or K == 0:
         return
     o = out if out is not None else g
-    launch(_pick(_DW, M * N * K))[_grid(N, K)](
+    launch(_pick(_DW, M * N * K, g.dtype))[_grid(N, K)](
         g, o, x, dw, db if db is not None else dw, M, N, K,
         g.stride(0), g.stride(1), o.stride(0), o.stride(1), x.stride(0), x.stride(1),
         dw.stride(0), dw.stride(1),
