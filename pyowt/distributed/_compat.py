@@ -38,7 +38,7 @@ def _force_reduce_scatter_fallback(backend: str, on: bool = True) -> None:
 
 def _unsupported(err: Exception) -> bool:
     msg = str(err).lower()
-    return "not support" in msg or "unsupported" in msg or "not implemented" in msg
+    return any(m in msg for m in ("not support", "no support", "unsupported", "not implemented"))
 
 
 def is_compiling() -> bool:

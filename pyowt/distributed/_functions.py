@@ -161,10 +161,13 @@ class Broadcast(Function):
         if ctx.k == 1:
             return (g,) + none
         if _c.is_compiling():
+            # No functional reduce: an all-reduce gives src the same sum. Elsewhere its
+            # result must still be used, or the graph drops the collective on those ranks
+            # only and the ranks' collective sequences diverge (a hang). x * 0 is not folded.
             summed = _c.traced_all_reduce(g.contiguous(), ctx.group)
-        else:
-            summed = _c.dense_clone(g)
-            _c.reduce_(summed, ctx.src_global, ctx.group)
+            return (summed if ctx.rank == ctx.src else summed * 0,) + none
+        summed = _c.dense_clone(g)
+        _c.reduce_(summed, ctx.src_global, ctx.group)
         return (summed if ctx.rank == ctx.src else None,) + none
 
 

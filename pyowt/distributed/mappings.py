@@ -25,10 +25,24 @@ the consumer's gradient is (``"reduce_scatter"`` after a split-weight layer, who
 is a Partial sum; ``"split"`` when every rank computes the same, replicated gradient).
 
 Every function validates its input (TypeError / ValueError naming the value), works on CPU
-(Gloo) and CUDA (NCCL) tensors of any memory layout (allocating on the input's device),
-records its traffic for :func:`pyowt.distributed.comm_stats`, and traces under
-``torch.compile(fullgraph=True)`` (functional collectives underneath; no accounting and no
-shape exchange while compiled, see ``sizes`` of :func:`all_gather`).
+(Gloo) and CUDA (NCCL) tensors of any memory layout (allocating on the input's device;
+channels-last stays channels-last), and records its traffic for
+:func:`pyowt.distributed.comm_stats`.
+
+torch.compile: a module calling these functions compiles with ``fullgraph=True`` (tested
+on Gloo with the ``aot_eager`` and ``inductor`` backends). While traced, the autograd
+functions run ``torch.distributed._functional_collectives`` instead of the c10d calls, and:
+
+- no accounting (Python bookkeeping cannot run inside a graph) and no shape exchange (its
+  ``.tolist()`` is data-dependent): an :func:`all_gather` without ``sizes`` assumes equal
+  pieces, so pass ``sizes`` for uneven gathers;
+- there is no functional reduce, so :func:`reduce_to` and the backward of
+  :func:`broadcast` use an all-reduce (the destination gets the same sum; twice the
+  traffic); the non-source ranks of :func:`broadcast` then get a zero gradient instead of
+  None (a None would let the graph drop the collective on those ranks only, and ranks whose
+  collective sequences differ hang);
+- the ``*_async`` variants raise (a work handle cannot live in a graph); the compiler
+  overlaps functional collectives by itself.
 """
 from __future__ import annotations
 

@@ -102,14 +102,16 @@ def _nested_and_threads():
     return outer.as_dict()
 
 
+def _all_counts():
+    return [_counts(torch.float32), _counts(torch.bfloat16), _nested_and_threads()]
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_byte_counts_equal_formulas(run_workers, k):
-    for got, want in run_workers(k, _counts, torch.float32) + run_workers(k, _counts, torch.bfloat16):
-        assert set(got) == set(want)
-        for case in want:
-            assert got[case] == want[case], f"K={k} {case}: got {got[case]}, want {want[case]}"
-
-
-def test_nested_recorders_and_threads(run_workers):
-    results = run_workers(2, _nested_and_threads)
-    assert results[0]["all_gather"]["calls"] == 2
+    """One worker call per K: fp32 and bf16 counts, then nested recorders and a thread."""
+    for fp32, bf16, nested in run_workers(k, _all_counts):
+        for got, want in (fp32, bf16):
+            assert set(got) == set(want)
+            for case in want:
+                assert got[case] == want[case], f"K={k} {case}: got {got[case]}, want {want[case]}"
+        assert nested["all_gather"]["calls"] == 2
