@@ -39,7 +39,7 @@ REDUCIBLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64,
              torch.int8, torch.uint8, torch.int32, torch.int64)
 GRAD_MODES = ("reduce_scatter", "split")
 
-_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce", "split")
+_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "broadcast", "reduce", "split", "copy_to_group")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
            torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128)
 _MAX_DIMS = 32

@@ -18,7 +18,7 @@ see ``_packing``) and do no autograd and no accounting.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict
 
 import torch
 import torch.distributed as dist
@@ -150,6 +150,3 @@ def traced_broadcast(t: torch.Tensor, src: int, group) -> torch.Tensor:
     fc = _funcol()
     return fc.wait_tensor(fc.broadcast(t, src, group))
 
-
-Work = Optional[object]
-Pair = Tuple[torch.Tensor, Work]

@@ -17,7 +17,6 @@ accounting happens (see ``accounting``).
 """
 from __future__ import annotations
 
-import torch
 from torch.autograd import Function
 
 from . import _compat

@@ -224,6 +224,7 @@ def copy_to_group(x: torch.Tensor, group=None) -> torch.Tensor:
     pg, k, rank = _group_info(group)
     if x.requires_grad:
         _checks.check_reducible(x, fn, str(dist.get_backend(pg)))
+    _maybe_check_full(x, "copy_to_group", pg, k, rank, fn)
     return F.CopyToGroup.apply(x, pg, k, all_reduce_bytes(x.numel(), k, rank, x.element_size()))
 
 
@@ -235,8 +236,9 @@ def broadcast(x: torch.Tensor, src: int, group=None) -> torch.Tensor:
             are ignored, e.g. ``torch.empty``).
 
     Returns:
-        ``x``'s shape, ``src``'s values. Backward: the gradients of every rank are summed
-        into ``src``'s ``x`` (a reduce); the other ranks' ``x`` get no gradient (None).
+        ``x``'s shape, ``src``'s values (on ``src`` itself a view of ``x``, no copy).
+        Backward: the gradients of every rank are summed into ``src``'s ``x`` (a reduce);
+        the other ranks' ``x`` get no gradient (None).
     """
     fn = "pyowt.distributed.broadcast"
     pg, k, rank, src, src_g, nbytes = _prepare_broadcast(x, src, group, fn)
