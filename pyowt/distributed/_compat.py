@@ -36,6 +36,17 @@ def _force_reduce_scatter_fallback(backend: str, on: bool = True) -> None:
     _RS_NATIVE[backend] = not on
 
 
+_BACKENDS: Dict[object, str] = {}
+
+
+def backend_of(group) -> str:
+    """The backend name of ``group`` (cached: this is on every call's path)."""
+    name = _BACKENDS.get(group)
+    if name is None:
+        name = _BACKENDS[group] = str(dist.get_backend(group))
+    return name
+
+
 def _unsupported(err: Exception) -> bool:
     msg = str(err).lower()
     return any(m in msg for m in ("not support", "no support", "unsupported", "not implemented"))
@@ -76,7 +87,7 @@ def dense_clone(x: torch.Tensor) -> torch.Tensor:
 def all_gather(t: torch.Tensor, group, k: int, async_op: bool = False):
     """(m, *rest) on each rank -> (k*m, *rest), rank r's rows at [r*m, (r+1)*m). Returns (out, work)."""
     out = t.new_empty((k * t.shape[0],) + tuple(t.shape[1:]))
-    backend = str(dist.get_backend(group))
+    backend = backend_of(group)
     if _AG_NATIVE.get(backend, True):
         try:
             return out, _ALL_GATHER(out, t, group=group, async_op=async_op)
@@ -90,7 +101,7 @@ def all_gather(t: torch.Tensor, group, k: int, async_op: bool = False):
 def reduce_scatter(t: torch.Tensor, group, k: int, rank: int, async_op: bool = False):
     """(k*m, *rest) on each rank -> sum over ranks of rows [r*m, (r+1)*m). Returns (out, work)."""
     m = t.shape[0] // k
-    backend = str(dist.get_backend(group))
+    backend = backend_of(group)
     if _REDUCE_SCATTER is not None and _RS_NATIVE.get(backend, True):
         out = t.new_empty((m,) + tuple(t.shape[1:]))
         try:

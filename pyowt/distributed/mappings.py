@@ -49,9 +49,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from . import _checks, _functions as F
+from ._compat import backend_of
 from ._compat import memory_format
 from ._packing import pack_full, pack_piece, unpack_gathered, unpack_piece
 from .accounting import (all_gather_bytes, all_reduce_bytes, broadcast_bytes, reduce_bytes,
@@ -63,8 +63,8 @@ __all__ = ["all_gather", "reduce_scatter", "all_reduce", "split", "copy_to_group
 
 
 def _group_info(group):
-    pg = resolve_group(group)
-    return pg, dist.get_world_size(pg), dist.get_rank(pg)
+    pg = resolve_group(group)  # raises unless this rank is a member
+    return pg, pg.size(), pg.rank()
 
 
 def _row_bytes(x: torch.Tensor, dim: int) -> int:
@@ -90,7 +90,7 @@ def _prepare_gather(x, dim, group, grad, sizes, fn):
     dim = _checks.check_dim(dim, x.dim(), fn)
     pg, k, rank = _group_info(group)
     if grad == "reduce_scatter" and x.requires_grad:
-        _checks.check_reducible(x, fn, str(dist.get_backend(pg)))
+        _checks.check_reducible(x, fn, backend_of(pg))
     sizes = _checks.gathered_sizes(x, dim, sizes, pg, k, rank, fn)
     m = max(sizes)
     t, perm = pack_piece(x, dim, m)
@@ -103,7 +103,7 @@ def _prepare_scatter(x, dim, group, fn):
     _checks.check_tensor(x, fn)
     dim = _checks.check_dim(dim, x.dim(), fn)
     pg, k, rank = _group_info(group)
-    _checks.check_reducible(x, fn, str(dist.get_backend(pg)))
+    _checks.check_reducible(x, fn, backend_of(pg))
     _maybe_check_full(x, "reduce_scatter", pg, k, rank, fn)
     sizes = split_sizes(x.shape[dim], k)
     m = max(sizes)
@@ -116,7 +116,7 @@ def _prepare_scatter(x, dim, group, fn):
 def _prepare_all_reduce(x, group, fn):
     _checks.check_tensor(x, fn)
     pg, k, rank = _group_info(group)
-    _checks.check_reducible(x, fn, str(dist.get_backend(pg)))
+    _checks.check_reducible(x, fn, backend_of(pg))
     _maybe_check_full(x, "all_reduce", pg, k, rank, fn)
     return pg, k, all_reduce_bytes(x.numel(), k, rank, x.element_size())
 
@@ -126,7 +126,7 @@ def _prepare_broadcast(x, src, group, fn, kind="broadcast", arg="src"):
     pg, k, rank = _group_info(group)
     src = _checks.check_rank(src, k, fn, arg)
     if kind == "reduce":
-        _checks.check_reducible(x, fn, str(dist.get_backend(pg)))
+        _checks.check_reducible(x, fn, backend_of(pg))
     _maybe_check_full(x, kind, pg, k, rank, fn)
     nbytes = x.numel() * x.element_size()
     counts = (broadcast_bytes if kind == "broadcast" else reduce_bytes)(nbytes, k, rank, src)
@@ -223,7 +223,7 @@ def copy_to_group(x: torch.Tensor, group=None) -> torch.Tensor:
     _checks.check_tensor(x, fn)
     pg, k, rank = _group_info(group)
     if x.requires_grad:
-        _checks.check_reducible(x, fn, str(dist.get_backend(pg)))
+        _checks.check_reducible(x, fn, backend_of(pg))
     _maybe_check_full(x, "copy_to_group", pg, k, rank, fn)
     return F.CopyToGroup.apply(x, pg, k, all_reduce_bytes(x.numel(), k, rank, x.element_size()))
 
