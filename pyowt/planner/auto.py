@@ -1,0 +1,239 @@
+"""The planner's front door: evaluate plans, search for the best one, ``auto_plan`` for parallelize.
+
+:class:`Evaluator` turns a config per weight layer into the simulated step (time, peak
+memory, timeline), memoizing op costs and re-simulating incrementally. :func:`search` runs
+the chain DP (for chains), then MCMC seeded with data, OWT and the DP's plan under a memory
+limit, and returns the best plan found with the presets' predictions beside it. The auto
+plan is the best of everything evaluated, so its predicted time is never above the presets'.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from ..parallel.graph import CONV, LINEAR
+from ..parallel.layout import DATA, SPLIT_IN, SPLIT_OUT
+from ..parallel.plan import Plan
+from .capture import ModelGraph, capture
+from .costs import CostModel
+from .search import Configs, candidates, dp_chain, mcmc, plan_from
+from .simulator import Simulator, simulate
+from .specs import ClusterSpec
+
+PRESET_NAMES = ("data", "model", "owt")
+
+
+@dataclass
+class Prediction:
+    """A plan's simulated step on the worst-loaded device (rank 0 holds the largest shards)."""
+
+    name: str
+    configs: Configs
+    time: float
+    memory: float
+    comm_bytes: int  # bytes rank 0 sends per step
+    feasible: bool = True
+    compute: float = 0.0
+    comm: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"strategy": self.name, "step_time_s": self.time, "memory_bytes": self.memory,
+                "comm_bytes": self.comm_bytes, "feasible": self.feasible, "compute_s": self.compute,
+                "comm_s": self.comm, "configs": list(self.configs)}
+
+
+def preset_configs(graph: ModelGraph, preset: str) -> Configs:
+    """Configs of the presets (as :func:`pyowt.parallel.make_plan` builds them) for any graph."""
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"preset must be one of {PRESET_NAMES}, got {preset!r}")
+    out, counts = [], {CONV: 0, LINEAR: 0}
+    for n in graph.weight_nodes:
+        alt = SPLIT_OUT if counts[n.kind] % 2 == 0 else SPLIT_IN
+        counts[n.kind] += 1
+        if preset == "data" or (preset == "owt" and n.kind == CONV):
+            out.append(DATA)
+        else:
+            out.append(alt)
+    return tuple(out)
+
+
+class Evaluator:
+    """Costs and simulates configs of one graph on ``k`` workers.
+
+    Args:
+        graph: from :func:`capture`.
+        cost: the :class:`CostModel`.
+        k: workers.
+        bucket_mb: gradient bucket size (as parallelize's ``bucket_mb``).
+        overlap: communication on its own stream (default: the cluster's setting).
+        memory_limit: bytes per device; plans above it are infeasible.
+    """
+
+    def __init__(self, graph: ModelGraph, cost: CostModel, k: int, bucket_mb: float = 25.0,
+                 overlap: Optional[bool] = None, memory_limit: Optional[float] = None):
+        self.graph, self.cost, self.k = graph, cost, k
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.overlap = cost.cluster.overlap if overlap is None else overlap
+        self.memory_limit = memory_limit
+        self.sim = Simulator(self.overlap)
+        self.cands = candidates(graph, k)
+        self.evaluations = 0
+
+    def valid(self, configs: Configs) -> bool:
+        return all(c in cs for c, cs in zip(configs, self.cands))
+
+    def tasks(self, configs: Configs, rank: int = 0, granular: bool = False):
+        if self.graph.is_chain:
+            from .tasks import chain_tasks
+
+            return chain_tasks(self.graph, plan_from(self.graph, configs), self.cost, self.k, rank,
+                               self.bucket_bytes, granular)
+        from .dag import dag_tasks
+
+        return dag_tasks(self.graph, configs, self.cost, self.k, rank, self.bucket_bytes)
+
+    def predict(self, configs: Configs, name: str = "auto") -> Prediction:
+        if not self.valid(configs):
+            return Prediction(name, configs, math.inf, math.inf, 0, feasible=False)
+        st = self.tasks(configs)
+        res = self.sim.run(st.tasks)
+        self.evaluations += 1
+        feasible = self.memory_limit is None or st.memory <= self.memory_limit
+        sent = sum(t.sent for t in st.tasks)
+        return Prediction(name, configs, res.time, st.memory, sent, feasible, res.busy("compute"), res.busy("comm"))
+
+    def objective(self, configs: Configs) -> float:
+        """Step time, with plans over the memory limit pushed above every feasible one."""
+        p = self.predict(configs)
+        if p.feasible:
+            return p.time
+        return p.time * (2.0 + p.memory / self.memory_limit) if math.isfinite(p.time) else math.inf
+
+    def serial(self, configs: Configs) -> float:
+        """Serialized step time (no overlap, one all-reduce per layer): the DP's objective."""
+        return sum(t.duration for t in self.tasks(configs, granular=True).tasks)
+
+    def segment_cost(self, i: int, prev: Optional[str], cur: str) -> float:
+        """Serialized time of segment ``i`` (ops into weight layer i, and the layer) given the
+        configs of layers i-1 and i; the tail after the last layer joins the last segment."""
+        configs = [DATA] * len(self.cands)
+        configs[i] = cur
+        if prev is not None:
+            configs[i - 1] = prev
+        return sum(t.duration for t in self.tasks(tuple(configs), granular=True).tasks if t.segment == i)
+
+    def timeline(self, configs: Configs, devices: Optional[Sequence[int]] = None):
+        """Full per-device simulation (every rank's own shard sizes)."""
+        devices = range(self.k) if devices is None else devices
+        lanes = [self.tasks(configs, rank=r).tasks for r in devices]
+        return simulate(lanes, self.overlap)
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    best: Prediction
+    presets: Dict[str, Prediction]
+    dp: Optional[Prediction]
+    search_time: float
+    evaluations: int
+    candidates: List[Prediction] = field(default_factory=list)
+
+
+def search(graph: ModelGraph, cost: CostModel, k: int, memory_limit: Optional[float] = None,
+           iters: int = 1500, time_budget: Optional[float] = None, seed: int = 0, bucket_mb: float = 25.0,
+           overlap: Optional[bool] = None) -> SearchResult:
+    """Find a plan for ``graph`` on ``k`` workers (see the module docstring).
+
+    Args:
+        memory_limit: bytes per device (default: the cluster device's memory).
+        iters: MCMC proposals in all; ``time_budget`` caps its seconds.
+    """
+    t0 = time.perf_counter()
+    if memory_limit is None:
+        memory_limit = cost.cluster.device.memory
+    ev = Evaluator(graph, cost, k, bucket_mb, overlap, memory_limit)
+    presets = {p: ev.predict(preset_configs(graph, p), p) for p in PRESET_NAMES}
+    seeds = [presets["data"].configs]
+    if presets["owt"].feasible and math.isfinite(presets["owt"].time):
+        seeds.append(presets["owt"].configs)
+    dp = None
+    if graph.is_chain and k > 1:
+        configs, _ = dp_chain(ev.cands, ev.segment_cost)
+        dp = ev.predict(configs, "dp")
+        seeds.append(configs)
+    result = mcmc(ev.cands, ev.objective, seeds, iters=iters if k > 1 else 0, seed=seed, time_budget=time_budget,
+                  patience=max(50, iters // 4))
+    found = ev.predict(result.configs, "auto")
+    pool = [found] + ([dp] if dp is not None else []) + list(presets.values())
+    feasible = [p for p in pool if p.feasible and math.isfinite(p.time)]
+    best = min(feasible or pool, key=lambda p: p.time)
+    best = Prediction("auto", best.configs, best.time, best.memory, best.comm_bytes, best.feasible, best.compute, best.comm)
+    plan = plan_from(graph, best.configs, "auto")
+    return SearchResult(plan, best, presets, dp, time.perf_counter() - t0, ev.evaluations, pool)
+
+
+def auto_plan(model: nn.Module, group=None, input_shape: Optional[Sequence[int]] = None, *,
+              cluster: Optional[ClusterSpec] = None, measure: bool = True, memory_limit: Optional[float] = None,
+              iters: int = 1500, bucket_mb: float = 25.0, seed: int = 0, cache_dir=None) -> Plan:
+    """The plan ``pyowt.parallelize(model, "auto")`` runs; call on every rank of ``group``.
+
+    Args:
+        model: the model (a chain, as parallelize needs).
+        group: the process group (default: the world when torch.distributed is initialized,
+            else a single worker).
+        input_shape: the global batch's input shape (B, C, H, W). Required.
+        cluster: hardware spec for estimates; default: this device, with costs measured.
+        measure: measure compute on this device (every rank profiles the same ops at once,
+            so a CPU host shared by the ranks is measured under the same contention) and
+            collectives on ``group``; ``False`` uses ``cluster``'s roofline and links.
+        memory_limit: bytes per device.
+
+    Every rank gets rank 0's plan (broadcast), so the ranks agree even when their
+    measurements differ.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from .. import distributed as pdist
+    from .costs import Profiler, measure_comm
+    from .specs import DEVICES, LINKS
+
+    if input_shape is None:
+        raise ValueError("auto_plan needs input_shape=(B, C, H, W), the global batch's input shape")
+    live = dist.is_available() and dist.is_initialized()
+    pg = pdist.resolve_group(group) if live else None
+    k, rank = (pdist.get_world_size(pg), pdist.get_rank(pg)) if live else (1, 0)
+    graph = capture(model, input_shape)
+    if not graph.is_chain:
+        raise ValueError(f"{type(model).__name__} is not a chain; pyowt.parallelize runs chains only")
+    if cluster is None:
+        on_gpu = live and pdist.get_backend(pg) == "nccl"
+        cluster = ClusterSpec(DEVICES["h100" if on_gpu else "cpu"], k, LINKS["nvlink" if on_gpu else "ethernet"])
+    elif cluster.workers != k:
+        cluster = cluster.with_workers(k)
+    profiler, fit = None, None
+    if measure:
+        device = "cuda" if (live and pdist.get_backend(pg) == "nccl") or (not live and torch.cuda.is_available()) else "cpu"
+        profiler = Profiler(device, cluster.dtype, cache_dir=cache_dir, context={"concurrent": k if device == "cpu" else 1})
+        fit = measure_comm(pg) if live and k > 1 else None
+    cost = CostModel(cluster, profiler, fit)
+    text = None
+    if rank == 0 or profiler is not None:
+        # Every rank runs the search when measuring, so that all profile the same ops at once.
+        res = search(graph, cost, k, memory_limit, iters=iters, seed=seed, bucket_mb=bucket_mb)
+        text = res.plan.to_json()
+        if profiler is not None:
+            profiler.save() if rank == 0 else None
+    if live and k > 1:
+        box = [text]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(pg, 0) if hasattr(dist, "get_global_rank") else 0, group=pg)
+        text = box[0]
+    return Plan.from_json(text)
+
+
+__all__ = ["Evaluator", "PRESET_NAMES", "Prediction", "SearchResult", "auto_plan", "preset_configs", "search"]

@@ -1,0 +1,169 @@
+"""Tasks of a training step for a general DAG (ResNet), for predictions only.
+
+pyowt's runtime executes chains; for graphs with residual joins the planner applies the
+same layout rules itself (prediction only, never executed):
+
+* a weight layer under a config needs that config's input layout (as in the chain);
+* pointwise layers, BatchNorm and dropout keep their input's layout (BatchNorm on
+  ``Shard(batch)`` is costed as per-device statistics, like DDP without SyncBatchNorm);
+* flatten and cross-channel layers need all channels;
+* an add converts every input to the layout of its first input;
+* every consumer of a tensor gets its own transition (no sharing between consumers).
+
+Each edge whose layouts differ gets the chain's transitions (all-gather with a
+reduce-scatter backward into a ``split_out`` consumer, else a split backward; split with an
+all-gather backward), and a Replicate tensor that came out of a ``split_in`` sum feeding a
+``split_out`` layer gets ``copy_to_group``'s backward all-reduce. The backward runs the
+forward's tasks in reverse order, one after the other, as autograd does on one device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+from ..distributed.accounting import all_gather_bytes, all_reduce_bytes, reduce_scatter_bytes
+from ..nn.functional import parallel_cross_entropy_comm
+from ..parallel.grad_sync import bucket_indices
+from ..parallel.graph import CONV, CROSS_CHANNEL, DROPOUT, FLATTEN
+from ..parallel.layout import DATA, INPUT_LAYOUT, OUTPUT_LAYOUT, SPLIT_IN, SPLIT_OUT, Layout
+from .capture import ADD, BATCHNORM, ModelGraph
+from .costs import CostModel, OpSig
+from .simulator import COMM, COMPUTE
+from .tasks import StepTasks, _Builder, _gather_rows, _layer_sig, local_shape
+
+
+def _transition(b: _Builder, shape, have: Layout, want: Layout, split_out_consumer: bool, partial_ok: bool,
+                deps: Tuple[int, ...], name: str) -> int:
+    """Tasks that move a tensor from ``have`` to ``want``; returns the task the consumer waits for."""
+    k, rank, isz = b.k, b.rank, b.isz
+    last = deps[0] if deps else None
+    numel = math.prod(shape)
+    if have == want:
+        if want == Layout.REPLICATE and split_out_consumer and not partial_ok:
+            b.bwd_collective(f"all_reduce (copy_to_group grad) {name}", "all_reduce", numel,
+                             all_reduce_bytes(numel, k, rank, isz))
+        return last
+    if have in (Layout.SHARD_CHANNEL, Layout.SHARD_BATCH):
+        dim = 1 if have == Layout.SHARD_CHANNEL else 0
+        sizes, row = _gather_rows(shape, dim, k, isz)
+        t = b.cost.collective("all_gather", numel * isz, k)
+        last = b.add(f"all_gather dim{dim} {name}", COMM, t, "fwd", "all_gather", all_gather_bytes(sizes, rank, row),
+                     deps=deps)
+        b.activations += numel * isz
+        if want == Layout.REPLICATE and split_out_consumer:
+            b.bwd_collective(f"reduce_scatter dim{dim} {name}", "reduce_scatter", numel,
+                             reduce_scatter_bytes(sizes, rank, row))
+    if want != Layout.REPLICATE:
+        dim = 0 if want == Layout.SHARD_BATCH else 1
+        sizes, row = _gather_rows(shape, dim, k, isz)
+        b.bwd_collective(f"all_gather dim{dim} (split grad) {name}", "all_gather", numel,
+                         all_gather_bytes(sizes, rank, row))
+    return last
+
+
+def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0,
+              bucket_bytes: int = 25 * 2**20, opt_states: int = 1) -> StepTasks:
+    """Tasks of one step of ``graph`` with ``configs`` (one per weight node, in order)."""
+    cfg_of = {n.name: c for n, c in zip(graph.weight_nodes, configs)}
+    b = _Builder(cost, k, rank, False)
+    isz = b.isz
+    first_cfg = configs[0]
+    in_layout = Layout.SHARD_BATCH if INPUT_LAYOUT[first_cfg] == Layout.SHARD_BATCH else Layout.REPLICATE
+    out: Dict[str, Tuple[Layout, bool, int]] = {}  # node -> (layout, partial_ok, producing task)
+    b.activations += math.prod(local_shape(graph.input_shape, in_layout, k, rank)) * isz
+    replicated: List[Tuple[int, str]] = []
+    nparams = 0
+    first_weight = True
+    for node in graph.nodes:
+        srcs = [(out[i] if i in out else (in_layout, True, None)) for i in node.inputs] or [(in_layout, True, None)]
+        in_shapes = [graph.shapes[i] for i in node.inputs] or [graph.input_shape]
+        b.segment = -1
+        if node.has_weights:
+            cfg = cfg_of[node.name]
+            want = INPUT_LAYOUT[cfg]
+            have, pok, t = srcs[0]
+            dep = _transition(b, in_shapes[0], have, want, cfg == SPLIT_OUT, pok, (t,) if t is not None else (), node.name)
+            b.last = dep
+            x = local_shape(in_shapes[0], want, k, rank)
+            act = None
+            sig, _ = _layer_sig(node, cfg, x, node.shape, k, rank, act, not first_weight)
+            first_weight = False
+            b.compute(node.name, sig)
+            params = [p for p in node.module.parameters() if p.requires_grad]
+            if cfg == DATA:
+                replicated += [(p.numel() * isz, node.name) for p in params]
+                nparams += sum(p.numel() for p in params)
+            else:
+                nparams += sum(p.numel() for p in params) // k
+            if cfg == SPLIT_IN:
+                numel = math.prod(node.shape)
+                b.collective(f"all_reduce {node.name}", "all_reduce", numel, all_reduce_bytes(numel, k, rank, isz))
+            out[node.name] = (OUTPUT_LAYOUT[cfg], cfg != SPLIT_IN, b.last)
+            continue
+        if node.kind == ADD:
+            layout, pok, t0 = srcs[0]
+            deps = [t0] if t0 is not None else []
+            for (have, p, t), shp in zip(srcs[1:], in_shapes[1:]):
+                d = _transition(b, shp, have, layout, False, p, (t,) if t is not None else (), node.name)
+                if d is not None:
+                    deps.append(d)
+            b.last = None
+            f, bw = cost.compute(OpSig("add", local_shape(node.shape, layout, k, rank), local_shape(node.shape, layout, k, rank)))
+            b.last = b.add(f"fwd {node.name}", COMPUTE, f, "fwd", deps=tuple(deps))
+            b.bwd.append((f"bwd {node.name}", COMPUTE, bw, "", (0, 0), -1, None))
+            out[node.name] = (layout, pok, b.last)
+            continue
+        have, pok, t = srcs[0]
+        layout = have
+        b.last = t
+        if node.kind in (FLATTEN, CROSS_CHANNEL) and have == Layout.SHARD_CHANNEL:
+            b.last = _transition(b, in_shapes[0], have, Layout.REPLICATE, False, pok, (t,) if t is not None else (), node.name)
+            layout = Layout.REPLICATE
+        x, y = local_shape(in_shapes[0], layout, k, rank), local_shape(node.shape, layout, k, rank)
+        if node.kind == DROPOUT:
+            sig = OpSig("dropout", x, y)
+        elif node.kind == BATCHNORM:
+            sig = OpSig("module", x, y, (repr(node.module),))
+            params = [p for p in node.module.parameters() if p.requires_grad]
+            if layout == Layout.SHARD_BATCH:
+                replicated += [(p.numel() * isz, node.name) for p in params]
+            nparams += sum(p.numel() for p in params) // (k if layout == Layout.SHARD_CHANNEL else 1)
+        else:
+            sig = OpSig("module", x, y, (repr(node.module) if node.module is not None else "Flatten(1)",))
+        b.compute(node.name, sig, node.module)
+        out[node.name] = (layout, pok, b.last)
+    last = graph.nodes[-1]
+    layout = out[last.name][0]
+    logits = local_shape(last.shape, layout, k, rank)
+    b.compute("loss", OpSig("loss", logits, (logits[0],), (layout == Layout.SHARD_CHANNEL,)))
+    if layout == Layout.SHARD_BATCH:
+        b.collective("all_reduce loss", "all_reduce", 1, all_reduce_bytes(1, k, rank, isz), "loss")
+    elif layout == Layout.SHARD_CHANNEL:
+        for kind, numel in parallel_cross_entropy_comm(graph.input_shape[0], k):
+            b.collective("all_reduce loss", kind, numel, all_reduce_bytes(numel, k, rank, isz), "loss")
+    # Backward: reverse order, chained; gradient buckets as in tasks.chain_tasks.
+    rep_bytes = [r[0] for r in replicated]
+    buckets = bucket_indices(rep_bytes, bucket_bytes) if (k > 1 and replicated) else []
+    need = [set(replicated[i][1] for i in bk) for bk in buckets]
+    owner_bwd = {}
+    names_in_order = [e[0][4:] for e in b.bwd]
+    sync = []
+    for (name, stream, dur, kind, sr, seg, _), lname in zip(reversed(b.bwd), reversed(names_in_order)):
+        b.last = b.add(name, stream, dur, "bwd", kind, sr)
+        if stream == COMPUTE:
+            owner_bwd[lname] = b.last
+        for bi, nd in enumerate(need):
+            if nd and nd <= set(owner_bwd):
+                numel = sum(rep_bytes[i] for i in buckets[bi]) // isz
+                t = cost.collective("all_reduce", numel * isz, k)
+                sync.append(b.add(f"grad all_reduce bucket {bi}", COMM, t, "sync", "all_reduce",
+                                  all_reduce_bytes(numel, k, rank, isz), deps=tuple(owner_bwd[x] for x in sorted(nd))))
+                need[bi] = set()
+    f, _ = cost.compute(OpSig("optimizer", (nparams,), ()))
+    b.add("optimizer", COMPUTE, f, "opt", deps=tuple(sync) + ((b.last,) if b.last is not None else ()))
+    param_bytes = nparams * isz * (2 + opt_states)
+    bucket_peak = max((sum(rep_bytes[i] for i in bk) for bk in buckets), default=0)
+    return StepTasks(b.tasks, param_bytes + b.activations + bucket_peak, param_bytes, b.activations)
+
+
+__all__ = ["dag_tasks"]

@@ -1,0 +1,246 @@
+"""The tasks of one training step of a plan, from the program pyowt would run.
+
+For chains, :func:`chain_tasks` walks ``compile_plan(plan, steps).ops`` (the same program
+:func:`pyowt.parallelize` instantiates and :mod:`pyowt.parallel.comm_model` counts), with the
+global activation shapes from :func:`pyowt.planner.capture.capture`, and emits for device
+``rank`` of ``k``: a compute task per layer (on its local shard), a communication task per
+collective the program issues (forward, loss, backward: the duals of the transitions), one
+all-reduce per gradient bucket of replicated parameters (grouped as
+:func:`pyowt.parallel.grad_sync.bucket_indices` groups them, launched when the bucket's last
+gradient is ready) and the optimizer step. Byte counts follow ``comm_model`` exactly.
+
+With ``granular=True`` every replicated layer gets its own gradient all-reduce and its own
+optimizer task, so that the serialized step time (all durations summed) splits into
+per-layer segments that depend only on two neighbouring configs: the chain DP's objective.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from torch import nn
+
+from ..distributed.accounting import (all_gather_bytes, all_reduce_bytes, reduce_scatter_bytes,
+                                      split_sizes)
+from ..nn.functional import parallel_cross_entropy_comm
+from ..parallel.grad_sync import bucket_indices
+from ..parallel.graph import CONV
+from ..parallel.layout import DATA, INPUT_LAYOUT, OUTPUT_LAYOUT, SPLIT_IN, SPLIT_OUT, Layout
+from ..parallel.plan import Plan
+from ..parallel.program import ALL_GATHER, COPY_TO_GROUP, DROP, LAYER, MODULE, SPLIT, compile_plan
+from .capture import ModelGraph
+from .costs import CostModel, OpSig
+from .simulator import COMM, COMPUTE, Task
+
+Shape = Tuple[int, ...]
+
+
+@dataclass
+class StepTasks:
+    """The tasks of a step on one device and its peak memory estimate (bytes)."""
+
+    tasks: List[Task]
+    memory: float
+    param_bytes: float
+    activation_bytes: float
+
+
+def local_shape(shape: Shape, layout: Layout, k: int, rank: int) -> Shape:
+    """This rank's block of a global activation of ``shape`` under ``layout``."""
+    s = list(shape)
+    if layout == Layout.SHARD_BATCH:
+        s[0] = split_sizes(shape[0], k)[rank]
+    elif layout == Layout.SHARD_CHANNEL:
+        s[1] = split_sizes(shape[1], k)[rank]
+    return tuple(s)
+
+
+class _Builder:
+    def __init__(self, cost: CostModel, k: int, rank: int, granular: bool):
+        self.cost, self.k, self.rank, self.granular = cost, k, rank, granular
+        self.isz = cost.itemsize
+        self.tasks: List[Task] = []
+        self.last: Optional[int] = None   # task producing the current activation (forward)
+        self.bwd: List[tuple] = []        # backward entries, forward order
+        self.segment = 0
+        self.activations = 0.0
+
+    def add(self, name, stream, duration, phase, kind="", sent_recv=(0, 0), deps=None) -> int:
+        if deps is None:
+            deps = () if self.last is None else (self.last,)
+        self.tasks.append(Task(name, stream, duration, tuple(deps), phase, kind, sent_recv[0], sent_recv[1], self.segment))
+        return len(self.tasks) - 1
+
+    def compute(self, name, sig: OpSig, module=None):
+        f, b = self.cost.compute(sig, module)
+        self.last = self.add(f"fwd {name}", COMPUTE, f, "fwd")
+        self.activations += math.prod(sig.out) * self.isz
+        self.bwd.append((f"bwd {name}", COMPUTE, b, "", (0, 0), self.segment, None))
+
+    def collective(self, name, kind, numel, sent_recv, phase="fwd"):
+        t = self.cost.collective(kind, numel * self.isz, self.k)
+        self.last = self.add(name, COMM, t, phase, kind, sent_recv)
+
+    def bwd_collective(self, name, kind, numel, sent_recv):
+        t = self.cost.collective(kind, numel * self.isz, self.k)
+        self.bwd.append((name, COMM, t, kind, sent_recv, self.segment, None))
+
+
+def _gather_rows(shape: Shape, dim: int, k: int, isz: int):
+    n = shape[dim]
+    return split_sizes(n, k), isz * (math.prod(shape) // n if n else 0)
+
+
+def _layer_sig(step, cfg, x_shape, out_global, k, rank, act, dgrad) -> Tuple[OpSig, Shape]:
+    m = step.module
+    cout = m.out_channels if step.kind == CONV else m.out_features
+    out = list(out_global)
+    if cfg == SPLIT_OUT:
+        cout = split_sizes(cout, k)[rank]
+        out[1 if step.kind == CONV else -1] = cout
+    if cfg == DATA:
+        out[0] = x_shape[0]
+    has_bias = m.bias is not None and cfg != SPLIT_IN
+    act = None if cfg == SPLIT_IN else act
+    if step.kind == CONV:
+        params = (cout, tuple(m.kernel_size), tuple(m.stride), tuple(m.padding), tuple(m.dilation), has_bias, act, dgrad)
+        return OpSig("conv", tuple(x_shape), tuple(out), params), tuple(out)
+    return OpSig("linear", tuple(x_shape), tuple(out), (cout, has_bias, act, dgrad)), tuple(out)
+
+
+def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: int = 0,
+                bucket_bytes: int = 25 * 2**20, granular: bool = False, opt_states: int = 1) -> StepTasks:
+    """Tasks of one training step of ``plan`` on device ``rank`` of ``k`` (see the module doc).
+
+    ``opt_states``: optimizer buffers per parameter (1 for SGD with momentum, 2 for Adam).
+    """
+    if not graph.is_chain:
+        raise ValueError("chain_tasks needs a chain model; use pyowt.planner.dag.dag_tasks for DAGs")
+    if plan.scheme != "a":
+        raise ValueError(f"the planner models OWT scheme 'a' only, got scheme {plan.scheme!r}")
+    program = compile_plan(plan, graph.steps)
+    b = _Builder(cost, k, rank, granular)
+    isz = b.isz
+    layout = program.input_layout
+    shape = graph.input_shape
+    b.activations += math.prod(local_shape(shape, layout, k, rank)) * isz
+    first = True
+    replicated: List[Tuple[int, int, int]] = []  # (bytes, layer index, segment) in forward order
+    local_params = []  # (numel, segment)
+    # Segment of an op: the weight layer it leads into (the tail joins the last layer).
+    n_layers = sum(op.kind == LAYER for op in program.ops)
+    segs, nxt = [], 0
+    for op in program.ops:
+        segs.append(min(nxt, n_layers - 1))
+        nxt += op.kind == LAYER
+    layer_index = -1
+    for op, seg in zip(program.ops, segs):
+        b.segment = seg
+        if op.kind == LAYER:
+            s, cfg = op.step, op.config
+            layer_index += 1
+            x = local_shape(shape, INPUT_LAYOUT[cfg], k, rank)
+            out_global = graph.shapes[s.name]
+            sig, out_local = _layer_sig(s, cfg, x, out_global, k, rank, op.activation, not first)
+            first = False
+            b.compute(s.name, sig)
+            # this layer's backward entry carries its index so that gradient buckets can follow it
+            name, stream, dur, kind, sr, seg, _ = b.bwd[-1]
+            b.bwd[-1] = (name, stream, dur, kind, sr, seg, layer_index if cfg == DATA else None)
+            params = [p for p in s.module.parameters() if p.requires_grad]
+            if cfg == DATA:
+                replicated += [(p.numel() * isz, layer_index, b.segment) for p in params]
+                local_params.append((sum(p.numel() for p in params), b.segment))
+            else:
+                dim = 0 if cfg == SPLIT_OUT else 1
+                w = s.module.weight
+                n = math.prod(w.shape) // w.shape[dim] * split_sizes(w.shape[dim], k)[rank]
+                if s.module.bias is not None:
+                    n += split_sizes(w.shape[0], k)[rank] if cfg == SPLIT_OUT else w.shape[0]
+                local_params.append((n, b.segment))
+            if cfg == SPLIT_IN:
+                numel = math.prod(out_global)
+                b.collective(f"all_reduce {s.name}", "all_reduce", numel, all_reduce_bytes(numel, k, rank, isz))
+                dim = 1 if s.kind == CONV else len(out_global) - 1
+                b.compute(f"{s.name} bias", OpSig("bias_act", tuple(out_global), tuple(out_global), (op.activation, dim)))
+            layout = OUTPUT_LAYOUT[cfg]
+            shape = out_global
+        elif op.kind in (MODULE, DROP):
+            s = op.step
+            out_global = graph.shapes[s.name]
+            x, y = local_shape(shape, layout, k, rank), local_shape(out_global, layout, k, rank)
+            if op.kind == DROP:
+                sig = OpSig("dropout", x, y)
+            else:
+                sig = OpSig("module", x, y, (repr(s.module) if s.module is not None else "Flatten(1)",))
+            b.compute(s.name, sig, s.module if s.module is not None else nn.Flatten(1))
+            shape = out_global
+        elif op.kind == ALL_GATHER:
+            sizes, row = _gather_rows(shape, op.dim, k, isz)
+            numel = math.prod(shape)
+            b.collective(f"all_gather dim{op.dim}", "all_gather", numel, all_gather_bytes(sizes, rank, row))
+            b.activations += numel * isz
+            if op.grad == "reduce_scatter":
+                b.bwd_collective(f"reduce_scatter dim{op.dim}", "reduce_scatter", numel, reduce_scatter_bytes(sizes, rank, row))
+            layout = Layout.REPLICATE
+        elif op.kind == SPLIT:
+            sizes, row = _gather_rows(shape, op.dim, k, isz)
+            b.bwd_collective(f"all_gather dim{op.dim} (split grad)", "all_gather", math.prod(shape),
+                             all_gather_bytes(sizes, rank, row))
+            layout = Layout.SHARD_BATCH if op.dim == 0 else Layout.SHARD_CHANNEL
+        elif op.kind == COPY_TO_GROUP:
+            numel = math.prod(shape)
+            b.bwd_collective("all_reduce (copy_to_group grad)", "all_reduce", numel, all_reduce_bytes(numel, k, rank, isz))
+        else:  # pragma: no cover
+            raise AssertionError(op.kind)
+    # The loss: cross-entropy over this rank's logits, and the collectives it issues.
+    b.segment = n_layers - 1
+    batch = graph.input_shape[0]
+    logits = local_shape(shape, layout, k, rank)
+    b.compute("loss", OpSig("loss", logits, (logits[0],), (layout == Layout.SHARD_CHANNEL,)))
+    if program.output_layout == Layout.SHARD_BATCH:
+        b.collective("all_reduce loss", "all_reduce", 1, all_reduce_bytes(1, k, rank, isz), "loss")
+    elif program.output_layout == Layout.SHARD_CHANNEL:
+        for kind, numel in parallel_cross_entropy_comm(batch, k):
+            b.collective("all_reduce loss", kind, numel, all_reduce_bytes(numel, k, rank, isz), "loss")
+    # Backward in reverse, chained; gradient buckets launch when their last gradient is ready.
+    rep_bytes = [r[0] for r in replicated]
+    buckets = bucket_indices(rep_bytes, 1 if granular else bucket_bytes) if (k > 1 and replicated) else []
+    if granular:  # one bucket per layer, not per tensor
+        by_layer = {}
+        for i, r in enumerate(replicated):
+            by_layer.setdefault(r[1], []).append(i)
+        buckets = [by_layer[lay] for lay in sorted(by_layer, reverse=True)] if k > 1 else []
+    pending = [set(replicated[i][1] for i in bk) for bk in buckets]
+    done_layers = {}
+    sync_tasks = []
+    for name, stream, dur, kind, sr, seg, layer in reversed(b.bwd):
+        b.segment = seg
+        idx = b.add(name, stream, dur, "bwd", kind, sr)
+        b.last = idx
+        if layer is None:
+            continue
+        done_layers[layer] = idx
+        for bi, need in enumerate(pending):
+            if need and need <= set(done_layers):
+                numel = sum(rep_bytes[i] for i in buckets[bi]) // isz
+                b.segment = replicated[buckets[bi][0]][2]
+                t = b.cost.collective("all_reduce", numel * isz, k)
+                sync_tasks.append(b.add(f"grad all_reduce bucket {bi}", COMM, t, "sync", "all_reduce",
+                                        all_reduce_bytes(numel, k, rank, isz), deps=tuple(done_layers[x] for x in sorted(need))))
+                pending[bi] = set()
+    deps = tuple(sync_tasks) + ((b.last,) if b.last is not None else ())
+    groups = local_params if granular else [(sum(n for n, _ in local_params), len(local_params) - 1)]
+    for n, seg in groups:
+        b.segment = seg
+        f, _ = b.cost.compute(OpSig("optimizer", (n,), ()))
+        b.add("optimizer", COMPUTE, f, "opt", deps=deps)
+    nparams = sum(n for n, _ in local_params)
+    param_bytes = nparams * isz * (2 + opt_states)
+    bucket_peak = max((sum(rep_bytes[i] for i in bk) for bk in buckets), default=0)
+    memory = param_bytes + b.activations + bucket_peak
+    return StepTasks(b.tasks, memory, param_bytes, b.activations)
+
+
+__all__ = ["StepTasks", "chain_tasks", "local_shape"]

@@ -1,0 +1,141 @@
+"""Communication costs agree with comm_model to the byte; cost model pieces; DAG capture."""
+from collections import defaultdict
+
+import pytest
+import torch
+
+from pyowt.distributed.accounting import all_reduce_bytes
+from pyowt.parallel.comm_model import step_volume
+from pyowt.parallel.plan import make_plan
+from pyowt.planner.auto import Evaluator, preset_configs, search
+from pyowt.planner.capture import capture
+from pyowt.planner.costs import CostModel, OpSig, Profiler, fit_line, measure_comm
+from pyowt.planner.dag import dag_tasks
+from pyowt.planner.search import plan_from
+from pyowt.planner.specs import LINKS, make_cluster
+from pyowt.planner.tasks import chain_tasks
+
+from ..parallel._models import small_alexnet
+from ._models import TinyResNet, tiny_chain
+
+PLANS = [("data", {}), ("model", {}), ("owt", {})]
+
+
+def _volume(tasks):
+    vol = defaultdict(lambda: {"calls": 0, "sent": 0, "received": 0})
+    for t in tasks:
+        if t.stream == "comm":
+            v = vol[t.kind]
+            v["calls"] += 1
+            v["sent"] += t.sent
+            v["received"] += t.received
+    return dict(vol)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("preset,options", PLANS, ids=[p for p, _ in PLANS])
+def test_comm_bytes_equal_step_volume(k, preset, options):
+    torch.manual_seed(0)
+    model = small_alexnet()
+    shape = (11, 3, 16, 16)  # uneven shards
+    graph = capture(model, shape)
+    cost = CostModel(make_cluster("h100", k, "nvlink"))
+    for rank in range(k):
+        st = chain_tasks(graph, make_plan(model, preset, **options), cost, k, rank)
+        assert _volume(st.tasks) == step_volume(model, preset, k, rank, shape, **options), (preset, k, rank)
+
+
+def test_comm_bytes_equal_step_volume_for_searched_plans():
+    torch.manual_seed(0)
+    model = small_alexnet()
+    shape, k = (13, 3, 16, 16), 3
+    graph = capture(model, shape)
+    for link in ("nvlink", "ethernet"):
+        cost = CostModel(make_cluster("h100", k, link))
+        res = search(graph, cost, k, iters=200)
+        for pred in res.candidates:
+            plan = plan_from(graph, pred.configs)
+            st = chain_tasks(graph, plan, cost, k, 1)
+            assert _volume(st.tasks) == step_volume(model, plan, k, 1, shape), pred.configs
+
+
+def test_alpha_beta_ring_and_hierarchical_by_hand():
+    nv, ib = LINKS["nvlink"], LINKS["ib"]
+    cost = CostModel(make_cluster("h100", 8, "nvlink"))
+    n = 1e8
+    assert cost.collective("all_reduce", n, 8) == pytest.approx(14 * (nv.alpha + n / 8 / nv.bandwidth))
+    assert cost.collective("all_gather", n, 8) == pytest.approx(7 * (nv.alpha + n / 8 / nv.bandwidth))
+    assert cost.collective("all_reduce", n, 1) == 0.0
+    two = CostModel(make_cluster("h100", 16, "nvlink", nodes=2))
+    inside = 14 * (nv.alpha + n / 8 / nv.bandwidth)
+    across = 2 * (ib.alpha + n / 8 / 2 / ib.bandwidth)
+    assert two.collective("all_reduce", n, 16) == pytest.approx(inside + across)
+    with pytest.raises(ValueError, match="kind"):
+        cost.collective("alltoall", n, 8)
+
+
+def test_roofline_grows_with_work_and_uses_the_dtype():
+    fp32 = CostModel(make_cluster("h100", 8, "nvlink"))
+    bf16 = CostModel(make_cluster("h100", 8, "nvlink", dtype="bf16"))
+    sig = lambda n: OpSig("linear", (n, 4096), (n, 4096), (4096, True, "relu", True))
+    assert fp32.compute(sig(4096))[0] > 10 * fp32.compute(sig(64))[0]
+    assert bf16.compute(sig(4096))[0] < fp32.compute(sig(4096))[0] / 5
+    f, b = fp32.compute(sig(4096))
+    assert b == pytest.approx(2 * f, rel=0.05)  # input and weight gradients
+
+
+def test_profiles_are_measured_once_and_cached_on_disk(tmp_path):
+    sig = OpSig("conv", (2, 3, 8, 8), (2, 4, 8, 8), (4, (3, 3), (1, 1), (1, 1), (1, 1), True, "relu", False))
+    prof = Profiler("cpu", reps=2, cache_dir=str(tmp_path))
+    f, b = prof(sig)
+    assert f > 0 and b > 0 and prof.measured == 1
+    prof(sig)
+    assert prof.measured == 1
+    prof.save()
+    again = Profiler("cpu", reps=2, cache_dir=str(tmp_path))
+    assert again(sig) == (f, b) and again.measured == 0
+    other = Profiler("cpu", reps=2, cache_dir=str(tmp_path), context={"concurrent": 4})
+    other(sig)
+    assert other.measured == 1  # contention is part of the key
+    key = again.key(sig)
+    for field in ("torch", "pyowt", "device", "dtype", "threads"):
+        assert f'"{field}"' in key
+
+
+def test_fit_line():
+    a, b = fit_line([(0, 1.0), (10, 21.0), (20, 41.0)])
+    assert a == pytest.approx(1.0) and b == pytest.approx(2.0)
+
+
+def _fit_on_group():
+    return measure_comm(sizes=(1 << 10, 1 << 16), reps=2)
+
+
+def test_measure_comm_on_a_live_group(run_workers):
+    fits = run_workers(2, _fit_on_group)
+    assert fits[0] == fits[1]  # max over ranks: the same fit everywhere
+    for kind in ("all_reduce", "all_gather", "reduce_scatter"):
+        a, b = fits[0][kind]
+        assert a >= 0 and b >= 0 and a + b * 65536 > 0
+
+
+def test_dag_capture_and_prediction():
+    torch.manual_seed(0)
+    model = TinyResNet()
+    graph = capture(model, (8, 3, 8, 8))
+    assert not graph.is_chain
+    adds = [n for n in graph.nodes if n.kind == "add"]
+    assert len(adds) == 2 and len(adds[0].inputs) == 2
+    k = 4
+    cost = CostModel(make_cluster("h100", k, "nvlink"))
+    data = preset_configs(graph, "data")
+    st = dag_tasks(graph, data, cost, k, rank=0)
+    # Data parallel: only the gradient all-reduce (every parameter, BatchNorm's too) and the loss value.
+    n_params = sum(p.numel() for p in model.parameters())
+    vol = _volume(st.tasks)
+    assert set(vol) == {"all_reduce"} and vol["all_reduce"]["calls"] == 2  # one bucket + the loss
+    assert vol["all_reduce"]["sent"] == all_reduce_bytes(n_params, k, 0, 4)[0] + all_reduce_bytes(1, k, 0, 4)[0]
+    res = search(graph, cost, k, iters=200)
+    assert res.best.time <= min(p.time for p in res.presets.values())
+    model_cfg = preset_configs(graph, "model")
+    assert Evaluator(graph, cost, k).predict(model_cfg).comm_bytes > 0

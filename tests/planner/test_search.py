@@ -1,0 +1,97 @@
+"""Search: the chain DP is exact (brute force), MCMC reaches it, auto never loses to a preset."""
+import itertools
+import random
+
+import pytest
+import torch
+
+from pyowt.parallel.plan import make_plan
+from pyowt.planner.auto import Evaluator, preset_configs, search
+from pyowt.planner.capture import capture
+from pyowt.planner.costs import CostModel
+from pyowt.planner.search import brute_force, candidates, dp_chain, mcmc
+from pyowt.planner.specs import make_cluster
+
+from ..parallel._models import small_alexnet
+from ._models import tiny_chain
+
+CLUSTERS = [("h100", "nvlink"), ("k20", "ethernet"), ("cpu", "pcie")]
+
+
+def test_dp_equals_brute_force_on_random_tables():
+    rng = random.Random(0)
+    for trial in range(20):
+        n = rng.randint(1, 6)
+        cands = [rng.sample(["a", "b", "c"], rng.randint(1, 3)) for _ in range(n)]
+        table = {(i, p, c): rng.random() for i in range(n) for p in [None, "a", "b", "c"] for c in "abc"}
+        seg = lambda i, p, c: table[(i, p, c)]
+        total = lambda cs: sum(seg(i, cs[i - 1] if i else None, c) for i, c in enumerate(cs))
+        path, v = dp_chain(cands, seg)
+        bf_path, bf_v = brute_force(cands, total)
+        assert v == pytest.approx(bf_v, rel=1e-12) and total(path) == pytest.approx(v, rel=1e-12)
+
+
+@pytest.mark.parametrize("device,link", CLUSTERS)
+@pytest.mark.parametrize("k,batch", [(2, 16), (3, 11), (4, 64)])
+def test_dp_equals_brute_force_on_plans(device, link, k, batch):
+    """The DP's plan has the least serialized step time of all plans (every combination
+    costed from scratch by compiling it), so the segment decomposition is exact."""
+    torch.manual_seed(0)
+    model = tiny_chain()
+    graph = capture(model, (batch, 3, 8, 8))
+    ev = Evaluator(graph, CostModel(make_cluster(device, k, link)), k)
+    path, v = dp_chain(ev.cands, ev.segment_cost)
+    bf_path, bf_v = brute_force(ev.cands, ev.serial)
+    assert len(list(itertools.product(*ev.cands))) > 20
+    assert v == pytest.approx(bf_v, rel=1e-9)
+    assert ev.serial(path) == pytest.approx(bf_v, rel=1e-9)
+
+
+@pytest.mark.parametrize("device,link", CLUSTERS)
+def test_mcmc_reaches_the_dp_optimum_on_chains(device, link):
+    torch.manual_seed(0)
+    model = small_alexnet()
+    k = 3
+    graph = capture(model, (11, 3, 16, 16))
+    ev = Evaluator(graph, CostModel(make_cluster(device, k, link)), k)
+    _, dp_v = dp_chain(ev.cands, ev.segment_cost)
+    res = mcmc(ev.cands, ev.serial, [preset_configs(graph, "data")], iters=3000, seed=1)
+    assert res.cost == pytest.approx(dp_v, rel=1e-9)
+
+
+def test_candidates_respect_what_layers_can_split():
+    model = tiny_chain(c=(3, 8, 12), hidden=10, classes=5)
+    graph = capture(model, (8, 3, 8, 8))
+    cands = candidates(graph, 6)
+    assert cands[0] == ["data", "split_out"]          # 3 input channels < 6 workers
+    assert cands[3] == ["data", "split_in"]           # 5 classes < 6 workers
+    assert candidates(graph, 1) == [["data"]] * 4
+
+
+@pytest.mark.parametrize("name,k", [("small", 2), ("small", 4), ("alexnet", 4), ("alexnet", 8)])
+@pytest.mark.parametrize("device,link", [("h100", "nvlink"), ("v100", "pcie"), ("k20", "ethernet")])
+def test_auto_is_never_worse_than_a_preset(name, k, device, link):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = small_alexnet() if name == "small" else torchvision.models.alexnet(weights=None)
+    size = 16 if name == "small" else 224
+    graph = capture(model, (32 * k, 3, size, size))
+    res = search(graph, CostModel(make_cluster(device, k, link)), k, iters=300)
+    assert res.best.time <= min(p.time for p in res.presets.values())
+    for preset, pred in res.presets.items():  # the presets are pyowt's own
+        plan = make_plan(model, preset)
+        assert pred.configs == tuple(plan.layers[n.name] for n in graph.weight_nodes)
+
+
+def test_memory_limit_excludes_plans():
+    torch.manual_seed(0)
+    model = small_alexnet()
+    k = 4
+    graph = capture(model, (64, 3, 16, 16))
+    cost = CostModel(make_cluster("h100", k, "nvlink"))
+    free = search(graph, cost, k, iters=200)
+    preds = {p.name: p for p in free.candidates}
+    limit = min(p.memory for p in preds.values()) * 1.0001
+    tight = search(graph, cost, k, memory_limit=limit, iters=400)
+    assert tight.best.feasible and tight.best.memory <= limit
