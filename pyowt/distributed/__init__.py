@@ -11,8 +11,8 @@
 """
 from ._checks import get_shape_check, set_shape_check
 from .accounting import CommStats, KindStats, comm_stats, split_sizes
-from .asynchronous import (Pending, all_gather_async, all_reduce_async, broadcast_async,
-                           reduce_scatter_async)
+from .asynchronous import (Pending, all_gather_async, all_reduce_async, all_reduce_inplace,
+                           broadcast_async, reduce_scatter_async)
 from .groups import get_backend, get_rank, get_world_size, init, is_initialized, resolve_group
 from .mappings import (all_gather, all_reduce, broadcast, copy_to_group, reduce_scatter, reduce_to,
                        split)
@@ -22,6 +22,7 @@ __all__ = [
     "all_gather", "reduce_scatter", "all_reduce", "split", "copy_to_group", "broadcast",
     "reduce_to",
     "Pending", "all_gather_async", "reduce_scatter_async", "all_reduce_async", "broadcast_async",
+    "all_reduce_inplace",
     "comm_stats", "CommStats", "KindStats", "split_sizes",
     "set_shape_check", "get_shape_check",
 ]

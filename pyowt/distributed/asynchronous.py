@@ -28,7 +28,7 @@ from .accounting import record
 from .mappings import _prepare_all_reduce, _prepare_broadcast, _prepare_gather, _prepare_scatter
 
 __all__ = ["Pending", "all_gather_async", "reduce_scatter_async", "all_reduce_async",
-           "broadcast_async"]
+           "broadcast_async", "all_reduce_inplace"]
 
 
 class Pending:
@@ -107,3 +107,21 @@ def broadcast_async(x: torch.Tensor, src: int, group=None) -> Pending:
     work = _compat.broadcast_(buf, src_g, pg, async_op=True) if k > 1 else None
     record("broadcast", *nbytes)
     return Pending(work, lambda: F.Broadcast.apply(x, src, src_g, pg, k, rank, nbytes, buf), (buf,))
+
+
+def all_reduce_inplace(buf: torch.Tensor, group=None, async_op: bool = False):
+    """Sum ``buf`` over the group in place: no autograd, no copy (gradient buckets).
+
+    ``buf`` must be dense and not require grad. Returns the work handle when ``async_op``
+    (``wait()`` it before reading ``buf``), else None. Counted as an ``all_reduce``.
+    """
+    fn = "pyowt.distributed.all_reduce_inplace"
+    if buf.requires_grad:
+        raise ValueError(f"{fn}: buf must not require grad (it is summed in place)")
+    if not _compat.dense(buf):
+        raise ValueError(f"{fn}: buf must be dense, got strides {tuple(buf.stride())} for shape {tuple(buf.shape)}")
+    pg, k, nbytes = _prepare_all_reduce(buf, group, fn)
+    record("all_reduce", *nbytes)
+    if k == 1:
+        return None
+    return _compat.all_reduce_(buf, pg, async_op=async_op)

@@ -34,18 +34,33 @@ def bucket_indices(nbytes: List[int], bucket_bytes: int) -> List[List[int]]:
 
 
 class _Bucket:
+    """A persistent flat buffer; after a sync, each parameter's ``.grad`` is a view of it."""
+
     def __init__(self, params: List[nn.Parameter]):
         self.params = params
         self.ready = 0
-        self.flat = None
-        self.pending = None
+        self.work = None
+        self.launched = False
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.slots = {}
+        offset = 0
+        for p in params:
+            self.slots[id(p)] = self.flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
 
 
 class GradSync:
     """Bucketed, overlapped all-reduce (sum) of ``params``' gradients after each backward.
 
+    Each bucket owns a flat buffer. As a gradient is accumulated it is copied into its slot
+    (unless it already is the slot); a full bucket is summed in place, asynchronously, while
+    autograd goes on; at the end of the backward every parameter's ``.grad`` becomes a view
+    of its summed slot, so the next step's gradients accumulate there without copies (as
+    DDP's ``gradient_as_bucket_view``). ``zero_grad(set_to_none=True)`` works too: the
+    next gradient is copied in once.
+
     Args:
-        params: the replicated parameters, in forward order.
+        params: the replicated parameters, in forward order (one dtype and device per bucket).
         group: the process group.
         bucket_bytes: target bucket size (the last bucket may be smaller).
     """
@@ -60,7 +75,17 @@ class GradSync:
         self._queued = False
         params = [p for p in params if p.requires_grad]
         for idx in bucket_indices([p.numel() * p.element_size() for p in params], bucket_bytes):
-            self.buckets.append(_Bucket([params[i] for i in idx]))
+            group_params = [params[i] for i in idx]
+            # A bucket's buffer has one dtype and device: split mixed runs.
+            runs, current = [], [group_params[0]]
+            for p in group_params[1:]:
+                if p.dtype == current[0].dtype and p.device == current[0].device:
+                    current.append(p)
+                else:
+                    runs.append(current)
+                    current = [p]
+            runs.append(current)
+            self.buckets += [_Bucket(run) for run in runs]
         self._handles = []
         for b in self.buckets:
             for p in b.params:
@@ -84,36 +109,33 @@ class GradSync:
             self._queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         bucket = self._bucket_of[id(p)]
+        slot = bucket.slots[id(p)]
+        if p.grad.data_ptr() != slot.data_ptr():
+            slot.copy_(p.grad)
         bucket.ready += 1
         if bucket.ready == len(bucket.params):
             self._launch(bucket)
 
     def _launch(self, bucket: _Bucket) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        bucket.flat = torch.cat([g.reshape(-1) for g in grads])
-        bucket.pending = pdist.all_reduce_async(bucket.flat, group=self.group)
+        for p in bucket.params:  # parameters that got no gradient this time contribute zeros
+            if p.grad is None:
+                bucket.slots[id(p)].zero_()
+        bucket.work = pdist.all_reduce_inplace(bucket.flat, group=self.group, async_op=True)
+        bucket.launched = True
 
     def _finish(self) -> None:
         self._queued = False
         for bucket in self.buckets:
-            if bucket.ready == 0:
-                continue  # no gradient reached this bucket in this backward
-            if bucket.pending is None:  # some parameters got no gradient: still sum the rest
+            if bucket.ready and not bucket.launched:  # some parameters got no gradient
                 self._launch(bucket)
         for bucket in self.buckets:
-            if bucket.pending is None:
+            if not bucket.launched:
                 continue
-            summed = bucket.pending.wait()
-            offset = 0
+            if bucket.work is not None:
+                bucket.work.wait()
             for p in bucket.params:
-                n = p.numel()
-                piece = summed[offset:offset + n].view_as(p)
-                if p.grad is None:
-                    p.grad = piece.clone()
-                else:
-                    p.grad.copy_(piece)
-                offset += n
-            bucket.flat, bucket.pending, bucket.ready = None, None, 0
+                p.grad = bucket.slots[id(p)]
+            bucket.work, bucket.launched, bucket.ready = None, False, 0
 
     def remove(self) -> None:
         for h in self._handles:
