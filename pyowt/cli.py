@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", default=None, help="write the results here")
     s.set_defaults(func=_cmd_compare)
+    from .planner.cli import register as _register_plan
+
+    _register_plan(sub)
     return p
 
 

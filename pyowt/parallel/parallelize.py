@@ -256,7 +256,7 @@ def _instantiate(program: Program, group, seed: int, batch: _BatchInfo) -> List[
 
 
 def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broadcast_params: bool = True,
-                bucket_mb: float = 25.0, head_optimizer=None, **plan_options) -> ParallelModel:
+                bucket_mb: float = 25.0, head_optimizer=None, input_shape=None, **plan_options) -> ParallelModel:
     """Rewrite ``model`` for ``plan`` over ``group`` (default: the world); call on every rank.
 
     Args:
@@ -264,7 +264,9 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
             pooling, LocalResponseNorm, Dropout, Flatten, AdaptiveAvgPool and Linear
             (torchvision's alexnet and vgg, :class:`pyowt.models.AlexNetSmall`). It is not
             modified: the parallel model holds copies (shards) of its parameters.
-        plan: a :class:`Plan`, ``"data"``, ``"model"``, ``"owt"``, or a plan JSON path.
+        plan: a :class:`Plan`, ``"data"``, ``"model"``, ``"owt"``, ``"auto"`` (searched by
+            :func:`pyowt.planner.auto.auto_plan` on the live group with measured costs;
+            needs ``input_shape``), or a plan JSON path.
         group: a ProcessGroup or 1-D DeviceMesh.
         seed: dropout seed (masks are split-invariant; see :mod:`pyowt.parallel.dropout`).
         broadcast_params: start every rank from rank 0's parameters (like DDP).
@@ -275,6 +277,7 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
             parameters then never get a ``.grad`` outside the passes, so an optimizer over
             ``pmodel.parameters()`` leaves them alone; give it only the trunk if you prefer
             (``pmodel.trunk_parameters()``).
+        input_shape: the global batch's input shape ``(B, C, H, W)``, for ``plan="auto"``.
         plan_options: ``scheme``, ``fc_update`` for the ``"owt"`` preset.
 
     Raises:
@@ -283,6 +286,12 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
     """
     group = pdist.resolve_group(group)
     steps = capture_chain(model)
+    if isinstance(plan, str) and plan == "auto":
+        from ..planner.auto import auto_plan  # the planner sits above parallel: import lazily
+
+        if input_shape is None:
+            raise ValueError("plan='auto' needs input_shape=(B, C, H, W), the global batch's shape")
+        plan = auto_plan(model, group, input_shape=tuple(input_shape), bucket_mb=bucket_mb)
     plan = resolve_plan(model, plan, **plan_options)
     validate_plan(plan, model)
     k = pdist.get_world_size(group)
