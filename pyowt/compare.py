@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -151,8 +152,16 @@ def compare(model: str = "small", strategies: Sequence[str] = DEFAULT_STRATEGIES
         out(f"{r.strategy:<12} {r.images_per_s:9.1f} {r.images_per_s / base:8.2f}x {r.comm_bytes_per_iter / 1e6:13.3f} "
             f"{r.peak_rss_mb:12.0f} {r.losses[-1]:11.4f} {diff:>12}")
     if json_path:
+        summary = {"model": model, "data": data, "batch": batch, "steps": steps, "workers": workers,
+                   "results": [asdict(r) for r in results]}
         with open(json_path, "w") as f:
-            json.dump({"model": model, "data": data, "batch": batch, "steps": steps, "workers": workers,
-                       "results": [asdict(r) for r in results]}, f, indent=2)
+            json.dump(summary, f, indent=2)
         out(f"results written to {json_path}")
+        png = os.path.splitext(json_path)[0] + ".png"
+        try:
+            from .plots import plot_compare
+
+            out(f"figure written to {plot_compare(summary, png)}")
+        except ImportError as e:  # matplotlib is optional: the JSON and the table stand alone
+            out(f"no figure: {e}")
     return results

@@ -1,0 +1,1 @@
+"""Tests of pyowt train: data, checkpoints and exact resume, CLI errors, figures."""

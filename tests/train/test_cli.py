@@ -1,0 +1,122 @@
+"""Bad input: a clear message, exit status 2, no traceback; checkpoints cannot run code."""
+from __future__ import annotations
+
+import os
+import pytest
+import torch
+
+from pyowt.train import cli
+from pyowt.train.checkpoint import load_checkpoint, load_plain_state_dict
+from pyowt.train.errors import UserError
+
+from ._helpers import make_folder, small_config
+
+
+def _empty_class(tmp_path):
+    root = make_folder(str(tmp_path / "imgs"), per_class=1)
+    os.makedirs(os.path.join(root, "zebra"))
+    return root
+
+
+def _no_classes(tmp_path):
+    (tmp_path / "flat").mkdir()
+    return str(tmp_path / "flat")
+
+
+CASES = [
+    (["--data", "/no/such/folder"], "is neither 'digits', 'synthetic' nor an existing folder"),
+    (["--data", _empty_class], "has no image files"),
+    (["--data", _no_classes], "has no class folders"),
+    (["--model", "resnet9000"], "--model: unknown model 'resnet9000'"),
+    (["--strategy", "fastest"], "--strategy: unknown strategy 'fastest'"),
+    (["--strategy", "/no/plan.json"], "plan file '/no/plan.json' does not exist"),
+    (["--workers", "4", "--batch-size", "3"], "--batch-size 3 is smaller than the 4 workers"),
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--momentum", "1.5"], "--momentum must be < 1"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
+    (["--image-size", "4"], "--image-size must be >= 8"),
+    (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+    (["--resume", "/no/ckpt.pt"], "--resume: '/no/ckpt.pt' does not exist"),
+    (["--scheme", "a", "--fc-update", "per_pass"], "--fc-update per_pass needs --scheme b or c"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(a if isinstance(a, str) else a.__name__ for a in c[0])
+                                                      for c in CASES])
+def test_bad_input_exits_2_with_a_message(argv, message, tmp_path, capsys):
+    argv = [a(tmp_path) if callable(a) else a for a in argv]
+    assert cli.main(argv) == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("pyowt train: error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+def test_unparsable_numbers_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--epochs", "many"])
+    assert e.value.code == 2 and "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def _spawned_entry(cfg):
+    from dataclasses import replace
+
+    return cli._spawned(replace(cfg))
+
+
+def test_error_found_inside_the_workers_reaches_every_rank(run_workers, tmp_path):
+    # A plan that passes the launcher's checks but not parallelize (it lacks most layers):
+    # every rank must report the same message (none may be left waiting in a collective),
+    # which the launcher prints before exiting with status 2.
+    from pyowt.train.config import validate
+
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"layers": {"features.0": "data"}, "name": "mine"}')
+    cfg = validate(small_config(strategy=str(plan)), 2)
+    outs = run_workers(2, _spawned_entry, cfg)
+    assert [set(o) for o in outs] == [{"user_error"}, {"user_error"}]
+    assert outs[0] == outs[1]
+    assert outs[0]["user_error"].startswith(f"--strategy {plan}: plan 'mine' has no entry for layer")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    marker = str(tmp_path / "code-ran")
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "pyowt.train.checkpoint/1", "model": _RunsCode(marker)}, evil)
+    with pytest.raises(UserError, match="not a loadable weights-only torch file"):
+        load_checkpoint(str(evil))
+    with pytest.raises(UserError, match="not a loadable weights-only torch file"):
+        load_plain_state_dict(str(evil))
+    assert not os.path.exists(marker)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": [1, 2]}, other)
+    with pytest.raises(UserError, match="is not a pyowt training checkpoint"):
+        load_checkpoint(str(other))
+    with pytest.raises(UserError, match="does not hold a state_dict"):
+        load_plain_state_dict(str(other))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="junk.pt"):
+        load_checkpoint(str(junk))
+
+
+def test_register_adds_the_subcommand():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="pyowt")
+    sub = p.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    args = p.parse_args(["train", "--strategy", "data", "--workers", "3", "--resume"])
+    cfg = cli.config_from_args(args)
+    assert (cfg.strategy, cfg.workers, cfg.resume) == ("data", 3, "auto")
+    assert args.func is cli._cmd_train
