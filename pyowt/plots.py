@@ -105,10 +105,16 @@ def plot_scaling(results: Mapping[str, Mapping[int, float]], path: str, title: O
         ax.set_xlabel("devices")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax1.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     ax1.set_ylabel("predicted time per step (ms, log scale)")
     ax1.set_title("Predicted step time (lower is better)")
     ax2.set_yscale("log", base=2)
+    ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax2.yaxis.set_minor_formatter(NullFormatter())
     ax2.set_ylabel(f"speedup vs best at {d0} device{'s' if d0 > 1 else ''} (x)")
     ax2.set_title("Predicted speedup (higher is better)")
     fig.suptitle(title or "pyowt plan: predicted scaling per strategy")

@@ -89,8 +89,9 @@ def _check_image_size(model, cfg: TrainConfig, in_channels: int) -> None:
             m(torch.empty(2, in_channels, cfg.image_size, cfg.image_size, device="meta"))
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"--image-size {cfg.image_size} does not fit --model {cfg.model} ({first}); "
-                        "try a larger --image-size") from e
+        raise UserError(f"--model {cfg.model} cannot run on {in_channels}-channel {cfg.image_size}x{cfg.image_size} "
+                        f"images ({first}); check --image-size (too small for its strides and pools?) and the "
+                        "channels it expects (--channels for folders; digits are 1-channel)") from e
     except NotImplementedError:  # an op without a meta kernel: the real forward will tell
         pass
 
