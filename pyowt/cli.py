@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .planner.cli import register as _register_plan
 
     _register_plan(sub)
+    from .train.cli import register as _register_train
+
+    _register_train(sub)
     return p
 
 

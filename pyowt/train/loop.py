@@ -221,8 +221,10 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
 
     def _parallelize():
         try:
-            return parallelize(model, cfg.strategy, seed=cfg.seed, head_optimizer=head_opt,
-                               **({"scheme": cfg.scheme, "fc_update": cfg.fc_update} if cfg.strategy == "owt" else {}))
+            options = {"scheme": cfg.scheme, "fc_update": cfg.fc_update} if cfg.strategy == "owt" else {}
+            if cfg.strategy == "auto":  # the search costs the global batch's shape
+                options["input_shape"] = (cfg.batch_size, source.in_channels, cfg.image_size, cfg.image_size)
+            return parallelize(model, cfg.strategy, seed=cfg.seed, head_optimizer=head_opt, **options)
         except (ValueError, TypeError, NotImplementedError) as e:
             raise UserError(f"--strategy {cfg.strategy}: {e}") from e
     pmodel = _agree(_parallelize, k)
