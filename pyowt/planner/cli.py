@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import sys
 from typing import List, Optional
@@ -61,8 +62,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--memory-limit-gb", type=_positive(float), default=None, help="default: the device's memory")
     s.add_argument("--iters", type=_positive(int), default=1500, help="MCMC proposals")
     s.add_argument("--out", default="plan.json", help="write the auto plan here")
-    s.add_argument("--results", default=None, help="write predictions (JSON) here")
-    s.add_argument("--figure", default=None, help="write the step time vs devices figure (PNG) here")
+    s.add_argument("--results", default=None, help="write predictions (JSON) here (default: next to --out, "
+                                                       "<name>.results.json)")
+    s.add_argument("--figure", default=None, help="write the step time vs devices figure (PNG) here (default: "
+                                                  "next to --out, <name>.png)")
+    s.add_argument("--no-figure", action="store_true", help="skip the figure (it searches at 1..64 devices)")
     s.set_defaults(func=run_plan)
     return s
 
@@ -134,17 +138,20 @@ def run_plan(args, out=print) -> int:
         f"batch {batch}/device (global {batch * args.workers}); search {res.search_time:.2f} s, "
         f"{res.evaluations} simulations")
     _table(rows, out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     res.plan.save(args.out)
     out(f"auto plan: {args.out}")
+    stem = args.out[:-5] if args.out.endswith(".json") else args.out
+    results_path = args.results or f"{stem}.results.json"
+    figure_path = None if args.no_figure else (args.figure or f"{stem}.png")
     results = {"model": args.model, "workers": args.workers, "device": args.device, "interconnect": args.interconnect,
                "nodes": args.nodes, "dtype": args.dtype, "batch_per_device": batch, "search_time_s": res.search_time,
                "strategies": rows, "auto_plan": json.loads(res.plan.to_json())}
-    if args.figure:
-        results["figure"] = _figure(model, args.model, cluster, batch, args.iters, limit, args.figure, out)
-    if args.results:
-        with open(args.results, "w") as f:
-            json.dump(results, f, indent=2)
-        out(f"results: {args.results}")
+    if figure_path:
+        results["figure"] = _figure(model, args.model, cluster, batch, args.iters, limit, figure_path, out)
+    with open(results_path, "w") as f:
+        json.dump(results, f, indent=2)
+    out(f"results: {results_path}")
     return 0
 
 
