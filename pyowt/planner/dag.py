@@ -15,6 +15,18 @@ reduce-scatter backward into a ``split_out`` consumer, else a split backward; sp
 all-gather backward), and a Replicate tensor that came out of a ``split_in`` sum feeding a
 ``split_out`` layer gets ``copy_to_group``'s backward all-reduce. The backward runs the
 forward's tasks in reverse order, one after the other, as autograd does on one device.
+
+Every tensor's layout is decided by one weight node, its *source*: a weight node's own
+output; the source of a non-weight node's first input otherwise (the model's input belongs
+to the first weight node, whose config decides whether it is batch-sharded). So each task's
+duration depends on the configs of at most two weight nodes: a weight node's input
+transition on (source of its input, the node), an add's conversion on (source of the
+converted input, source of the first input), everything else on one node. With
+``granular=True`` (one gradient all-reduce and one optimizer task per layer with
+parameters, as the chain's granular mode) each task's ``segment`` is :func:`pair_key` of
+those nodes, and the serialized step time is a sum of node and edge terms over
+:func:`dag_edges`: the objective node/edge elimination minimizes exactly
+(:mod:`pyowt.planner.elimination`).
 """
 from __future__ import annotations
 
@@ -61,29 +73,78 @@ def _transition(b: _Builder, shape, have: Layout, want: Layout, split_out_consum
     return last
 
 
+def pair_key(i: int, j: int, n: int) -> int:
+    """The ``segment`` code of a task depending on weight nodes ``i`` and ``j`` (of ``n``)."""
+    return min(i, j) * n + max(i, j)
+
+
+def _sources(graph: ModelGraph) -> List[Tuple[List[int], int]]:
+    """Per node in order: the sources of its inputs and of its output (indices among weight
+    nodes of the weight node deciding the layout). Resolved in execution order, as
+    :func:`dag_tasks` resolves inputs, because a module applied twice (a shared ReLU) gives
+    two nodes of the same name."""
+    windex = {id(n): i for i, n in enumerate(graph.weight_nodes)}
+    src: Dict[str, int] = {}
+    out = []
+    for node in graph.nodes:
+        ins = [src[i] for i in node.inputs] or [0]
+        me = windex[id(node)] if node.has_weights else ins[0]
+        src[node.name] = me
+        out.append((ins, me))
+    return out
+
+
+def dag_edges(graph: ModelGraph) -> List[Tuple[int, int]]:
+    """Distinct weight-node pairs whose configs jointly decide some task (see the module doc)."""
+    edges = []
+    for node, (ins, me) in zip(graph.nodes, _sources(graph)):
+        if node.has_weights:
+            pairs = [(ins[0], me)]
+        elif node.kind == ADD:
+            pairs = [(s, ins[0]) for s in ins[1:]]
+        else:
+            pairs = []
+        for u, v in pairs:
+            e = (min(u, v), max(u, v))
+            if u != v and e not in edges:
+                edges.append(e)
+    return edges
+
+
 def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0,
-              bucket_bytes: int = 25 * 2**20, opt_states: int = 1) -> StepTasks:
-    """Tasks of one step of ``graph`` with ``configs`` (one per weight node, in order)."""
+              bucket_bytes: int = 25 * 2**20, opt_states: int = 1, granular: bool = False) -> StepTasks:
+    """Tasks of one step of ``graph`` with ``configs`` (one per weight node, in order).
+
+    ``granular``: one gradient all-reduce and one optimizer task per layer, every task's
+    ``segment`` the :func:`pair_key` of the weight nodes it depends on (see the module doc).
+    """
     cfg_of = {n.name: c for n, c in zip(graph.weight_nodes, configs)}
-    b = _Builder(cost, k, rank, False)
+    nw = len(graph.weight_nodes)
+    sources = _sources(graph)
+    src: Dict[str, int] = {}
+    rep_seg: Dict[str, int] = {}  # segment of each layer whose gradients are all-reduced
+    b = _Builder(cost, k, rank, granular)
     isz = b.isz
     first_cfg = configs[0]
     in_layout = Layout.SHARD_BATCH if INPUT_LAYOUT[first_cfg] == Layout.SHARD_BATCH else Layout.REPLICATE
     out: Dict[str, Tuple[Layout, bool, int]] = {}  # node -> (layout, partial_ok, producing task)
     b.activations += math.prod(local_shape(graph.input_shape, in_layout, k, rank)) * isz
     replicated: List[Tuple[int, str]] = []
+    local_params: List[Tuple[int, int]] = []  # (numel, segment) per layer with parameters
     nparams = 0
     first_weight = True
-    for node in graph.nodes:
+    for node, (in_src, me) in zip(graph.nodes, sources):
+        src[node.name] = me
         srcs = [(out[i] if i in out else (in_layout, True, None)) for i in node.inputs] or [(in_layout, True, None)]
         in_shapes = [graph.shapes[i] for i in node.inputs] or [graph.input_shape]
-        b.segment = -1
+        b.segment = pair_key(in_src[0], me, nw)
         if node.has_weights:
             cfg = cfg_of[node.name]
             want = INPUT_LAYOUT[cfg]
             have, pok, t = srcs[0]
             dep = _transition(b, in_shapes[0], have, want, cfg == SPLIT_OUT, pok, (t,) if t is not None else (), node.name)
             b.last = dep
+            b.segment = pair_key(me, me, nw)
             x = local_shape(in_shapes[0], want, k, rank)
             act = None
             sig, _ = _layer_sig(node, cfg, x, node.shape, k, rank, act, not first_weight)
@@ -92,9 +153,11 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
             params = [p for p in node.module.parameters() if p.requires_grad]
             if cfg == DATA:
                 replicated += [(p.numel() * isz, node.name) for p in params]
-                nparams += sum(p.numel() for p in params)
+                rep_seg[node.name] = b.segment
+                local_params.append((sum(p.numel() for p in params), b.segment))
             else:
-                nparams += sum(p.numel() for p in params) // k
+                local_params.append((sum(p.numel() for p in params) // k, b.segment))
+            nparams += local_params[-1][0]
             if cfg == SPLIT_IN:
                 numel = math.prod(node.shape)
                 b.collective(f"all_reduce {node.name}", "all_reduce", numel, all_reduce_bytes(numel, k, rank, isz))
@@ -103,19 +166,22 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
         if node.kind == ADD:
             layout, pok, t0 = srcs[0]
             deps = [t0] if t0 is not None else []
-            for (have, p, t), shp in zip(srcs[1:], in_shapes[1:]):
+            for (have, p, t), shp, s in zip(srcs[1:], in_shapes[1:], in_src[1:]):
+                b.segment = pair_key(s, in_src[0], nw)
                 d = _transition(b, shp, have, layout, False, p, (t,) if t is not None else (), node.name)
                 if d is not None:
                     deps.append(d)
             b.last = None
+            b.segment = pair_key(me, me, nw)
             f, bw = cost.compute(OpSig("add", local_shape(node.shape, layout, k, rank), local_shape(node.shape, layout, k, rank)))
             b.last = b.add(f"fwd {node.name}", COMPUTE, f, "fwd", deps=tuple(deps))
-            b.bwd.append((f"bwd {node.name}", COMPUTE, bw, "", (0, 0), -1, None))
+            b.bwd.append((f"bwd {node.name}", COMPUTE, bw, "", (0, 0), b.segment, None))
             out[node.name] = (layout, pok, b.last)
             continue
         have, pok, t = srcs[0]
         layout = have
         b.last = t
+        b.segment = pair_key(me, me, nw)
         if node.kind in (FLATTEN, CROSS_CHANNEL) and have == Layout.SHARD_CHANNEL:
             b.last = _transition(b, in_shapes[0], have, Layout.REPLICATE, False, pok, (t,) if t is not None else (), node.name)
             layout = Layout.REPLICATE
@@ -127,13 +193,16 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
             params = [p for p in node.module.parameters() if p.requires_grad]
             if layout == Layout.SHARD_BATCH:
                 replicated += [(p.numel() * isz, node.name) for p in params]
-            nparams += sum(p.numel() for p in params) // (k if layout == Layout.SHARD_CHANNEL else 1)
+                rep_seg[node.name] = b.segment
+            local_params.append((sum(p.numel() for p in params) // (k if layout == Layout.SHARD_CHANNEL else 1), b.segment))
+            nparams += local_params[-1][0]
         else:
             sig = OpSig("module", x, y, (repr(node.module) if node.module is not None else "Flatten(1)",))
         b.compute(node.name, sig, node.module)
         out[node.name] = (layout, pok, b.last)
     last = graph.nodes[-1]
     layout = out[last.name][0]
+    b.segment = pair_key(sources[-1][1], sources[-1][1], nw)
     logits = local_shape(last.shape, layout, k, rank)
     b.compute("loss", OpSig("loss", logits, (logits[0],), (layout == Layout.SHARD_CHANNEL,)))
     if layout == Layout.SHARD_BATCH:
@@ -144,26 +213,36 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
     # Backward: reverse order, chained; gradient buckets as in tasks.chain_tasks.
     rep_bytes = [r[0] for r in replicated]
     buckets = bucket_indices(rep_bytes, bucket_bytes) if (k > 1 and replicated) else []
+    if granular and k > 1:  # one bucket per layer, not per tensor
+        by_layer: Dict[str, List[int]] = {}
+        for i, r in enumerate(replicated):
+            by_layer.setdefault(r[1], []).append(i)
+        buckets = list(reversed(list(by_layer.values())))
     need = [set(replicated[i][1] for i in bk) for bk in buckets]
     owner_bwd = {}
     names_in_order = [e[0][4:] for e in b.bwd]
     sync = []
     for (name, stream, dur, kind, sr, seg, _), lname in zip(reversed(b.bwd), reversed(names_in_order)):
+        b.segment = seg
         b.last = b.add(name, stream, dur, "bwd", kind, sr)
         if stream == COMPUTE:
             owner_bwd[lname] = b.last
         for bi, nd in enumerate(need):
             if nd and nd <= set(owner_bwd):
                 numel = sum(rep_bytes[i] for i in buckets[bi]) // isz
+                b.segment = rep_seg[replicated[buckets[bi][0]][1]]
                 t = cost.collective("all_reduce", numel * isz, k)
                 sync.append(b.add(f"grad all_reduce bucket {bi}", COMM, t, "sync", "all_reduce",
                                   all_reduce_bytes(numel, k, rank, isz), deps=tuple(owner_bwd[x] for x in sorted(nd))))
                 need[bi] = set()
-    f, _ = cost.compute(OpSig("optimizer", (nparams,), ()))
-    b.add("optimizer", COMPUTE, f, "opt", deps=tuple(sync) + ((b.last,) if b.last is not None else ()))
+    deps = tuple(sync) + ((b.last,) if b.last is not None else ())
+    for n, seg in (local_params if granular else [(nparams, -1)]):
+        b.segment = seg
+        f, _ = cost.compute(OpSig("optimizer", (n,), ()))
+        b.add("optimizer", COMPUTE, f, "opt", deps=deps)
     param_bytes = nparams * isz * (2 + opt_states)
     bucket_peak = max((sum(rep_bytes[i] for i in bk) for bk in buckets), default=0)
     return StepTasks(b.tasks, param_bytes + b.activations + bucket_peak, param_bytes, b.activations)
 
 
-__all__ = ["dag_tasks"]
+__all__ = ["dag_edges", "dag_tasks", "pair_key"]

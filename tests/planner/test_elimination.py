@@ -3,6 +3,7 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from pyowt.planner.elimination import eliminate, pairwise_cost
 from pyowt.planner.search import dp_chain
@@ -108,3 +109,51 @@ def test_bad_input():
         eliminate({"a": CFG}, lambda v, c: 0.0, [("a", "z")], lambda *a: 0.0)
     with pytest.raises(ValueError, match="no candidate"):
         eliminate({"a": ()}, lambda v, c: 0.0, [], lambda *a: 0.0)
+
+
+# --- on DAG plans: the serialized step time of a residual network decomposes exactly ---------
+
+def _bottleneck_net():
+    """Stem, a torchvision Bottleneck with a strided downsample branch, one without, linear head."""
+    from torch import nn
+    from torchvision.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Bottleneck(8, 4, stride=2, downsample=down),
+                         Bottleneck(16, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 5))
+
+
+@pytest.mark.parametrize("model,k,device,link", [("tiny_resnet", 2, "h100", "nvlink"), ("tiny_resnet", 3, "k20", "ethernet"),
+                                                 ("bottleneck", 4, "h100", "nvlink"), ("bottleneck", 2, "cpu", "pcie")])
+def test_dag_serial_time_decomposes_and_elimination_is_exact(model, k, device, link):
+    from pyowt.planner.auto import Evaluator, search
+    from pyowt.planner.capture import capture
+    from pyowt.planner.costs import CostModel
+    from pyowt.planner.specs import make_cluster
+
+    from ._models import TinyResNet
+
+    net = TinyResNet() if model == "tiny_resnet" else _bottleneck_net()
+    graph = capture(net, (4 * k + 1, 3, 8, 8))
+    assert not graph.is_chain
+    cost = CostModel(make_cluster(device, k, link))
+    ev = Evaluator(graph, cost, k)
+    node_cost, edges, edge_cost = ev.pairwise()
+    n = len(ev.cands)
+    if model == "bottleneck":  # the downsample conv (index 4) joins the block's last conv (3)
+        assert (3, 4) in edges and (0, 4) in edges
+    rng = random.Random(k)
+    for _ in range(25):
+        configs = tuple(rng.choice(c) for c in ev.cands)
+        assert pairwise_cost(dict(enumerate(configs)), node_cost, edges, edge_cost) == pytest.approx(
+            ev.serial(configs), rel=1e-12)
+    configs, v = ev.eliminate()
+    assert v == pytest.approx(ev.serial(configs), rel=1e-12)
+    if n <= 6:  # brute force over every plan, each costed from scratch
+        assert v == pytest.approx(min(ev.serial(c) for c in itertools.product(*ev.cands)), rel=1e-12)
+    else:  # random plans never beat it
+        assert all(ev.serial(tuple(rng.choice(c) for c in ev.cands)) >= v * (1 - 1e-12) for _ in range(200))
+    res = search(graph, cost, k, iters=100)
+    assert res.dp is not None and res.dp.configs == configs  # elimination's plan seeds MCMC and joins the pool
+    assert res.best.time <= min(res.dp.time, *(p.time for p in res.presets.values())) * (1 + 1e-12)
