@@ -6,6 +6,8 @@
 
 #include "channel_layout.h"
 
+#include "linear.h"
+
 TORCH_LIBRARY_FRAGMENT(pyowt, m) {
   // y = act(x @ weight^T + bias); x (..., K), weight (N, K), bias (N,) or None,
   // activation "relu" or "none". y is contiguous, shape (..., N).

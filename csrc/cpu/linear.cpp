@@ -21,15 +21,9 @@
 #include <optional>
 #include <vector>
 
-namespace pyowt {
+#include "linear.h"
 
-// Defined in csrc/linear.cpp.
-int64_t linear_rows(const at::Tensor& x);
-bool linear_is_relu(c10::string_view activation);
-void check_linear_args(const at::Tensor& x, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias);
-void check_linear_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
-                                const at::Tensor& weight, const at::Tensor& out, bool relu);
+namespace pyowt {
 
 namespace {
 
