@@ -135,7 +135,6 @@ def compare(model: str = "small", strategies: Sequence[str] = DEFAULT_STRATEGIES
         raise ValueError(f"steps must be >= 2 (the first is a warm-up), got {steps}")
     out(f"pyowt compare: {model} on {data} ({size}x{size}), global batch {batch}, {steps} SGD steps, "
         f"{workers} Gloo workers")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results = [_single_process(model, data, steps, batch, size, seed, lr)]
     out(f"  single process done: {results[0].images_per_s:.1f} images/s")
     for strategy in strategies:
