@@ -76,14 +76,18 @@ def _worker(batch, size, steps, warmup, cache_dir, overlap):
     if rank == 0:
         cost.profiler.save()
     ev = Evaluator(graph, cost, k, overlap=overlap)
+    serial = Evaluator(graph, cost, k, overlap=False)  # diagnostic: communication not overlapped
     plans = [(p, make_plan(model, p), preset_configs(graph, p)) for p in ("data", "model", "owt")]
     plans.append(("auto", auto, tuple(auto.layers[n.name] for n in graph.weight_nodes)))
     rows = []
     for name, plan, configs in plans:
         pred = ev.predict(configs, name)
+        pred_serial = serial.predict(configs, name)
         measured = _time_plan(model, plan, batch, size, steps, warmup)
         rows.append({"workers": k, "strategy": name, "predicted_ms": pred.time * 1e3, "measured_ms": measured * 1e3,
-                     "error": pred.time / measured - 1, "configs": list(configs)})
+                     "error": pred.time / measured - 1, "configs": list(configs),
+                     "predicted_no_overlap_ms": pred_serial.time * 1e3, "compute_ms": pred.compute * 1e3,
+                     "comm_ms": pred.comm * 1e3})
     return {"rows": rows, "fit": fit, "search_s": search_s}
 
 
@@ -100,20 +104,26 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=None, help="profile cache (default $PYOWT_CACHE or ~/.cache/pyowt)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    rows, fits = [], {}
+    rows, fits, loads = [], {}, {}
     for k in args.workers:
+        before = os.getloadavg()[0]
         out = spawn(_worker, k, args=(args.batch, args.size, args.steps, args.warmup, args.cache_dir,
                                       not args.no_overlap), threads=1)[0]
         rows += out["rows"]
         fits[k] = out["fit"]
+        loads[k] = (before, os.getloadavg()[0])  # 1-minute load average before and after this K
         print(f"K={k}: searched in {out['search_s']:.1f} s (incl. profiling); "
               f"all_reduce fit a={out['fit']['all_reduce'][0] * 1e6:.0f} us, "
               f"b={1 / max(out['fit']['all_reduce'][1], 1e-30) / 1e9:.2f} GB/s", flush=True)
-    print(f"\n{'K':>2} {'strategy':<9} {'predicted ms':>13} {'measured ms':>12} {'error':>7}")
+    print(f"\n{'K':>2} {'strategy':<9} {'predicted ms':>13} {'measured ms':>12} {'error':>7} {'no-overlap ms':>14} {'error':>7}")
     for r in rows:
-        print(f"{r['workers']:>2} {r['strategy']:<9} {r['predicted_ms']:>13.1f} {r['measured_ms']:>12.1f} {r['error']:>+7.1%}")
+        err_s = r["predicted_no_overlap_ms"] / r["measured_ms"] - 1
+        print(f"{r['workers']:>2} {r['strategy']:<9} {r['predicted_ms']:>13.1f} {r['measured_ms']:>12.1f} {r['error']:>+7.1%} "
+              f"{r['predicted_no_overlap_ms']:>14.1f} {err_s:>+7.1%}")
     med = statistics.median(abs(r["error"]) for r in rows)
-    print(f"median |error| {med:.1%} over {len(rows)} runs")
+    med_s = statistics.median(abs(r["predicted_no_overlap_ms"] / r["measured_ms"] - 1) for r in rows)
+    print(f"median |error| {med:.1%} over {len(rows)} runs (without overlap: {med_s:.1%})")
+    print("1-minute load average before/after each K: " + ", ".join(f"K={k}: {a:.2f}/{b:.2f}" for k, (a, b) in loads.items()))
     for k in args.workers:
         sub = {r["strategy"]: r for r in rows if r["workers"] == k}
         best = min(("data", "model", "owt"), key=lambda s: sub[s]["predicted_ms"])
@@ -125,7 +135,8 @@ def main(argv=None):
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "median_abs_error": med, "fits": fits}, f, indent=2)
+            json.dump({"meta": meta, "rows": rows, "median_abs_error": med, "median_abs_error_no_overlap": med_s,
+                       "fits": fits, "load_average": loads}, f, indent=2)
     return 0
 
 

@@ -7,7 +7,12 @@ Compute (:class:`OpSig` -> forward and backward seconds):
 * ``measured``: run the op pyowt itself runs (``conv2d_bias_act``, ``linear_bias_act``,
   the module, split-invariant dropout) on the local shapes on this device, forward and
   backward, median of a few repeats; cached on disk (``$PYOWT_CACHE`` or ``~/.cache/pyowt``)
-  keyed by op, shapes, dtype, device, thread count, concurrent workers and torch/pyowt versions.
+  keyed by op, shapes, dtype, device, thread count, concurrent workers, cores and torch/pyowt
+  versions. On a CPU shared by K worker processes (T intra-op threads each, P cores), an
+  op's time is ``max(wall, cpu / min(T, P / K))``: the median wall time alone misses the time
+  slicing of an oversubscribed host (a short op usually runs inside one scheduler slice, so
+  its median is the uncontended time, while over a whole step each process gets only P/K
+  cores), and the process's CPU seconds divided by the cores it can get bound it from below.
 
 Communication: alpha-beta per link for ring collectives (hierarchical across nodes), or
 per-kind lines ``t = a + b * bytes`` fitted on the live group (:func:`measure_comm`).
@@ -99,8 +104,16 @@ class Profiler:
         import pyowt
 
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.threads = torch.get_num_threads()
+        try:
+            self.cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            self.cores = os.cpu_count() or 1
+        self.concurrent = int((context or {}).get("concurrent", 1))
+        # Cores' worth of CPU this process gets when all workers run: the time-sharing bound.
+        self.cpu_share = min(self.threads, self.cores / max(1, self.concurrent))
         self._base = {"device": name, "dtype": dtype, "torch": torch.__version__, "pyowt": pyowt.__version__,
-                      "threads": torch.get_num_threads(), **(context or {})}
+                      "threads": self.threads, "cores": self.cores, "clock": "wall|cpu-share", **(context or {})}
         self._cache: Dict[str, list] = self._load()
         self.measured = 0
 
@@ -136,23 +149,30 @@ class Profiler:
         return tuple(self._cache[k])
 
     def _timed(self, make: Callable[[], Tuple[torch.Tensor, Callable]]) -> Tuple[float, float]:
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        fwd, bwd = [], []
+        on_cpu = self.device.type == "cpu"
+        sync = (lambda: None) if on_cpu else torch.cuda.synchronize
+        fwd, bwd, cfwd, cbwd = [], [], [], []
         for i in range(self.reps + 2):
             inputs, run = make()
             sync()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             y = run(*inputs)
             sync()
-            t1 = time.perf_counter()
+            c1, t1 = time.process_time(), time.perf_counter()
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
             sync()
-            t2 = time.perf_counter()
+            c2, t2 = time.process_time(), time.perf_counter()
             if i >= 2:
                 fwd.append(t1 - t0)
                 bwd.append(t2 - t1)
-        return statistics.median(fwd), statistics.median(bwd)
+                cfwd.append(c1 - c0)
+                cbwd.append(c2 - c1)
+        f, b = statistics.median(fwd), statistics.median(bwd)
+        if on_cpu:  # see the module docstring: time slicing among the concurrent workers
+            f = max(f, statistics.median(cfwd) / self.cpu_share)
+            b = max(b, statistics.median(cbwd) / self.cpu_share)
+        return f, b
 
     def _rand(self, shape, grad=True):
         return torch.randn(shape, device=self.device, dtype=self.dtype).requires_grad_(grad)

@@ -1,6 +1,8 @@
 """Communication costs agree with comm_model to the byte; cost model pieces; DAG capture."""
 from collections import defaultdict
 
+import time
+
 import pytest
 import torch
 
@@ -98,8 +100,29 @@ def test_profiles_are_measured_once_and_cached_on_disk(tmp_path):
     other(sig)
     assert other.measured == 1  # contention is part of the key
     key = again.key(sig)
-    for field in ("torch", "pyowt", "device", "dtype", "threads"):
+    for field in ("torch", "pyowt", "device", "dtype", "threads", "cores"):
         assert f'"{field}"' in key
+
+
+def _spin(seconds):
+    t0 = time.thread_time()  # this thread's CPU: wall and process CPU time are both at least this
+    while time.thread_time() - t0 < seconds:
+        pass
+    return torch.zeros(1)
+
+
+def test_cpu_profiles_model_time_slicing_among_concurrent_workers():
+    """An op needing 3 ms of CPU, profiled for a process that shares the cores with 4x as many
+    workers as there are cores, costs at least 4 x 3 ms (each worker gets 1/4 of a core over
+    a step), whatever its median wall time; alone it costs its wall time (>= its CPU time)."""
+    alone = Profiler("cpu", reps=3, cache_dir=False)
+    crowded = Profiler("cpu", reps=3, cache_dir=False, context={"concurrent": 4 * alone.cores})
+    assert crowded.cpu_share == pytest.approx(min(torch.get_num_threads(), 0.25))
+    make = lambda: ((), lambda: _spin(3e-3))
+    f_alone, _ = alone._timed(make)
+    f_crowded, _ = crowded._timed(make)
+    assert f_alone >= 3e-3 and f_alone < f_crowded
+    assert f_crowded >= 3e-3 / crowded.cpu_share * 0.999
 
 
 def test_fit_line():
