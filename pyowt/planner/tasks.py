@@ -9,6 +9,10 @@ all-reduce per gradient bucket of replicated parameters (grouped as
 :func:`pyowt.parallel.grad_sync.bucket_indices` groups them, launched when the bucket's last
 gradient is ready) and the optimizer step. Byte counts follow ``comm_model`` exactly.
 
+OWT schemes b/c (``plan.scheme``): the batch all-gather into the head becomes K passes
+(:func:`_head_passes`, as :mod:`pyowt.parallel.passes` runs them), bytes again equal to
+``comm_model`` (broadcast/reduce for b, chunked all-gather/reduce-scatter for c).
+
 With ``granular=True`` every replicated layer gets its own gradient all-reduce and its own
 optimizer task, so that the serialized step time (all durations summed) splits into
 per-layer segments that depend only on two neighbouring configs: the chain DP's objective.
@@ -21,12 +25,13 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from ..distributed.accounting import (all_gather_bytes, all_reduce_bytes, reduce_scatter_bytes,
-                                      split_sizes)
+from ..distributed.accounting import (all_gather_bytes, all_reduce_bytes, broadcast_bytes, reduce_bytes,
+                                      reduce_scatter_bytes, split_sizes)
 from ..nn.functional import parallel_cross_entropy_comm
 from ..parallel.grad_sync import bucket_indices
 from ..parallel.graph import CONV
 from ..parallel.layout import DATA, INPUT_LAYOUT, OUTPUT_LAYOUT, SPLIT_IN, SPLIT_OUT, Layout
+from ..parallel.passes import _pass_rows
 from ..parallel.plan import Plan
 from ..parallel.program import ALL_GATHER, COPY_TO_GROUP, DROP, LAYER, MODULE, SPLIT, compile_plan
 from .capture import ModelGraph
@@ -109,6 +114,73 @@ def _layer_sig(step, cfg, x_shape, out_global, k, rank, act, dgrad) -> Tuple[OpS
     return OpSig("linear", tuple(x_shape), tuple(out), (cout, has_bias, act, dgrad)), tuple(out)
 
 
+def _head_passes(b: _Builder, plan: Plan, batch: int, shape: Shape, head_ops, head_segs, seg, emit, loss, st,
+                 local_params) -> list:
+    """OWT schemes b/c (:mod:`pyowt.parallel.passes`): the head runs K passes, each moving its
+    rows in (broadcast from the owner for b, all-gather of a chunk of every worker's rows for
+    c; the next pass's transfer is issued before this pass computes, so it overlaps it), then
+    the head's forward, loss and backward at once, and the rows' gradient back to their owners
+    (reduce / reduce-scatter). Head parameters count once; only one pass's head activations
+    are alive at a time. Returns the head's (numel, segment) entries when ``fc_update`` is
+    ``per_pass`` (their optimizer step is emitted after every pass), else ``[]``."""
+    k, rank, isz, cost = b.k, b.rank, b.isz, b.cost
+    row = isz * math.prod(shape[1:])
+    passes = [p for p in _pass_rows(plan.scheme, k, batch) if sum(e - s for _, s, e in p) > 0]
+    trunk_last = b.last
+    per_pass = plan.fc_update == "per_pass"
+
+    def move(pieces, j, backward):
+        n = sum(e - s for _, s, e in pieces)
+        b.segment = seg
+        if plan.scheme == "b":
+            owner = pieces[0][0]
+            kind = "reduce" if backward else "broadcast"
+            sr = (reduce_bytes if backward else broadcast_bytes)(n * row, k, rank, owner)
+        else:
+            sizes = [e - s for _, s, e in pieces]
+            kind = "reduce_scatter" if backward else "all_gather"
+            sr = (reduce_scatter_bytes if backward else all_gather_bytes)(sizes, rank, row)
+        t = cost.collective(kind, n * row, k)
+        deps = None if backward else ((trunk_last,) if trunk_last is not None else ())
+        return b.add(f"{kind} pass {j}", COMM, t, "bwd" if backward else "fwd", kind, sr, deps=deps)
+
+    data_in_head = [op.step.name for op in head_ops if op.kind == LAYER and op.config == DATA]
+    if data_in_head:  # their gradient all-reduce after the passes is not modelled
+        raise ValueError(f"the planner models schemes b/c with a model-parallel head only; data layers after the "
+                         f"batch gather: {data_in_head}")
+    base_index, act0, act_peak = st["layer_index"], b.activations, 0.0
+    n_before = len(local_params)
+    head: list = []
+    pending = move(passes[0], 0, False)
+    for j, pieces in enumerate(passes):
+        n = sum(e - s for _, s, e in pieces)
+        b.last = pending
+        if j + 1 < len(passes):  # in flight while this pass computes
+            pending = move(passes[j + 1], j + 1, False)
+        st["layer_index"] = base_index
+        mark = len(b.bwd)
+        b.activations = act0 + n * row
+        sh, lay = (n,) + tuple(shape[1:]), Layout.REPLICATE
+        for op, sg in zip(head_ops, head_segs):
+            sh, lay = emit(op, sg, sh, lay, rows=n, count_params=(j == 0))
+        loss(sh, lay, n)
+        act_peak = max(act_peak, b.activations - act0)
+        if j == 0:
+            head = local_params[n_before:]
+        for name, stream, dur, kind, sr, sg, _ in reversed(b.bwd[mark:]):  # this pass's backward now
+            b.segment = sg
+            b.last = b.add(name, stream, dur, "bwd", kind, sr)
+        del b.bwd[mark:]
+        b.last = move(pieces, j, True)
+        if per_pass:
+            for numel, sg in head:
+                b.segment = sg
+                f, _ = cost.compute(OpSig("optimizer", (numel,), ()))
+                b.last = b.add("head optimizer", COMPUTE, f, "opt")
+    b.activations = act0 + act_peak
+    return head if per_pass else []
+
+
 def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: int = 0,
                 bucket_bytes: int = 25 * 2**20, granular: bool = False, opt_states: int = 1) -> StepTasks:
     """Tasks of one training step of ``plan`` on device ``rank`` of ``k`` (see the module doc).
@@ -117,8 +189,6 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
     """
     if not graph.is_chain:
         raise ValueError("chain_tasks needs a chain model; use pyowt.planner.dag.dag_tasks for DAGs")
-    if plan.scheme != "a":
-        raise ValueError(f"the planner models OWT scheme 'a' only, got scheme {plan.scheme!r}")
     program = compile_plan(plan, graph.steps)
     b = _Builder(cost, k, rank, granular)
     isz = b.isz
@@ -134,23 +204,29 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
     for op in program.ops:
         segs.append(min(nxt, n_layers - 1))
         nxt += op.kind == LAYER
-    layer_index = -1
-    for op, seg in zip(program.ops, segs):
+    st = {"layer_index": -1, "first": True}
+
+    def emit(op, seg, shape, layout, rows=None, count_params=True):
+        """Tasks of one op on an activation of global ``shape``; ``rows``: a head pass's rows."""
         b.segment = seg
+        glob = (lambda name: graph.shapes[name]) if rows is None else (lambda name: (rows,) + tuple(graph.shapes[name][1:]))
         if op.kind == LAYER:
             s, cfg = op.step, op.config
-            layer_index += 1
+            st["layer_index"] += 1
+            layer_index = st["layer_index"]
             x = local_shape(shape, INPUT_LAYOUT[cfg], k, rank)
-            out_global = graph.shapes[s.name]
-            sig, out_local = _layer_sig(s, cfg, x, out_global, k, rank, op.activation, not first)
-            first = False
+            out_global = glob(s.name)
+            sig, out_local = _layer_sig(s, cfg, x, out_global, k, rank, op.activation, not st["first"])
+            st["first"] = False
             b.compute(s.name, sig)
             # this layer's backward entry carries its index so that gradient buckets can follow it
             name, stream, dur, kind, sr, seg, _ = b.bwd[-1]
             b.bwd[-1] = (name, stream, dur, kind, sr, seg, layer_index if cfg == DATA else None)
-            params = [p for p in s.module.parameters() if p.requires_grad]
-            if cfg == DATA:
-                replicated += [(p.numel() * isz, layer_index, b.segment) for p in params]
+            params = [p for p in s.module.parameters() if p.requires_grad] if count_params else []
+            if not count_params:
+                pass
+            elif cfg == DATA:
+                replicated.extend((p.numel() * isz, layer_index, b.segment) for p in params)
                 local_params.append((sum(p.numel() for p in params), b.segment))
             else:
                 dim = 0 if cfg == SPLIT_OUT else 1
@@ -168,7 +244,7 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
             shape = out_global
         elif op.kind in (MODULE, DROP):
             s = op.step
-            out_global = graph.shapes[s.name]
+            out_global = glob(s.name)
             x, y = local_shape(shape, layout, k, rank), local_shape(out_global, layout, k, rank)
             if op.kind == DROP:
                 sig = OpSig("dropout", x, y)
@@ -194,16 +270,31 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
             b.bwd_collective("all_reduce (copy_to_group grad)", "all_reduce", numel, all_reduce_bytes(numel, k, rank, isz))
         else:  # pragma: no cover
             raise AssertionError(op.kind)
-    # The loss: cross-entropy over this rank's logits, and the collectives it issues.
-    b.segment = n_layers - 1
-    batch = graph.input_shape[0]
-    logits = local_shape(shape, layout, k, rank)
-    b.compute("loss", OpSig("loss", logits, (logits[0],), (layout == Layout.SHARD_CHANNEL,)))
-    if program.output_layout == Layout.SHARD_BATCH:
-        b.collective("all_reduce loss", "all_reduce", 1, all_reduce_bytes(1, k, rank, isz), "loss")
-    elif program.output_layout == Layout.SHARD_CHANNEL:
-        for kind, numel in parallel_cross_entropy_comm(batch, k):
-            b.collective("all_reduce loss", kind, numel, all_reduce_bytes(numel, k, rank, isz), "loss")
+        return shape, layout
+
+    def loss(shape, layout, batch):
+        """The loss: cross-entropy over this rank's logits, and the collectives it issues."""
+        b.segment = n_layers - 1
+        logits = local_shape(shape, layout, k, rank)
+        b.compute("loss", OpSig("loss", logits, (logits[0],), (layout == Layout.SHARD_CHANNEL,)))
+        if program.output_layout == Layout.SHARD_BATCH:
+            b.collective("all_reduce loss", "all_reduce", 1, all_reduce_bytes(1, k, rank, isz), "loss")
+        elif program.output_layout == Layout.SHARD_CHANNEL:
+            for kind, numel in parallel_cross_entropy_comm(batch, k):
+                b.collective("all_reduce loss", kind, numel, all_reduce_bytes(numel, k, rank, isz), "loss")
+
+    ops = program.ops
+    boundary = None  # schemes b/c: the batch all-gather into the head becomes K passes
+    if plan.scheme != "a":
+        boundary = next(i for i, op in enumerate(ops) if op.kind == ALL_GATHER and op.gather_of == "batch")
+    for op, seg in zip(ops[:boundary], segs):
+        shape, layout = emit(op, seg, shape, layout)
+    head_params = []  # (numel, segment) of the head, stepped after every pass with per_pass
+    if boundary is None:
+        loss(shape, layout, graph.input_shape[0])
+    else:
+        head_params = _head_passes(b, plan, graph.input_shape[0], shape, ops[boundary + 1:], segs[boundary + 1:],
+                                   segs[boundary], emit, loss, st, local_params)
     # Backward in reverse, chained; gradient buckets launch when their last gradient is ready.
     rep_bytes = [r[0] for r in replicated]
     buckets = bucket_indices(rep_bytes, 1 if granular else bucket_bytes) if (k > 1 and replicated) else []
@@ -231,12 +322,14 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
                                         all_reduce_bytes(numel, k, rank, isz), deps=tuple(done_layers[x] for x in sorted(need))))
                 pending[bi] = set()
     deps = tuple(sync_tasks) + ((b.last,) if b.last is not None else ())
+    if head_params:  # per_pass: the head stepped after each pass; the trunk steps here
+        local_params = local_params[:len(local_params) - len(head_params)]  # the head's come last
     groups = local_params if granular else [(sum(n for n, _ in local_params), len(local_params) - 1)]
     for n, seg in groups:
         b.segment = seg
         f, _ = b.cost.compute(OpSig("optimizer", (n,), ()))
         b.add("optimizer", COMPUTE, f, "opt", deps=deps)
-    nparams = sum(n for n, _ in local_params)
+    nparams = sum(n for n, _ in local_params) + sum(n for n, _ in head_params)
     param_bytes = nparams * isz * (2 + opt_states)
     bucket_peak = max((sum(rep_bytes[i] for i in bk) for bk in buckets), default=0)
     memory = param_bytes + b.activations + bucket_peak

@@ -20,7 +20,9 @@ from pyowt.planner.tasks import chain_tasks
 from ..parallel._models import small_alexnet
 from ._models import TinyResNet, tiny_chain
 
-PLANS = [("data", {}), ("model", {}), ("owt", {})]
+PLANS = [("data", {}), ("model", {}), ("owt", {}), ("owt", {"scheme": "b"}), ("owt", {"scheme": "c"}),
+         ("owt", {"scheme": "b", "fc_update": "per_pass"}), ("owt", {"scheme": "c", "fc_update": "per_pass"})]
+PLAN_IDS = ["-".join([p] + list(o.values())) for p, o in PLANS]
 
 
 def _volume(tasks):
@@ -35,7 +37,7 @@ def _volume(tasks):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("preset,options", PLANS, ids=[p for p, _ in PLANS])
+@pytest.mark.parametrize("preset,options", PLANS, ids=PLAN_IDS)
 def test_comm_bytes_equal_step_volume(k, preset, options):
     torch.manual_seed(0)
     model = small_alexnet()
@@ -162,3 +164,29 @@ def test_dag_capture_and_prediction():
     assert res.best.time <= min(p.time for p in res.presets.values())
     model_cfg = preset_configs(graph, "model")
     assert Evaluator(graph, cost, k).predict(model_cfg).comm_bytes > 0
+
+
+@pytest.mark.parametrize("scheme", ["b", "c"])
+def test_owt_passes_overlap_the_next_transfer_and_step_per_pass(scheme):
+    """Schemes b/c: K passes of the head; pass j+1's rows move while pass j computes, and
+    per_pass adds a head optimizer step after every pass."""
+    from pyowt.planner.simulator import simulate
+
+    torch.manual_seed(0)
+    model = small_alexnet()
+    k, shape = 3, (12, 3, 16, 16)
+    graph = capture(model, shape)
+    cost = CostModel(make_cluster("k20", k, "ethernet"))
+    move = "broadcast" if scheme == "b" else "all_gather"
+    acc = chain_tasks(graph, make_plan(model, "owt", scheme=scheme), cost, k, 0).tasks
+    per = chain_tasks(graph, make_plan(model, "owt", scheme=scheme, fc_update="per_pass"), cost, k, 0).tasks
+    moves = [i for i, t in enumerate(acc) if t.name.startswith(f"{move} pass")]
+    assert len(moves) == k
+    res = simulate([acc], overlap=True)
+    for j in range(k - 1):  # the transfer of pass j+1 starts before pass j's last head task ends
+        head_j = [i for i in range(moves[j + 1] + 1, moves[j + 2] if j + 2 < k else len(acc))
+                  if acc[i].stream == "compute" and acc[i].phase in ("fwd", "bwd")]
+        assert res.starts[0][moves[j + 1]] < max(res.ends[0][i] for i in head_j)
+    split_layers = sum(c != "data" for c in make_plan(model, "owt").layers.values())
+    assert split_layers > 0 and sum(t.name == "head optimizer" for t in per) == k * split_layers
+    assert sum(t.name == "optimizer" for t in per) == 1 and sum(t.name == "head optimizer" for t in acc) == 0
