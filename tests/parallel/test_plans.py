@@ -125,3 +125,17 @@ def _batch_smaller_than_k():
 
 def test_batch_smaller_than_workers(run_workers):
     assert run_workers(3, _batch_smaller_than_k) == [True] * 3
+
+
+def test_vgg11_presets_compile():
+    """torchvision's vgg11 is captured and every preset compiles into a program."""
+    import torchvision
+
+    model = torchvision.models.vgg11(weights=None, num_classes=10)
+    steps = capture_chain(model)
+    assert sum(s.kind == "conv" for s in steps) == 8 and sum(s.kind == "linear" for s in steps) == 3
+    for preset in ("data", "model", "owt"):
+        prog = compile_plan(make_plan(model, preset), steps)
+        assert prog.ops
+    owt = make_plan(model, "owt")
+    assert [owt.layers[n] for n in ("classifier.0", "classifier.3", "classifier.6")] == ["split_out", "split_in", "split_out"]
