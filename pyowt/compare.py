@@ -33,6 +33,8 @@ class StrategyResult:
     comm_bytes_per_iter: int
     comm_calls_per_iter: Dict[str, int]
     peak_rss_mb: float
+    # Parameters + gradients + optimizer state held by one worker (its shards), in MB.
+    state_mb: float = 0.0
     losses: List[float] = field(default_factory=list)
     max_loss_diff: Optional[float] = None
 
@@ -70,6 +72,15 @@ def _batches(data: str, steps: int, batch: int, size: int, seed: int):
         raise ValueError(f"data must be 'digits' or 'synthetic', got {data!r}")
 
 
+def _state_mb(params, optimizer) -> float:
+    """Bytes of parameters, their gradients and the optimizer's per-parameter tensors."""
+    total = 0
+    for p in params:
+        total += p.numel() * p.element_size() * (2 if p.grad is not None else 1)
+        total += sum(v.numel() * v.element_size() for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+    return total / 1e6
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -90,7 +101,7 @@ def _single_process(model_name, data, steps, batch, size, seed, lr):
         opt.step()
         losses.append(loss.item())
     rate = (steps - 1) * batch / (time.perf_counter() - t0) if steps > 1 else float("nan")
-    return StrategyResult("single", 1, rate, 0, {}, _peak_rss_mb(), losses)
+    return StrategyResult("single", 1, rate, 0, {}, _peak_rss_mb(), _state_mb(model.parameters(), opt), losses)
 
 
 def _worker(strategy, model_name, data, steps, batch, size, seed, lr):
@@ -115,7 +126,8 @@ def _worker(strategy, model_name, data, steps, batch, size, seed, lr):
     rate = (steps - 1) * batch / (time.perf_counter() - t0) if steps > 1 else float("nan")
     sent = stats.total_sent - stats["shape_exchange"].sent
     calls = {k: v for k, v in stats.calls.items() if k != "shape_exchange" and v}
-    return StrategyResult(pmodel.plan.name, pdist.get_world_size(), rate, sent, calls, _peak_rss_mb(), losses)
+    return StrategyResult(pmodel.plan.name, pdist.get_world_size(), rate, sent, calls, _peak_rss_mb(),
+                          _state_mb(pmodel.parameters(), opt), losses)
 
 
 def compare(model: str = "small", strategies: Sequence[str] = DEFAULT_STRATEGIES, workers: int = 2,
@@ -143,16 +155,17 @@ def compare(model: str = "small", strategies: Sequence[str] = DEFAULT_STRATEGIES
         results.append(r)
         out(f"  {r.strategy} done: {r.images_per_s:.1f} images/s")
     out("")
-    out(f"{'strategy':<12} {'images/s':>9} {'vs single':>9} {'comm MB/iter':>13} {'peak RSS MB':>12} "
+    out(f"{'strategy':<12} {'images/s':>9} {'vs single':>9} {'comm MB/iter':>13} {'state MB':>9} {'peak RSS MB':>12} "
         f"{'final loss':>11} {'max |dloss|':>12}")
     base = results[0].images_per_s
     for r in results:
         diff = "-" if r.max_loss_diff is None else f"{r.max_loss_diff:.2e}"
         out(f"{r.strategy:<12} {r.images_per_s:9.1f} {r.images_per_s / base:8.2f}x {r.comm_bytes_per_iter / 1e6:13.3f} "
-            f"{r.peak_rss_mb:12.0f} {r.losses[-1]:11.4f} {diff:>12}")
+            f"{r.state_mb:9.2f} {r.peak_rss_mb:12.0f} {r.losses[-1]:11.4f} {diff:>12}")
     if json_path:
         summary = {"model": model, "data": data, "batch": batch, "steps": steps, "workers": workers,
                    "results": [asdict(r) for r in results]}
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
         with open(json_path, "w") as f:
             json.dump(summary, f, indent=2)
         out(f"results written to {json_path}")
