@@ -28,6 +28,12 @@ int64_t linear_rows(const at::Tensor& x) {
   return rows;
 }
 
+std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(n);
+  return shape;
+}
+
 bool linear_is_relu(c10::string_view activation) {
   TORCH_CHECK(activation == "relu" || activation == "none",
               "activation must be \"relu\" or \"none\", got \"", std::string(activation), "\"");

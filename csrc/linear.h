@@ -4,11 +4,14 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace pyowt {
 
 // Rows of x seen as (rows, in_features).
 int64_t linear_rows(const at::Tensor& x);
+// x's shape with the last dim replaced by n (the output's shape).
+std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n);
 // True for "relu", false for "none"; any other string is an error naming it.
 bool linear_is_relu(c10::string_view activation);
 void check_linear_args(const at::Tensor& x, const at::Tensor& weight,

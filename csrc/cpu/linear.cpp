@@ -56,12 +56,6 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
   return stack[0].toTensor();
 }
 
-std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(n);
-  return shape;
-}
-
 at::Tensor linear_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                const std::optional<at::Tensor>& bias_in,
                                c10::string_view activation) {
@@ -82,7 +76,7 @@ at::Tensor linear_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight_
     y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
     if (relu) y.relu_();
   }
-  return y.reshape(out_shape(x_in, n));
+  return y.reshape(linear_out_shape(x_in, n));
 }
 
 // G = grad * (out > 0) (or grad itself when out is undefined) and, if wanted, its sum over

@@ -150,12 +150,6 @@ at::Tensor relu_grad_mask(const at::Tensor& grad, const at::Tensor& out) {
   return masked;
 }
 
-std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(n);
-  return shape;
-}
-
 at::Tensor linear_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
                                 const std::optional<at::Tensor>& bias_in,
                                 c10::string_view activation) {
@@ -175,7 +169,7 @@ at::Tensor linear_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& weight
     // Nothing for a GEMM to do; ATen handles the degenerate shapes.
     y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
     if (relu) y.relu_();
-    return y.reshape(out_shape(x_in, n));
+    return y.reshape(linear_out_shape(x_in, n));
   }
   y = at::empty({m, n}, x.options());
   const cublasLtEpilogue_t epilogue =
@@ -191,7 +185,7 @@ at::Tensor linear_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& weight
     if (bias.has_value()) y.add_(*bias);
     if (relu) y.relu_();
   }
-  return y.reshape(out_shape(x_in, n));
+  return y.reshape(linear_out_shape(x_in, n));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bias_act_backward_cuda(
