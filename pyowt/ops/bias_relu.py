@@ -14,6 +14,7 @@ import torch
 from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
+from ._autocast import autocast_inputs
 from .backend import register_op, resolve_backend
 
 OP = "bias_relu"
@@ -125,7 +126,11 @@ def bias_relu(x: torch.Tensor, bias: torch.Tensor, dim: int = 1, backend: Option
 
     Returns:
         Tensor of x's shape, dtype and device.
+
+    Under ``torch.autocast`` x and bias are cast to the autocast dtype first, like the
+    conv2d/linear whose epilogue this is.
     """
+    x, bias = autocast_inputs(x, bias)
     _checks.check_tensor(x, "x")
     _checks.check_tensor(bias, "bias")
     _checks.check_float_dtype(x, "x")

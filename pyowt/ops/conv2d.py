@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
+from ._autocast import autocast_inputs
 from .backend import register_op, resolve_backend
 
 OP = "conv2d_bias_act"
@@ -295,7 +296,11 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         TypeError / ValueError naming the offending argument (ranks, channels, dtypes,
         devices, groups, a kernel larger than the padded input, bad stride/padding/dilation,
         unknown activation or backend).
+
+    Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype first, as
+    ATen's conv2d is.
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
     chosen = resolve_backend(OP, x.device, backend)
     args = (list(shape.stride), list(shape.padding), list(shape.dilation), shape.groups, act)

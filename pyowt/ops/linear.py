@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
+from ._autocast import autocast_inputs
 from .backend import register_op, resolve_backend
 
 OP = "linear_bias_act"
@@ -189,7 +190,11 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
     Returns:
         ``(..., out_features)`` contiguous tensor of x's dtype and device.
+
+    Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype first, as
+    ATen's linear is.
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     act = _normalize_activation(activation)
     check_linear_args(x, weight, bias)
     chosen = resolve_backend(OP, x.device, backend)
