@@ -16,13 +16,24 @@ os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
 from torch.utils import cpp_extension  # noqa: E402
 
 
+def _std() -> str:
+    """The C++ standard torch's own cpp_extension would pick: C++20 from torch 2.13 on,
+    C++17 before (PYOWT_CXX_STD overrides), so a check against an older torch's headers
+    (PYTHONPATH=<unpacked wheel>) sees what that torch's build would see."""
+    if os.environ.get("PYOWT_CXX_STD"):
+        return os.environ["PYOWT_CXX_STD"]
+    import torch
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 13) else "c++17"
+
+
 def main(paths):
     incs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "build", "pyowt_include")]
     incs += cpp_extension.include_paths(device_type="cuda") if hasattr(cpp_extension, "include_paths") else []
     import sysconfig
     incs.append(sysconfig.get_paths()["include"])
     flags = [f"-I{p}" for p in incs] + ["-DPYOWT_WITH_CUDA=1", "-DTORCH_API_INCLUDE_EXTENSION_H",
-                                         "-DTORCH_EXTENSION_NAME=_C", "-std=c++20", "-O1"]
+                                         "-DTORCH_EXTENSION_NAME=_C", f"-std={_std()}", "-O1"]
     rc = 0
     with tempfile.TemporaryDirectory() as tmp:
         for path in paths:
@@ -36,7 +47,8 @@ def main(paths):
             print("compiling", path, flush=True)
             r = subprocess.run(cmd)
             rc = rc or r.returncode
-    print("OK" if rc == 0 else "FAILED")
+    import torch
+    print(("OK" if rc == 0 else "FAILED") + f" (torch {torch.__version__}, -std={_std()})")
     return rc
 
 

@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_backward_cuda(const at::Tensor& gra
   });
   // The per-channel sum goes through ATen's tuned reduction, accumulating in float.
   at::Tensor flat = grad_x.as_strided({l.outer, l.channels, l.inner}, {l.channels * l.inner, l.inner, 1});
-  at::Tensor grad_bias = flat.sum({0, 2}, /*keepdim=*/false, at::kFloat).to(out.scalar_type());
+  at::Tensor grad_bias = flat.sum(at::IntArrayRef{0, 2}, /*keepdim=*/false, at::kFloat).to(out.scalar_type());
   return {grad_x, grad_bias};
 }
 

@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cuda(
     grad_w = grad_w.contiguous(w_fmt);
   }
   // Stage 3: the bias gradient, accumulated in fp32.
-  at::Tensor grad_b = has_bias ? grad_pre.sum({0, 2, 3}, /*keepdim=*/false, at::kFloat).to(x.scalar_type())
+  at::Tensor grad_b = has_bias ? grad_pre.sum(at::IntArrayRef{0, 2, 3}, /*keepdim=*/false, at::kFloat).to(x.scalar_type())
                                : at::empty({0}, x.options());
   return {grad_x, grad_w, grad_b};
 }
