@@ -101,6 +101,43 @@ def _cublaslt_link():
     sys.exit("cannot build the CUDA sources: libcublasLt not found in " + ", ".join(dirs))
 
 
+def _torch_libstdcxx():
+    """Link arguments naming the libstdc++ that torch runs on in this process.
+
+    Some toolchains ship only a static libstdc++ (seen: the gcc 13 in /opt/gcc on the
+    GPU machines) and would copy a second C++ runtime into _C. Every TORCH_CHECK throws
+    from libc10 through our frames, whose personality routine then belongs to the other
+    runtime: the first argument error kills the process with a segmentation fault.
+    Naming torch's shared libstdc++ before the driver's implicit ``-lstdc++`` resolves
+    the runtime symbols there, so nothing is copied from the archive.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and os.path.basename(parts[5]).startswith("libstdc++.so"):
+                    return [parts[5]]
+    except OSError:
+        pass
+    return []
+
+
+def _check_one_cxx_runtime(path):
+    """Refuse an extension that carries its own C++ runtime (see _torch_libstdcxx)."""
+    nm = shutil.which("nm")
+    if nm is None or not os.path.exists(path):
+        return
+    out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True).stdout
+    own = [sym for sym in ("__cxa_throw", "__gxx_personality_v0") if any(
+        line.split()[-1] == sym for line in out.splitlines() if line.split())]
+    if own:
+        sys.exit(f"pyowt: {path} defines {', '.join(own)}: the C++ runtime was linked statically "
+                 f"(CXX={os.environ.get('CXX', 'c++')}), so exceptions thrown by torch would crash "
+                 "the process. Build with a compiler whose libstdc++ is shared.")
+
+
 def _want_cuda():
     if _flag("PYOWT_SKIP_CUDA"):
         return False, "PYOWT_SKIP_CUDA=1"
@@ -153,6 +190,7 @@ extension = extension_cls(
     libraries=libraries,
     library_dirs=library_dirs,
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+    extra_link_args=_torch_libstdcxx(),
 )
 
 
@@ -179,6 +217,7 @@ class BuildExtension(cpp_extension.BuildExtension):
             "sources": sources,
         }
         ext_path = self.get_ext_fullpath("pyowt._C")
+        _check_one_cxx_runtime(ext_path)
         os.makedirs(os.path.dirname(ext_path), exist_ok=True)
         with open(os.path.join(os.path.dirname(ext_path), "_build_info.json"), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)

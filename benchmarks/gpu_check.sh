@@ -62,10 +62,10 @@ if want tests; then
   log "tests (tests/ops on the GPU + NCCL, ${xdist[*]:-no xdist}) ..."
   t0=$SECONDS
   timeout "${TESTS_S:-180}" $PY -m pytest tests/ops tests/distributed/test_nccl_single_gpu.py "${xdist[@]}" \
-      -q -p no:cacheprovider -o addopts="-ra" --timeout 170 --durations=15 > "$OUT/tests.log" 2>&1
+      -v -p no:cacheprovider -o addopts="-ra" --timeout 170 --durations=15 > "$OUT/tests.log" 2>&1
   tests_rc=$?
   log "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1) (exit $tests_rc, $((SECONDS - t0)) s)"
-  grep -E '^(FAILED|ERROR)' "$OUT/tests.log" | head -30 | tee -a "$S"
+  grep -E '(FAILED|ERROR|node down)' "$OUT/tests.log" | grep -v '^tests' | head -40 | tee -a "$S"
 fi
 
 # --- benchmarks --------------------------------------------------------------------------
