@@ -5,12 +5,13 @@
 #
 # Stages, most important first, each under its own time limit so a slow one cannot eat
 # the next one's budget (seconds, overridable): build (BUILD_S=200), the GPU-side tests
-# (TESTS_S=180: tests/ops on the GPU, every backend, plus NCCL on one GPU; pytest-xdist
+# (TESTS_S=240: tests/ops on the GPU, every backend, plus NCCL on one GPU; pytest-xdist
 # spreads Triton's compiles over the cores when it is installed), the conv benchmark
 # (CONV_S=130), the linear benchmark (LINEAR_S=80), a bf16/NCCL training smoke run
 # (TRAIN_S=60). Everything lands in <folder> as it happens (at most 8 files: summary.txt,
-# build.log, tests.log, bench_conv.json, bench_linear.json, bench.log, train.log,
-# build_C.tgz), so a run stopped at any point still leaves what it did.
+# build.log, tests.log, failures.log, bench_conv.json, bench_linear.json, bench.log,
+# build_C.tgz), so a run stopped at any point still leaves what it did: failures.log gets
+# each failing test's traceback the moment it fails (tests/conftest.py, PYOWT_FAILURE_LOG).
 #
 # build_C.tgz holds the compiled extension: put it at .gpubuild/build_C.tgz and a later
 # run on the same image (same torch) reuses it instead of compiling (STAGES=... picks
@@ -58,10 +59,10 @@ fi
 tests_rc=0
 if want tests; then
   xdist=()
-  $PY -c 'import xdist' 2>/dev/null && xdist=(-n "${TEST_PROCS:-12}")
+  $PY -c 'import xdist' 2>/dev/null && xdist=(-n "${TEST_PROCS:-14}")
   log "tests (tests/ops on the GPU + NCCL, ${xdist[*]:-no xdist}) ..."
   t0=$SECONDS
-  timeout "${TESTS_S:-180}" $PY -m pytest tests/ops tests/distributed/test_nccl_single_gpu.py "${xdist[@]}" \
+  PYOWT_FAILURE_LOG="$OUT/failures.log" timeout "${TESTS_S:-240}" $PY -m pytest tests/ops tests/distributed/test_nccl_single_gpu.py "${xdist[@]}" \
       -v -p no:cacheprovider -o addopts="-ra" --timeout 170 --durations=15 > "$OUT/tests.log" 2>&1
   tests_rc=$?
   log "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1) (exit $tests_rc, $((SECONDS - t0)) s)"
@@ -90,9 +91,10 @@ if want train; then
   log "train smoke (digits, owt, 1 GPU worker, bf16) ..."
   t0=$SECONDS
   timeout "${TRAIN_S:-60}" $PY -m pyowt train --data digits --strategy owt --workers 1 --device cuda \
-      --precision bf16 --epochs 3 --json /tmp/train_results.json --plot /tmp/train.png > "$OUT/train.log" 2>&1
+      --precision bf16 --epochs 3 --json /tmp/train_results.json --plot /tmp/train.png > /tmp/train.log 2>&1
   train_rc=$?
-  log "train: exit $train_rc ($((SECONDS - t0)) s): $(grep -iE 'accuracy|error' "$OUT/train.log" | tail -2 | tr '\n' ' ')"
+  log "train: exit $train_rc ($((SECONDS - t0)) s)"
+  tail -6 /tmp/train.log | tee -a "$S"
 fi
 
 log "done (tests exit $tests_rc, benchmarks exit $bench_rc, train exit $train_rc)"

@@ -25,6 +25,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_runtest_logreport(report):
+    """With PYOWT_FAILURE_LOG set, append each failure to that file as soon as it is
+    reported, so a run stopped by a time limit (the GPU check) still leaves tracebacks.
+    Under xdist only the controller writes (workers forward their reports to it)."""
+    path = os.environ.get("PYOWT_FAILURE_LOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path, "a") as f:
+        f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture(scope="session")
 def worker_pools():
     pools = PoolCache()

@@ -1,4 +1,6 @@
 """Numerical helpers shared by the tests."""
+import contextlib
+
 import torch
 
 # ||out - ref|| / ||ref|| bounds by compute dtype, against a float64 reference.
@@ -21,3 +23,34 @@ def assert_close_rel(out, ref, dtype, what="output", tol=None):
     tol = REL_TOL[dtype] if tol is None else tol
     err = rel_err(out, ref)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g} ({dtype})"
+
+
+@contextlib.contextmanager
+def fp32_precision(tf32: bool):
+    """Run cuDNN convolutions and cuBLAS matmuls on float32 in TF32 (``tf32=True``) or in
+    full precision, then restore the previous settings.
+
+    From torch 2.9 the per-operator flags (``torch.backends.cudnn.conv.fp32_precision``)
+    are what convolutions read; the legacy ``allow_tf32`` setters do not reliably reach
+    them, and reading a legacy flag while conv and rnn disagree raises. So set conv, rnn
+    and matmul together through the new API when it exists, the legacy flags before.
+    """
+    cudnn = torch.backends.cudnn
+    value = "tf32" if tf32 else "ieee"
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        targets = [cudnn.conv, cudnn.rnn, torch.backends.cuda.matmul]
+        saved = [t.fp32_precision for t in targets]
+        for t in targets:
+            t.fp32_precision = value
+        try:
+            yield
+        finally:
+            for t, v in zip(targets, saved):
+                t.fp32_precision = v
+    else:
+        saved = cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

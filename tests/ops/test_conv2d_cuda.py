@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pyowt import _extension
 
-from ..utils import assert_close_rel, rel_err
+from ..utils import assert_close_rel, fp32_precision, rel_err
 
 
 def _reference(x, weight, bias, stride, padding, dilation, groups, activation):
@@ -299,10 +299,8 @@ def ops():
 @pytest.fixture
 def tf32(request):
     """Set torch's TF32 flags to ``request.param`` for the test, then restore them."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = request.param
-    yield request.param
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with fp32_precision(request.param):
+        yield request.param
 
 
 def _random_configs(count, seed):
