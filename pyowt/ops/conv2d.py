@@ -21,12 +21,14 @@ from ._autocast import autocast_inputs
 from .backend import register_op, resolve_backend
 
 OP = "conv2d_bias_act"
-# The CUDA default follows the Triton/CUDA kernels landing in parallel: revisit this order
-# with the benchmark (benchmarks/test_bench_conv.py) on an H100.
+# The default is the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, batch
+# 128, 2026-11-26): cuDNN through ATen beat our CUDA kernel (0.59x forward over AlexNet's
+# convs, 0.52x forward+backward) and our Triton kernel (0.27x, 0.19x). Ours stay one
+# argument or PYOWT_BACKEND_CONV2D_BIAS_ACT=cuda|triton away; revisit with each kernel change.
 register_op(
     OP,
     implemented=("triton", "cuda", "cpu", "aten"),
-    prefer_cuda=("cuda", "triton", "aten"),
+    prefer_cuda=("aten", "cuda", "triton"),
     prefer_cpu=("cpu", "aten"),
 )
 
@@ -281,12 +283,13 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         weight: ``(C_out, C_in / groups, R, S)``, x's dtype and device.
         bias: ``(C_out,)`` or None.
         stride, dilation: int or pair, >= 1. padding: int or pair, >= 0 (zero padding).
-        groups: divides C_in and C_out. Every backend runs any ``groups`` natively (the
-            Triton kernels put the group on a grid axis), so there is no ATen fallback.
+        groups: divides C_in and C_out. The Triton kernels (the group on a grid axis) and
+            the CPU backend run any ``groups``; the CUDA kernel runs ``groups=1`` and hands
+            other groups to cuDNN.
         activation: ``"relu"`` (default) or ``None``/``"none"``.
-        backend: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"aten"``; default: the C++ kernel
-            for the device (on CUDA, then Triton, then ATen: the order will follow the
-            benchmark results), see :mod:`pyowt.ops.backend`.
+        backend: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"aten"``; default: ``"cpu"`` on
+            CPU tensors, ``"aten"`` (cuDNN) on CUDA tensors, the fastest measured so far
+            (see benchmarks/RESULTS.md), then the others; see :mod:`pyowt.ops.backend`.
 
     Returns:
         ``(N, C_out, H_out, W_out)`` in x's memory format (channels_last in, channels_last

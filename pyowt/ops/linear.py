@@ -22,10 +22,14 @@ from .backend import register_op, resolve_backend
 OP = "linear_bias_act"
 # CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
 # forward and forward+backward; see benchmarks/test_bench_linear.py), so it comes first.
+# Default: the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, 2026-11-26):
+# cuBLAS through ATen beat our cuBLASLt-epilogue op (0.80x forward, 0.77x forward+backward
+# over AlexNet's FC shapes, the gap being mostly per-call host cost) and our Triton GEMM
+# (0.37x, 0.41x). PYOWT_BACKEND_LINEAR_BIAS_ACT=cuda|triton selects ours.
 register_op(
     OP,
     implemented=("triton", "cuda", "cpu", "aten"),
-    prefer_cuda=("cuda", "triton", "aten"),
+    prefer_cuda=("aten", "cuda", "triton"),
     prefer_cpu=("cpu", "aten"),
 )
 
