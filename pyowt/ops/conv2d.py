@@ -131,10 +131,12 @@ if _extension.STATUS.loaded:
     def _conv_backward(ctx, grad):
         x, weight, out = ctx.saved_tensors
         stride, padding, dilation, groups, activation = ctx.conv
-        if x.device.type == "cpu" and not ctx.needs_input_grad[0]:
+        if not ctx.needs_input_grad[0]:
             # A network's first layer needs no input gradient, and the C++ schema has no
             # output mask: computing it anyway costs 2-3x the whole backward of a
-            # stride-4 11x11 layer. So run what the CPU kernel runs, without grad_x.
+            # stride-4 11x11 layer on CPU, 7x on an H200 (8.97 ms against cuDNN's 1.28 ms
+            # for AlexNet's conv1 at batch 128). So run what the C++ kernels run (the ReLU
+            # mask, then oneDNN/cuDNN through ATen), without grad_x.
             masked = torch.ops.aten.threshold_backward(grad, out, 0) if out is not None else grad
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 masked, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,

@@ -411,24 +411,25 @@ def test_cpp_op_checks_its_arguments():
         torch.ops.pyowt.conv2d_bias_act_backward(out, X, W, out[:, :3], *std, False)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_weight_gradients_without_input_gradient(backend):
     """A first layer (input without grad) still gets exact weight and bias gradients."""
-    if backend == "cpu" and not _extension.STATUS.loaded:
-        pytest.skip("extension not built")
-    if backend == "triton":
-        from pyowt.ops.backend import unavailable_reason
-        if unavailable_reason("triton", torch.device("cpu")) is not None:
-            pytest.skip("triton cannot run on CPU here")
+    from pyowt.ops.backend import unavailable_reason
+    device = torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+                          else "cpu")
+    why = unavailable_reason(backend, device)
+    if why is not None:
+        pytest.skip(why)
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 3, 11, 9, generator=g)
-    w = torch.randn(5, 3, 3, 3, generator=g, requires_grad=True)
-    b = torch.randn(5, generator=g, requires_grad=True)
-    out = conv2d_bias_act(x, w, b, stride=2, padding=1, backend=backend)
-    gout = torch.randn(out.shape, generator=g)
-    gw, gb = torch.autograd.grad(out, [w, b], gout)
-    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    ref = F.relu(F.conv2d(x.double(), w64, b64, 2, 1))
-    rw, rb = torch.autograd.grad(ref, [w64, b64], gout.double())
+    x = torch.randn(2, 3, 11, 9, generator=g).to(device)
+    w = torch.randn(5, 3, 3, 3, generator=g).to(device).requires_grad_()
+    b = torch.randn(5, generator=g).to(device).requires_grad_()
+    with fp32_precision(tf32=False):
+        out = conv2d_bias_act(x, w, b, stride=2, padding=1, backend=backend)
+        gout = torch.randn(out.shape, generator=g).to(device)
+        gw, gb = torch.autograd.grad(out, [w, b], gout)
+    w64, b64 = w.detach().cpu().double().requires_grad_(), b.detach().cpu().double().requires_grad_()
+    ref = F.relu(F.conv2d(x.cpu().double(), w64, b64, 2, 1))
+    rw, rb = torch.autograd.grad(ref, [w64, b64], gout.cpu().double())
     assert_close_rel(gw, rw, torch.float32, "grad weight")
     assert_close_rel(gb, rb, torch.float32, "grad bias")
