@@ -1,4 +1,4 @@
-"""Predicted against measured step time of data, model, owt and auto on K Gloo workers (CPU).
+"""Predicted against measured step time of data, model, owt (schemes a, b, c) and auto on K Gloo workers (CPU).
 
 For each K, K processes (one intra-op thread each) capture the model, profile its ops on
 this CPU at the same time (so the profile sees the contention of the real run), fit
@@ -56,7 +56,7 @@ def _time_plan(model, plan, batch, size, steps, warmup):
 
 def _worker(batch, size, steps, warmup, cache_dir, overlap):
     from pyowt.parallel.plan import Plan, make_plan
-    from pyowt.planner.auto import Evaluator, preset_configs, search
+    from pyowt.planner.auto import Evaluator, search
     from pyowt.planner.capture import capture
     from pyowt.planner.costs import CostModel, Profiler, measure_comm
     from pyowt.planner.specs import DEVICES, LINKS, ClusterSpec
@@ -77,12 +77,14 @@ def _worker(batch, size, steps, warmup, cache_dir, overlap):
         cost.profiler.save()
     ev = Evaluator(graph, cost, k, overlap=overlap)
     serial = Evaluator(graph, cost, k, overlap=False)  # diagnostic: communication not overlapped
-    plans = [(p, make_plan(model, p), preset_configs(graph, p)) for p in ("data", "model", "owt")]
-    plans.append(("auto", auto, tuple(auto.layers[n.name] for n in graph.weight_nodes)))
+    plans = [(p, make_plan(model, p)) for p in ("data", "model", "owt")]
+    plans.append(("auto", auto))
+    plans += [(f"owt({s})", make_plan(model, "owt", scheme=s)) for s in ("b", "c")]
     rows = []
-    for name, plan, configs in plans:
-        pred = ev.predict(configs, name)
-        pred_serial = serial.predict(configs, name)
+    for name, plan in plans:
+        configs = tuple(plan.layers[n.name] for n in graph.weight_nodes)
+        pred = ev.predict_plan(plan, name)
+        pred_serial = serial.predict_plan(plan, name)
         measured = _time_plan(model, plan, batch, size, steps, warmup)
         rows.append({"workers": k, "strategy": name, "predicted_ms": pred.time * 1e3, "measured_ms": measured * 1e3,
                      "error": pred.time / measured - 1, "configs": list(configs),

@@ -109,6 +109,27 @@ class Evaluator:
         sent = sum(t.sent for t in st.tasks)
         return Prediction(name, configs, res.time, st.memory, sent, feasible, res.busy("compute"), res.busy("comm"))
 
+    def predict_plan(self, plan, name: Optional[str] = None) -> Prediction:
+        """:meth:`predict` for a whole :class:`~pyowt.parallel.plan.Plan`, its ``scheme``
+        and ``fc_update`` included (OWT's schemes b and c are properties of the plan, not
+        of any layer's config). Chains only: the DAG tasks model scheme a."""
+        configs = tuple(plan.layers[n.name] for n in self.graph.weight_nodes)
+        name = name or plan.name or "plan"
+        if not self.valid(configs):
+            return Prediction(name, configs, math.inf, math.inf, 0, feasible=False)
+        if plan.scheme != "a" and not self.graph.is_chain:
+            raise ValueError(f"plan {name!r}: scheme {plan.scheme!r} is modelled for chain models only")
+        if not self.graph.is_chain:
+            return self.predict(configs, name)
+        from .tasks import chain_tasks
+
+        st = chain_tasks(self.graph, plan, self.cost, self.k, 0, self.bucket_bytes)
+        res = self.sim.run(st.tasks)
+        self.evaluations += 1
+        feasible = self.memory_limit is None or st.memory <= self.memory_limit
+        return Prediction(name, configs, res.time, st.memory, sum(t.sent for t in st.tasks), feasible,
+                          res.busy("compute"), res.busy("comm"))
+
     def objective(self, configs: Configs) -> float:
         """Step time, with plans over the memory limit pushed above every feasible one."""
         p = self.predict(configs)

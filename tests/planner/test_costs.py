@@ -190,3 +190,23 @@ def test_owt_passes_overlap_the_next_transfer_and_step_per_pass(scheme):
     split_layers = sum(c != "data" for c in make_plan(model, "owt").layers.values())
     assert split_layers > 0 and sum(t.name == "head optimizer" for t in per) == k * split_layers
     assert sum(t.name == "optimizer" for t in per) == 1 and sum(t.name == "head optimizer" for t in acc) == 0
+
+
+def test_predict_plan_models_the_plan_scheme():
+    """predict_plan equals predict for scheme a, simulates the plan's own tasks for b/c."""
+    from pyowt.planner.simulator import simulate
+
+    torch.manual_seed(0)
+    model = small_alexnet()
+    k, shape = 3, (12, 3, 16, 16)
+    graph = capture(model, shape)
+    cost = CostModel(make_cluster("k20", k, "ethernet"))
+    ev = Evaluator(graph, cost, k)
+    owt_a = ev.predict_plan(make_plan(model, "owt"))
+    assert owt_a.time == ev.predict(preset_configs(graph, "owt")).time
+    for scheme in ("b", "c"):
+        plan = make_plan(model, "owt", scheme=scheme)
+        got = ev.predict_plan(plan)
+        want = simulate([chain_tasks(graph, plan, cost, k, 0).tasks], overlap=True).time
+        assert got.time == pytest.approx(want) and got.name == plan.name
+        assert got.time != owt_a.time  # the passes change the schedule
