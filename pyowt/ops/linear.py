@@ -85,12 +85,8 @@ def _saved(ctx, grad):
 if _extension.STATUS.loaded:
     torch.library.register_fake("pyowt::linear_bias_act")(_fake_forward)
     torch.library.register_fake("pyowt::linear_bias_act_backward")(_fake_backward)
-
-    def _linear_backward(ctx, grad):
-        gx, gw, gb = torch.ops.pyowt.linear_bias_act_backward(*_saved(ctx, grad))
-        return gx, gw, (gb if ctx.has_bias else None), None
-
-    torch.library.register_autograd("pyowt::linear_bias_act", _linear_backward, setup_context=_setup_context)
+    # The C++ op's autograd is registered in C++ (csrc/linear_autograd.cpp): a Python one
+    # costs more host time per call than the GPU work at AlexNet's FC sizes.
 
 
 # --- Triton registration -----------------------------------------------------------------

@@ -1,0 +1,85 @@
+// Autograd of pyowt::linear_bias_act, in C++ for every device the C++ kernels serve.
+//
+// Why not torch.library.register_autograd in Python: these ops sit on the per-layer hot
+// path, and at AlexNet's FC sizes a GPU forward+backward is host-bound (benchmarks/
+// RESULTS.md, H200). The Python wrapper (argument defaults, a Python autograd.Function,
+// a redispatch) cost more per call than the whole of ATen's F.linear + relu; a C++
+// autograd::Function costs a fraction of that, and opcheck / torch.compile see an
+// ordinary Autograd kernel.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace pyowt {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_forward(const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, c10::string_view activation) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyowt::linear_bias_act", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, c10::string_view)>();
+  return op.call(x, weight, bias, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+    c10::string_view activation, bool has_bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyowt::linear_bias_act_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              c10::string_view, bool)>();
+  return op.call(grad_out, x, weight, out, activation, has_bias);
+}
+
+class LinearBiasAct : public torch::autograd::Function<LinearBiasAct> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, c10::string_view activation) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = call_forward(x, weight, bias, activation);
+    }
+    const bool relu = activation == "relu";
+    // The output is kept only for the ReLU mask.
+    ctx->save_for_backward({x, weight, relu ? out : at::Tensor()});
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const at::Tensor& grad = grads[0];
+    // With "none" the kernels never read `out`.
+    const at::Tensor out = saved[2].defined() ? saved[2] : at::empty({0}, grad.options());
+    auto [grad_x, grad_w, grad_b] = call_backward(grad, saved[0], saved[1], out, activation, has_bias);
+    return {grad_x, grad_w, has_bias ? grad_b : at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor linear_bias_act_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    c10::string_view activation) {
+  return LinearBiasAct::apply(x, weight, bias, activation);
+}
+
+}  // namespace
+}  // namespace pyowt
+
+TORCH_LIBRARY_IMPL(pyowt, Autograd, m) {
+  m.impl("linear_bias_act", &pyowt::linear_bias_act_autograd);
+}
