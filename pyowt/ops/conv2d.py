@@ -128,28 +128,8 @@ if _extension.STATUS.loaded:
                             activation, has_bias):
         return _grad_shapes_fake(x, weight, has_bias)
 
-    def _conv_backward(ctx, grad):
-        x, weight, out = ctx.saved_tensors
-        stride, padding, dilation, groups, activation = ctx.conv
-        if not ctx.needs_input_grad[0]:
-            # A network's first layer needs no input gradient, and the C++ schema has no
-            # output mask: computing it anyway costs 2-3x the whole backward of a
-            # stride-4 11x11 layer on CPU, 7x on an H200 (8.97 ms against cuDNN's 1.28 ms
-            # for AlexNet's conv1 at batch 128). So run what the C++ kernels run (the ReLU
-            # mask, then oneDNN/cuDNN through ATen), without grad_x.
-            masked = torch.ops.aten.threshold_backward(grad, out, 0) if out is not None else grad
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                masked, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding,
-                dilation, False, [0, 0], groups, [False, True, ctx.has_bias])
-            grad_w = grad_w.contiguous(memory_format=_checks.preferred_memory_format(weight, 1))
-            return None, grad_w, grad_b, None, None, None, None, None
-        # With "none" the op ignores `out` beyond its shape: pass the gradient instead.
-        grad_x, grad_w, grad_b = torch.ops.pyowt.conv2d_bias_act_backward(
-            grad, x, weight, grad if out is None else out, stride, padding, dilation, groups,
-            activation, ctx.has_bias)
-        return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None, None, None, None
-
-    torch.library.register_autograd("pyowt::conv2d_bias_act", _conv_backward, setup_context=_setup_context)
+    # The C++ op's autograd is registered in C++ (csrc/conv2d_autograd.cpp: host cost, and
+    # the first layer's backward skips the input gradient there).
 
 
 # --- Triton registration -----------------------------------------------------------------

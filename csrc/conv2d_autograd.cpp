@@ -1,0 +1,119 @@
+// Autograd of pyowt::conv2d_bias_act, in C++ for every device the C++ kernels serve
+// (the reason it is not Python: csrc/linear_autograd.cpp).
+//
+// A network's first layer needs no input gradient, and the backward schema has no output
+// mask: computing it anyway cost 2-3x the whole backward of a stride-4 11x11 layer on
+// CPU and 7x on an H200 (benchmarks/RESULTS.md). Without it the backward runs what the
+// C++ kernels run (the ReLU mask, then oneDNN/cuDNN through ATen) minus grad_x.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "channel_layout.h"
+
+namespace pyowt {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_forward(const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                        c10::string_view activation) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyowt::conv2d_bias_act", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                            c10::string_view)>();
+  return op.call(x, weight, bias, stride, padding, dilation, groups, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    c10::string_view activation, bool has_bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyowt::conv2d_bias_act_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view, bool)>();
+  return op.call(grad_out, x, weight, out, stride, padding, dilation, groups, activation, has_bias);
+}
+
+class Conv2dBiasAct : public torch::autograd::Function<Conv2dBiasAct> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                            c10::string_view activation) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      out = call_forward(x, weight, bias, stride, padding, dilation, groups, activation);
+    }
+    const bool relu = activation == "relu";
+    ctx->save_for_backward({x, weight, relu ? out : at::Tensor()});  // out: the ReLU mask only
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& out = saved[2];
+    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
+    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
+    const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const at::Tensor& grad = grads[0];
+    at::Tensor grad_x, grad_w, grad_b;
+    if (!ctx->needs_input_grad(0)) {
+      const at::Tensor masked = out.defined() ? at::threshold_backward(grad, out, 0) : grad;
+      const int64_t c_out = weight.size(0);
+      const at::OptionalIntArrayRef bias_sizes =
+          has_bias ? at::OptionalIntArrayRef(at::IntArrayRef(&c_out, 1)) : at::OptionalIntArrayRef();
+      std::tie(std::ignore, grad_w, grad_b) = at::convolution_backward(
+          masked, x, weight, bias_sizes, stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+          {false, true, has_bias});
+      grad_w = grad_w.contiguous(preferred_format(weight, 1));
+    } else {
+      // With "none" the op reads `out` for its shape only: pass the gradient instead.
+      std::tie(grad_x, grad_w, grad_b) = call_backward(grad, x, weight, out.defined() ? out : grad,
+                                                       stride, padding, dilation, groups,
+                                                       activation, has_bias);
+    }
+    return {grad_x, grad_w, has_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor conv2d_bias_act_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t groups, c10::string_view activation) {
+  return Conv2dBiasAct::apply(x, weight, bias, stride, padding, dilation, groups, activation);
+}
+
+}  // namespace
+}  // namespace pyowt
+
+TORCH_LIBRARY_IMPL(pyowt, Autograd, m) {
+  m.impl("conv2d_bias_act", &pyowt::conv2d_bias_act_autograd);
+}
