@@ -46,3 +46,22 @@ def test_hang_ends_in_error_and_pool_restarts(run_workers):
         run_workers(2, _hang_unless_rank0, timeout=5)
     assert time.monotonic() - t0 < 30
     assert run_workers(2, _rank_and_sum)[0] == (0, 2, 3.0)
+
+
+def test_idle_pools_close_when_memory_runs_low(monkeypatch):
+    from . import workers
+
+    cache = workers.PoolCache()
+    try:
+        assert cache.run(1, _rank_and_sum) == [(0, 1, 1.0)]
+        one = cache.get(1)
+        procs = list(one.procs)
+        monkeypatch.setattr(workers, "available_memory", lambda: workers.LOW_MEMORY_BYTES + 1)
+        cache.run(2, _rank_and_sum)
+        assert cache.get(1) is one and one.alive  # enough memory: the K=1 pool stays
+        monkeypatch.setattr(workers, "available_memory", lambda: workers.LOW_MEMORY_BYTES - 1)
+        assert cache.run(2, _rank_and_sum) == [(0, 2, 3.0), (1, 2, 3.0)]
+        assert 1 not in cache._pools and not any(p.is_alive() for p in procs)  # low memory: it went
+    finally:
+        cache.close()
+    assert workers.available_memory() is None or workers.available_memory() > 0

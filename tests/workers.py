@@ -22,7 +22,7 @@ import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import wait
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 # Collectives that never complete surface as errors after this long, inside the workers.
 PG_TIMEOUT_S = 60
@@ -153,11 +153,38 @@ class WorkerPool:
         self.conns = []
 
 
+# Below this much available memory the idle pools of other world sizes are closed before
+# a run: worker processes keep what their last test allocated, and the slow tests over
+# torchvision's AlexNet (2-4 GB per worker) OOM-killed workers on a 24 GiB machine with
+# the pools of K = 1..4 (10 processes) alive together.
+LOW_MEMORY_BYTES = 8 << 30
+
+
+def available_memory() -> Optional[int]:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class PoolCache:
-    """One live pool per world size, restarted after a failure that killed it."""
+    """One live pool per world size, restarted after a failure that killed it; idle pools
+    are closed when memory runs low."""
 
     def __init__(self):
         self._pools = {}
+
+    def _free_idle_pools(self, keep: int) -> None:
+        avail = available_memory()
+        if avail is None or avail >= LOW_MEMORY_BYTES:
+            return
+        for k in [k for k in self._pools if k != keep]:
+            self._pools.pop(k).close()
 
     def get(self, world_size: int) -> WorkerPool:
         pool = self._pools.get(world_size)
@@ -167,6 +194,7 @@ class PoolCache:
         return pool
 
     def run(self, world_size: int, fn: Callable, *args, timeout: float = 120.0, **kwargs) -> List[Any]:
+        self._free_idle_pools(keep=world_size)
         return self.get(world_size).run(fn, *args, timeout=timeout, **kwargs)
 
     def close(self) -> None:

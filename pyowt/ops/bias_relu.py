@@ -57,12 +57,7 @@ if _extension.STATUS.loaded:
     def _bias_relu_backward_fake(grad_out, out, dim):
         return _fake_like(out, dim), out.new_empty(out.shape[dim])
 
-    def _bias_relu_backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        grad_x, grad_bias = torch.ops.pyowt.bias_relu_backward(grad, out, ctx.dim)
-        return grad_x, grad_bias, None
-
-    torch.library.register_autograd("pyowt::bias_relu", _bias_relu_backward, setup_context=_setup_context)
+    # The C++ op's autograd is registered in C++ (csrc/bias_relu_autograd.cpp: host cost).
 
 
 # --- Triton registration -----------------------------------------------------------------
