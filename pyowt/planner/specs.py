@@ -69,6 +69,13 @@ DEVICES: Dict[str, DeviceSpec] = {
     # H100 SXM5: 67 TFLOP/s fp32, 495 tf32, 989 bf16/fp16 dense; 3.35 TB/s HBM3; 80 GB.
     "h100": DeviceSpec("h100", {"fp32": 67 * T, "tf32": 495 * T, "fp16": 989 * T, "bf16": 989 * T}, 3.35e12, 80e9,
                        eff=0.6, overhead=6e-6),
+    # H200 SXM: the H100's rates with 4.8 TB/s HBM3e and 141 GB. Measured on one here
+    # (2026-11-26, benchmarks/RESULTS.md): bf16 GEMM 758 TFLOP/s (0.77 of peak), device
+    # copy 3.89 TB/s (0.81); cuDNN ran AlexNet's convs 2-5 at batch 128 at 194-271 TFLOP/s
+    # (0.20-0.27), conv1 at 24. eff stays the H100's 0.6 between the two until the planner
+    # profiles a GPU.
+    "h200": DeviceSpec("h200", {"fp32": 67 * T, "tf32": 495 * T, "fp16": 989 * T, "bf16": 989 * T}, 4.8e12, 141e9,
+                       eff=0.6, eff_bw=0.8, overhead=6e-6),
     # A100 SXM4 80 GB: 19.5 fp32, 156 tf32, 312 bf16/fp16; 2.04 TB/s.
     "a100": DeviceSpec("a100", {"fp32": 19.5 * T, "tf32": 156 * T, "fp16": 312 * T, "bf16": 312 * T}, 2.04e12, 80e9,
                        eff=0.6, overhead=6e-6),
