@@ -167,6 +167,7 @@ def capture(model: nn.Module, input_shape: Sequence[int]) -> ModelGraph:
         steps = None
     nodes: List[Node] = []
     names: Dict[fx.Node, str] = {}
+    seen: Dict[str, int] = {}  # uses of each module so far
     placeholder = None
     for n in gm.graph.nodes:
         if n.op == "placeholder":
@@ -178,6 +179,12 @@ def capture(model: nn.Module, input_shape: Sequence[int]) -> ModelGraph:
             continue
         kind, mod = _dag_kind(n, modules)
         name = str(n.target) if n.op == "call_module" else n.name
+        if name in seen and kind not in (CONV, LINEAR):
+            # A module applied more than once (ResNet's one ReLU per block): each use is
+            # its own node. Weight layers keep the module's name, which plans key on.
+            seen[name] += 1
+            name = f"{name}#{seen[name]}"
+        seen.setdefault(name, 1)
         names[n] = name
         ins = [a for a in n.all_input_nodes if a is not placeholder]
         in_shape = shapes[n.all_input_nodes[0]] if n.all_input_nodes else shape

@@ -210,3 +210,19 @@ def test_predict_plan_models_the_plan_scheme():
         want = simulate([chain_tasks(graph, plan, cost, k, 0).tasks], overlap=True).time
         assert got.time == pytest.approx(want) and got.name == plan.name
         assert got.time != owt_a.time  # the passes change the schedule
+
+
+def test_capture_names_each_use_of_a_reused_module():
+    """ResBlock applies one ReLU twice: two nodes, two names, each with its own shape."""
+    graph = capture(TinyResNet(), (2, 3, 8, 8))
+    names = [n.name for n in graph.nodes]
+    assert len(names) == len(set(names)), names
+    relus = [n for n in graph.nodes if n.name.split("#")[0].endswith("relu")]
+    assert any("#" in n.name for n in relus)
+    known = set()
+    for n in graph.nodes:
+        assert all(i in known for i in n.inputs), (n.name, n.inputs)  # inputs name earlier nodes
+        assert graph.node(n.name) is n and graph.shapes[n.name] == n.shape
+        known.add(n.name)
+    assert [n.name for n in graph.weight_nodes] == [n for n, m in TinyResNet().named_modules()
+                                                      if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
