@@ -130,8 +130,8 @@ def _check_one_cxx_runtime(path):
     if nm is None or not os.path.exists(path):
         return
     out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True).stdout
-    own = [sym for sym in ("__cxa_throw", "__gxx_personality_v0") if any(
-        line.split()[-1] == sym for line in out.splitlines() if line.split())]
+    defined = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    own = [sym for sym in ("__cxa_throw", "__gxx_personality_v0") if sym in defined]
     if own:
         sys.exit(f"pyowt: {path} defines {', '.join(own)}: the C++ runtime was linked statically "
                  f"(CXX={os.environ.get('CXX', 'c++')}), so exceptions thrown by torch would crash "

@@ -29,6 +29,14 @@ def _per_call_us(fn, calls: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def _step(fn, mode: str, inputs, grad):
+    """One timed call: the forward under no_grad, or forward + ``autograd.grad``."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return fn()
+    return torch.autograd.grad(fn(), inputs, grad)
+
+
 def rows(device: torch.device, calls: int):
     from pyowt.ops import bias_relu, conv2d_bias_act, linear_bias_act
     from pyowt.ops.backend import resolve_backend
@@ -50,16 +58,10 @@ def rows(device: torch.device, calls: int):
     native = "cuda" if device.type == "cuda" else "cpu"
     for name, inputs, grad, ours, ref in cases:
         for be in sorted({native, resolve_backend(name, device)}):
+            fn = ours(be)
             for mode in ("fwd", "fwd+bwd"):
-                if mode == "fwd":
-                    def run(f):
-                        with torch.no_grad():
-                            return f()
-                    t_ours = _per_call_us(lambda: run(ours(be)), calls, device)
-                    t_ref = _per_call_us(lambda: run(ref), calls, device)
-                else:
-                    t_ours = _per_call_us(lambda: torch.autograd.grad(ours(be)(), inputs, grad), calls, device)
-                    t_ref = _per_call_us(lambda: torch.autograd.grad(ref(), inputs, grad), calls, device)
+                t_ours = _per_call_us(lambda: _step(fn, mode, inputs, grad), calls, device)
+                t_ref = _per_call_us(lambda: _step(ref, mode, inputs, grad), calls, device)
                 yield name, be, mode, t_ours, t_ref
 
 

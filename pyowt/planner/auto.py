@@ -102,7 +102,9 @@ class Evaluator:
     def predict(self, configs: Configs, name: str = "auto") -> Prediction:
         if not self.valid(configs):
             return Prediction(name, configs, math.inf, math.inf, 0, feasible=False)
-        st = self.tasks(configs)
+        return self._simulate(self.tasks(configs), configs, name)
+
+    def _simulate(self, st, configs: Configs, name: str) -> Prediction:
         res = self.sim.run(st.tasks)
         self.evaluations += 1
         feasible = self.memory_limit is None or st.memory <= self.memory_limit
@@ -115,20 +117,15 @@ class Evaluator:
         of any layer's config). Chains only: the DAG tasks model scheme a."""
         configs = tuple(plan.layers[n.name] for n in self.graph.weight_nodes)
         name = name or plan.name or "plan"
+        if not self.graph.is_chain:
+            if plan.scheme != "a":
+                raise ValueError(f"plan {name!r}: scheme {plan.scheme!r} is modelled for chain models only")
+            return self.predict(configs, name)
         if not self.valid(configs):
             return Prediction(name, configs, math.inf, math.inf, 0, feasible=False)
-        if plan.scheme != "a" and not self.graph.is_chain:
-            raise ValueError(f"plan {name!r}: scheme {plan.scheme!r} is modelled for chain models only")
-        if not self.graph.is_chain:
-            return self.predict(configs, name)
         from .tasks import chain_tasks
 
-        st = chain_tasks(self.graph, plan, self.cost, self.k, 0, self.bucket_bytes)
-        res = self.sim.run(st.tasks)
-        self.evaluations += 1
-        feasible = self.memory_limit is None or st.memory <= self.memory_limit
-        return Prediction(name, configs, res.time, st.memory, sum(t.sent for t in st.tasks), feasible,
-                          res.busy("compute"), res.busy("comm"))
+        return self._simulate(chain_tasks(self.graph, plan, self.cost, self.k, 0, self.bucket_bytes), configs, name)
 
     def objective(self, configs: Configs) -> float:
         """Step time, with plans over the memory limit pushed above every feasible one."""
