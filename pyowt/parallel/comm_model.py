@@ -15,6 +15,11 @@ features, B = K*b):
   ``(K-1) * b * A * 4`` each + one all-reduce of B x hidden in the forward and one in the
   backward, ``2 * 2(K-1)/K * 4 * B * hidden`` + the loss's all-reduces of B floats;
 * model: every split_in layer all-reduces its full output (B x C x H x W for a conv).
+
+Hybrids (a plan's ``split_degree`` s < K, :mod:`pyowt.parallel.mesh`): every transition and
+split-layer collective runs inside the rank's split group of s on its batch block, the
+split layers' gradients are all-reduced over the replica group of K / s, and the loss value
+over it too.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from ..nn.functional import parallel_cross_entropy_comm
 from .graph import CONV, capture_chain
 from .grad_sync import bucket_indices
 from .layout import DATA, SPLIT_IN, Layout
+from .mesh import block_range, check_split_degree
 from .plan import resolve_plan
 from .passes import _pass_rows
 from .program import ALL_GATHER, COPY_TO_GROUP, DROP, LAYER, MODULE, SPLIT, compile_plan
@@ -51,9 +57,11 @@ def _gather_bytes(shape, dim, k, rank, itemsize):
     return split_sizes(n, k), row
 
 
-def _walk(ops, x, vol, k, rank, itemsize, replicated_bytes):
-    """Add the forward and backward traffic of ``ops`` run on ``x`` (global rows); return
-    the output (a meta tensor)."""
+def _walk(ops, x, vol, k, rank, itemsize, replicated_bytes, shard_bytes=None):
+    """Add the forward and backward traffic of ``ops`` run on ``x`` (the rows of the split
+    group: global rows unless the plan is a hybrid) among ``k`` ranks of the split group;
+    return the output (a meta tensor). Gradient bytes of data layers go to
+    ``replicated_bytes``, of split layers (local shard sizes) to ``shard_bytes``."""
     for op in ops:
         if op.kind == LAYER:
             m = op.step.module
@@ -63,6 +71,9 @@ def _walk(ops, x, vol, k, rank, itemsize, replicated_bytes):
                 _add(vol, "all_reduce", all_reduce_bytes(x.numel(), k, rank, itemsize))
             if op.config == DATA:
                 replicated_bytes += [p.numel() * itemsize for p in m.parameters() if p.requires_grad]
+            elif shard_bytes is not None:
+                shard_bytes += [_shard_numel(op.config, name, p, k, rank) * itemsize
+                                for name, p in m.named_parameters() if p.requires_grad]
         elif op.kind == MODULE:
             x = (op.step.module if op.step.module is not None else nn.Flatten(1))(x)
         elif op.kind == DROP:
@@ -82,12 +93,26 @@ def _walk(ops, x, vol, k, rank, itemsize, replicated_bytes):
     return x
 
 
-def _loss_volume(vol, output_layout, batch, k, rank, itemsize):
+def _shard_numel(config: str, name: str, p, k: int, rank: int) -> int:
+    """Elements of this rank's shard of a split layer's parameter ``name`` (weight/bias)."""
+    if name == "bias" and config == SPLIT_IN:
+        return p.numel()
+    dim = 0 if (name == "bias" or config != SPLIT_IN) else 1
+    return p.numel() // p.shape[dim] * split_sizes(p.shape[dim], k)[rank]
+
+
+def _loss_volume(vol, output_layout, batch, s, col, itemsize, d=1, row=0):
+    """The loss's collectives: the value over all K = d * s for a batch-sharded output;
+    the class-parallel reductions in the split group, then the value over the replica
+    group (d > 1), for split logits; the value over the replica group for replicated ones."""
     if output_layout == Layout.SHARD_BATCH:
-        _add(vol, "all_reduce", all_reduce_bytes(1, k, rank, itemsize))  # the loss value
-    elif output_layout == Layout.SHARD_CHANNEL:
-        for kind, numel in parallel_cross_entropy_comm(batch, k):
-            _add(vol, kind, all_reduce_bytes(numel, k, rank, itemsize))
+        _add(vol, "all_reduce", all_reduce_bytes(1, d * s, row * s + col, itemsize))  # the loss value
+        return
+    if output_layout == Layout.SHARD_CHANNEL:
+        for kind, numel in parallel_cross_entropy_comm(batch, s):
+            _add(vol, kind, all_reduce_bytes(numel, s, col, itemsize))
+    if d > 1:
+        _add(vol, "all_reduce", all_reduce_bytes(1, d, row, itemsize))
 
 
 def step_volume(model: nn.Module, plan, k: int, rank: int, input_shape: Sequence[int],
@@ -106,17 +131,23 @@ def step_volume(model: nn.Module, plan, k: int, rank: int, input_shape: Sequence
     plan = resolve_plan(model, plan, **plan_options)
     program = compile_plan(plan, steps)
     vol: Volume = defaultdict(lambda: {"calls": 0, "sent": 0, "received": 0})
-    batch = input_shape[0]
+    s = check_split_degree(plan.split_degree, k)
+    d, (row, col) = k // s, divmod(rank, s)
+    start, stop = block_range(input_shape[0], k, s, row)
+    batch = stop - start  # the split group's rows (all of them unless d > 1)
     replicated_bytes: List[int] = []
+    shard_bytes: List[int] = []
     ops = program.ops
     boundary = None
     if plan.scheme != "a":
+        if d > 1:
+            raise ValueError(f"scheme {plan.scheme!r} needs split_degree None or {k}, got {s}")
         boundary = next(i for i, op in enumerate(ops) if op.kind == ALL_GATHER and op.gather_of == "batch")
     with torch.no_grad():
-        x = torch.empty(tuple(input_shape), device="meta")
-        x = _walk(ops[:boundary], x, vol, k, rank, itemsize, replicated_bytes)
+        x = torch.empty((batch,) + tuple(input_shape[1:]), device="meta")
+        x = _walk(ops[:boundary], x, vol, s, col, itemsize, replicated_bytes, shard_bytes)
         if boundary is None:
-            _loss_volume(vol, program.output_layout, batch, k, rank, itemsize)
+            _loss_volume(vol, program.output_layout, batch, s, col, itemsize, d, row)
         else:
             for pieces in _pass_rows(plan.scheme, k, batch):
                 n = sum(e - s for _, s, e in pieces)
@@ -135,9 +166,10 @@ def step_volume(model: nn.Module, plan, k: int, rank: int, input_shape: Sequence
                 h = torch.empty((n,) + tuple(x.shape[1:]), device="meta")
                 _walk(ops[boundary + 1:], h, vol, k, rank, itemsize, replicated_bytes)
                 _loss_volume(vol, program.output_layout, n, k, rank, itemsize)
-    if k > 1 and replicated_bytes:
-        for idx in bucket_indices(replicated_bytes, int(bucket_mb * 2**20)):
-            _add(vol, "all_reduce", all_reduce_bytes(sum(replicated_bytes[i] for i in idx) // itemsize, k, rank, itemsize))
+    for grads, n, r in ((replicated_bytes, k, rank), (shard_bytes, d, row)):
+        if n > 1 and grads:
+            for idx in bucket_indices(grads, int(bucket_mb * 2**20)):
+                _add(vol, "all_reduce", all_reduce_bytes(sum(grads[i] for i in idx) // itemsize, n, r, itemsize))
     return {kind: dict(v) for kind, v in vol.items()}
 
 

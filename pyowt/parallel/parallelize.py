@@ -41,6 +41,7 @@ from .grad_sync import GradSync
 from .graph import CONV, capture_chain
 from .layers import ShardedConv2d, ShardedLayer, ShardedLinear, shard_range
 from .layout import DATA, Layout
+from .mesh import Mesh, check_split_degree
 from .plan import Plan, resolve_plan, validate_plan
 from .passes import run_head_passes
 from .program import ALL_GATHER, COPY_TO_GROUP, DROP, LAYER, MODULE, SPLIT, Program, compile_plan
@@ -61,10 +62,10 @@ class ParallelDropout(nn.Module):
     """A :class:`SeededDropout` that knows where this rank's block sits in the global tensor."""
 
     def __init__(self, p: float, seed: int, salt: int, layout: Layout, channels: Optional[int],
-                 batch: _BatchInfo, k: int, rank: int):
+                 batch: _BatchInfo, mesh: Mesh):
         super().__init__()
         self.dropout = SeededDropout(p, seed=seed, salt=salt)
-        self.layout, self.channels, self.batch, self.k, self.rank = layout, channels, batch, k, rank
+        self.layout, self.channels, self.batch, self.mesh = layout, channels, batch, mesh
 
     def extra_repr(self) -> str:
         return f"layout={self.layout.value}"
@@ -76,13 +77,16 @@ class ParallelDropout(nn.Module):
         b = self.batch.global_size
         global_shape[0] = b
         rows = None
+        mesh = self.mesh
         if self.layout == Layout.SHARD_BATCH:
-            offsets[0] = shard_range(b, self.k, self.rank)[0]
-        else:
+            offsets[0] = shard_range(b, mesh.k, mesh.rank)[0]
+        elif self.batch.head_rows is not None:
             rows = self.batch.head_rows
+        else:  # Replicate / Shard(channel) within the split group: this row's batch block
+            offsets[0] = mesh.block_range(b)[0]
         if self.layout == Layout.SHARD_CHANNEL:
             global_shape[1] = self.channels
-            offsets[1] = shard_range(self.channels, self.k, self.rank)[0]
+            offsets[1] = shard_range(self.channels, mesh.s, mesh.col)[0]
         return self.dropout(x, global_shape, offsets, step=self.batch.step, rows=rows)
 
 
@@ -110,13 +114,17 @@ class ParallelModel(nn.Module):
     Attributes:
         plan: the :class:`Plan` it implements.
         stages: the layers and transitions, in order (print the model to see them).
+        mesh: the d x s arrangement of the workers (:class:`~pyowt.parallel.mesh.Mesh`;
+            d = 1 unless the plan has a ``split_degree`` below K).
         input_layout: ``Shard(batch)`` or ``Replicate``: what :meth:`local_batch` returns.
         output_layout: layout of the forward's result (class-sharded logits for a split head).
         label_layout: ``Shard(batch)`` or ``Replicate``: which labels :meth:`loss` expects.
+            ``Replicate`` means replicated within the split group: with d > 1 each group
+            takes its batch block's labels (:meth:`label_slice`).
     """
 
     def __init__(self, stages: List[nn.Module], plan: Plan, group, program: Program, batch: _BatchInfo,
-                 bucket_bytes: int, head_optimizer=None):
+                 bucket_bytes: int, head_optimizer=None, mesh: Optional[Mesh] = None):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.boundary = _head_boundary(stages, plan) if plan.scheme != "a" else None
@@ -125,12 +133,17 @@ class ParallelModel(nn.Module):
             self.head_optimizer = head_optimizer(list(self.head.parameters()))
         self.plan, self.group, self.program = plan, group, program
         self.k, self.rank = pdist.get_world_size(group), pdist.get_rank(group)
+        self.mesh = mesh if mesh is not None else Mesh(group, self.k)
         self.input_layout, self.output_layout = program.input_layout, program.output_layout
         self.label_layout = Layout.SHARD_BATCH if self.output_layout == Layout.SHARD_BATCH else Layout.REPLICATE
         self._batch = batch
         self._steps = 0
         replicated = [p for layer in self.sharded_layers() if layer.config == DATA for p in layer.parameters()]
         self.grad_sync = GradSync(replicated, group, bucket_bytes) if self.k > 1 and replicated else None
+        # Split layers are replicated over the mesh's columns when d > 1: sum there too.
+        shards = [p for layer in self.sharded_layers() if layer.config != DATA for p in layer.parameters()]
+        self.shard_grad_sync = GradSync(shards, self.mesh.replica_group, bucket_bytes) \
+            if self.mesh.replica_group is not None and shards else None
 
     @property
     def trunk(self) -> List[nn.Module]:
@@ -154,13 +167,25 @@ class ParallelModel(nn.Module):
         """Context manager: backward passes inside it do not sum replicated gradients."""
         import contextlib
 
-        return self.grad_sync.no_sync() if self.grad_sync is not None else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for sync in (self.grad_sync, self.shard_grad_sync):
+            if sync is not None:
+                stack.enter_context(sync.no_sync())
+        return stack
+
+    def _rows(self, global_batch: int, layout: Layout) -> slice:
+        if layout == Layout.SHARD_BATCH:
+            return slice(*shard_range(global_batch, self.k, self.rank))
+        return slice(*self.mesh.block_range(global_batch))
 
     def batch_slice(self, global_batch: int) -> slice:
-        """The rows of a global batch this rank feeds when the input is batch-sharded."""
-        if self.input_layout != Layout.SHARD_BATCH:
-            return slice(0, global_batch)
-        return slice(*shard_range(global_batch, self.k, self.rank))
+        """The rows of a global batch whose inputs this rank feeds: its shard when the input
+        is batch-sharded, else its split group's block (all rows unless d > 1)."""
+        return self._rows(global_batch, self.input_layout)
+
+    def label_slice(self, global_batch: int) -> slice:
+        """The rows of a global batch whose labels :meth:`loss` expects from this rank."""
+        return self._rows(global_batch, self.label_layout)
 
     def local_batch(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels) this rank feeds, from a global batch that is the same on every rank.
@@ -173,10 +198,7 @@ class ParallelModel(nn.Module):
         if b < self.k:
             raise ValueError(f"global batch of {b} is smaller than the {self.k} workers")
         self._batch.global_size = b
-        rows = self.batch_slice(b)
-        xl = x[rows] if self.input_layout == Layout.SHARD_BATCH else x
-        yl = y[rows] if self.label_layout == Layout.SHARD_BATCH else y
-        return xl, yl
+        return x[self.batch_slice(b)], y[self.label_slice(b)]
 
     def forward(self, x: torch.Tensor, global_batch: Optional[int] = None) -> torch.Tensor:
         """This rank's input (see :meth:`local_batch`) -> output in ``output_layout``.
@@ -196,7 +218,7 @@ class ParallelModel(nn.Module):
             self._batch.global_size = global_batch
         if self._batch.global_size is None:
             # Fed without local_batch: assume equal shards.
-            self._batch.global_size = x.shape[0] * (self.k if self.input_layout == Layout.SHARD_BATCH else 1)
+            self._batch.global_size = x.shape[0] * (self.k if self.input_layout == Layout.SHARD_BATCH else self.mesh.d)
         if self.training:  # dropout masks are keyed by the step (see pyowt.parallel.dropout)
             self._batch.step = self._steps
             self._steps += 1
@@ -218,31 +240,37 @@ class ParallelModel(nn.Module):
             finally:
                 self._batch.global_size = None
         if self.output_layout == Layout.SHARD_CHANNEL:
-            return parallel_cross_entropy(out, yl, group=self.group, reduction="sum") / b
-        local = F.cross_entropy(out, yl, reduction="sum") / b
-        if self.output_layout == Layout.REPLICATE:
+            local = parallel_cross_entropy(out, yl, group=self.mesh.split_group, reduction="sum") / b
+        else:
+            local = F.cross_entropy(out, yl, reduction="sum") / b
+        # This rank's part of the global loss: its shard's, or its batch block's (d > 1).
+        # The value is summed; the gradient stays this part's (each row is someone's).
+        sum_over = self.group if self.output_layout == Layout.SHARD_BATCH else self.mesh.replica_group
+        if sum_over is None or self.k == 1:
             return local
         with torch.no_grad():
-            total = pdist.all_reduce(local.detach(), group=self.group)
+            total = pdist.all_reduce(local.detach(), group=sum_over)
         return local + (total - local.detach())
 
 
-def _instantiate(program: Program, group, seed: int, batch: _BatchInfo) -> List[nn.Module]:
-    """Modules for a compiled program on ``group``."""
-    k, rank = pdist.get_world_size(group), pdist.get_rank(group)
+def _instantiate(program: Program, mesh: Mesh, seed: int, batch: _BatchInfo) -> List[nn.Module]:
+    """Modules for a compiled program on ``mesh``: data layers over the whole group,
+    split layers and every transition inside the split group."""
+    group = mesh.split_group
     stages: List[nn.Module] = []
     for op in program.ops:
         if op.kind == LAYER:
             cls = ShardedConv2d if op.step.kind == CONV else ShardedLinear
-            stages.append(cls(op.step.module, op.config, op.activation, group, op.step.name))
+            stages.append(cls(op.step.module, op.config, op.activation,
+                              mesh.group if op.config == DATA else group, op.step.name))
         elif op.kind == MODULE:
             stages.append(op.step.module if op.step.module is not None else nn.Flatten(1))
         elif op.kind == DROP:
             stages.append(ParallelDropout(op.step.module.p, seed, _salt(op.step.name), op.layout,
-                                          op.channels, batch, k, rank))
+                                          op.channels, batch, mesh))
         elif op.kind == ALL_GATHER:
-            if op.gather_of == "batch":
-                total = (lambda: batch.global_size)
+            if op.gather_of == "batch":  # this split group's block
+                total = (lambda: (lambda r: r[1] - r[0])(mesh.block_range(batch.global_size)))
             else:
                 total = (lambda c=op.channels: c)
             stages.append(AllGather(op.dim, op.grad, group, total))
@@ -295,6 +323,10 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
     plan = resolve_plan(model, plan, **plan_options)
     validate_plan(plan, model)
     k = pdist.get_world_size(group)
+    s = check_split_degree(plan.split_degree, k)
+    if s < k and plan.scheme != "a":
+        raise ValueError(f"plan {plan.name!r}: scheme {plan.scheme!r} runs the head over all {k} workers; "
+                         f"split_degree {s} needs scheme 'a'")
     fingerprint = _structure_fingerprint(plan, steps)
     if k > 1:
         everyone = [None] * k
@@ -311,8 +343,9 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
                 dist.broadcast(t.data, src=src, group=group)
     batch = _BatchInfo()
     program = compile_plan(plan, steps)
-    stages = _instantiate(program, group, seed, batch)
-    pmodel = ParallelModel(stages, plan, group, program, batch, int(bucket_mb * 2**20), head_optimizer)
+    mesh = Mesh(group, s)
+    stages = _instantiate(program, mesh, seed, batch)
+    pmodel = ParallelModel(stages, plan, group, program, batch, int(bucket_mb * 2**20), head_optimizer, mesh)
     if plan.fc_update == "per_pass" and pmodel.head_optimizer is None:
         raise ValueError(f"plan {plan.name!r}: fc_update='per_pass' needs head_optimizer=... (see parallelize's docstring)")
     pmodel.train(model.training)

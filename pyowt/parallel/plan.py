@@ -10,6 +10,10 @@ OWT paper are presets:
 * ``"owt"``: the conv trunk ``data``, the FC head split (column, row, column, ...), with
   ``scheme`` a/b/c for moving the trunk's batch-sharded activations into the head and
   ``fc_update`` accumulate/per_pass.
+
+``split_degree`` s makes any of them a hybrid: the split layers divide their weights over s
+workers and run data-parallel over the K / s groups of s (see :mod:`pyowt.parallel.mesh`);
+``None`` (the default) splits over all K.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ class Plan:
         fc_update: ``"accumulate"`` (one step per global batch) or ``"per_pass"`` (schemes
             b and c: the split head steps after every pass).
         name: a label for tables (``"data"``, ``"owt(a)"``, ...).
+        split_degree: workers a split layer's weights are divided over (must divide K);
+            ``None``: all K. Schemes b and c need ``None`` (or K).
     """
 
     layers: Dict[str, str]
@@ -46,6 +52,7 @@ class Plan:
     fc_update: str = "accumulate"
     name: str = "custom"
     version: int = field(default=1)
+    split_degree: Optional[int] = None
 
     def __post_init__(self):
         bad = {k: v for k, v in self.layers.items() if v not in CONFIGS}
@@ -58,6 +65,9 @@ class Plan:
             raise ValueError(f"fc_update must be one of {FC_UPDATES}, got {self.fc_update!r}")
         if self.fc_update == "per_pass" and self.scheme == "a":
             raise ValueError("fc_update='per_pass' needs scheme 'b' or 'c' (scheme 'a' runs the head once)")
+        if self.split_degree is not None and (isinstance(self.split_degree, bool) or not isinstance(self.split_degree, int)
+                                              or self.split_degree < 1):
+            raise ValueError(f"split_degree must be a positive int or None, got {self.split_degree!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -70,7 +80,7 @@ class Plan:
             raise ValueError(f"plan is not valid JSON: {e}") from e
         if not isinstance(d, dict) or not isinstance(d.get("layers"), dict):
             raise ValueError("plan JSON must be an object with a 'layers' object")
-        known = {"layers", "scheme", "fc_update", "name", "version"}
+        known = {"layers", "scheme", "fc_update", "name", "version", "split_degree"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"plan JSON has unknown keys {sorted(unknown)}; expected {sorted(known)}")
@@ -94,30 +104,34 @@ def _alternate(names: List[str]) -> Dict[str, str]:
     return {n: (SPLIT_OUT if i % 2 == 0 else SPLIT_IN) for i, n in enumerate(names)}
 
 
-def make_plan(model: nn.Module, preset: str, scheme: str = "a", fc_update: str = "accumulate") -> Plan:
+def make_plan(model: nn.Module, preset: str, scheme: str = "a", fc_update: str = "accumulate",
+              split_degree: Optional[int] = None) -> Plan:
     """The plan of a preset strategy for ``model``.
 
     Args:
         model: the model to parallelize (captured with :func:`capture_chain`).
         preset: ``"data"``, ``"model"`` or ``"owt"``.
         scheme, fc_update: OWT options (ignored by ``data`` and ``model``).
+        split_degree: split the split layers over this many workers, data-parallel across
+            the K / split_degree groups (``model`` and ``owt``; ``None``: all K).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     steps = capture_chain(model)
     convs = [s.name for s in steps if s.kind == CONV]
     linears = [s.name for s in steps if s.kind == LINEAR]
+    suffix = "" if split_degree is None else f" split {split_degree}"
     if preset == "data":
         layers = {n: DATA for n in convs + linears}
         return Plan(layers, name="data")
     if preset == "model":
         layers = {**_alternate(convs), **_alternate(linears)}
-        return Plan(layers, name="model")
+        return Plan(layers, name="model" + suffix, split_degree=split_degree)
     if not linears:
         raise ValueError("preset 'owt' needs at least one Linear layer for the model-parallel head")
     layers = {**{n: DATA for n in convs}, **_alternate(linears)}
-    label = f"owt({scheme}{'' if fc_update == 'accumulate' else ', per_pass'})"
-    return Plan(layers, scheme=scheme, fc_update=fc_update, name=label)
+    label = f"owt({scheme}{'' if fc_update == 'accumulate' else ', per_pass'}){suffix}"
+    return Plan(layers, scheme=scheme, fc_update=fc_update, name=label, split_degree=split_degree)
 
 
 def resolve_plan(model: nn.Module, plan, **options) -> Plan:

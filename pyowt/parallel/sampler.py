@@ -2,13 +2,14 @@
 
 A parallel model consumes, per step, a global batch of B samples identical on every rank
 in meaning, but each rank only needs part of it: its shard when the input is batch-sharded
-(data, owt), all of it otherwise (model). Labels follow ``pmodel.label_layout``: the OWT head
-sees every sample, so every rank needs all B labels (cheap), while its images are only its
-shard. Draw the global batch's indices with a generator seeded the same on every rank, then::
+(data, owt), all of it otherwise (model; its split group's block with a ``split_degree``
+below K). Labels follow ``pmodel.label_slice``: the OWT head sees every sample, so every rank
+needs all B labels (cheap), while its images are only its shard. Draw the global batch's
+indices with a generator seeded the same on every rank, then::
 
     idx = global_batch_indices(epoch, step)            # (B,), same on every rank
     x = load_images(idx[pmodel.batch_slice(len(idx))])
-    y = labels[idx] if pmodel.label_layout == Layout.REPLICATE else labels[idx[pmodel.batch_slice(len(idx))]]
+    y = labels[idx[pmodel.label_slice(len(idx))]]
     loss = pmodel.loss(pmodel(x, global_batch=len(idx)), y)
 
 :func:`epoch_batches` yields such index batches.

@@ -2,9 +2,10 @@
 
 Every rank draws the same global batches of indices (:func:`pyowt.parallel.sampler.epoch_batches`,
 seeded by (seed, epoch)), then loads only the rows ``pmodel.batch_slice(B)`` when the input is
-batch-sharded (data, owt) or all of them (model). Labels are cheap, so they come from an
-in-memory tensor, for all B samples when ``pmodel.label_layout`` is Replicate (the OWT head
-sees every sample) and for the rank's rows otherwise.
+batch-sharded (data, owt) or all of them (model; its split group's batch block under a plan
+with a ``split_degree`` below K). Labels are cheap, so they come from an in-memory tensor, for
+the rows ``pmodel.label_slice(B)``: all B samples when the OWT head sees every sample, the
+rank's rows otherwise.
 
 Sources: ``digits`` and ``synthetic`` live in memory (on the GPU when there is one: no
 loading at all); an ImageFolder goes through a ``DataLoader`` with worker processes, pinned
@@ -20,7 +21,6 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from ..parallel.layout import Layout
 from ..parallel.sampler import epoch_batches
 from .errors import UserError
 from .imagefolder import ImageFolderData, ScanReport, collate, scan_image_folder
@@ -30,9 +30,7 @@ Batch = Tuple[torch.Tensor, torch.Tensor, int, int]
 
 
 def _labels(targets: torch.Tensor, idx: torch.Tensor, pmodel) -> torch.Tensor:
-    if pmodel.label_layout == Layout.SHARD_BATCH:
-        return targets[idx[pmodel.batch_slice(len(idx))]]
-    return targets[idx]
+    return targets[idx[pmodel.label_slice(len(idx))]]
 
 
 def _rows(idx: torch.Tensor, pmodel) -> torch.Tensor:

@@ -24,9 +24,9 @@ def _train(pmodel, opt, steps, start=0):
     return losses
 
 
-def _save(preset, path):
+def _save(preset, path, **options):
     model, _ = make_model("small", 0)
-    pmodel = parallelize(model, preset)
+    pmodel = parallelize(model, preset, **options)
     opt = torch.optim.SGD(pmodel.parameters(), lr=0.05, momentum=0.9)
     _train(pmodel, opt, 2)
     state, optim = full_state_dict(pmodel), full_optimizer_state_dict(pmodel, opt)
@@ -37,11 +37,11 @@ def _save(preset, path):
     return _train(pmodel, opt, 2, start=2), {k: v.clone() for k, v in full_state_dict(pmodel).items()}
 
 
-def _load(preset, path):
+def _load(preset, path, **options):
     ckpt = torch.load(path, weights_only=True)
     model, _ = make_model("small", 123)  # different init: everything must come from the file
     model.load_state_dict(ckpt["model"])  # the full state dict loads into the original model
-    pmodel = parallelize(make_model("small", 7)[0], preset)
+    pmodel = parallelize(make_model("small", 7)[0], preset, **options)
     load_full_state_dict(pmodel, ckpt["model"])
     for name, value in full_state_dict(pmodel).items():
         assert torch.equal(value, ckpt["model"][name]), f"{name} did not round-trip"
@@ -64,6 +64,19 @@ def test_save_at_k2_resume_at_k3_and_k1(run_workers, tmp_path, preset):
         # reductions run over different splits).
         for a, b in zip(losses, cont_losses):
             assert abs(a - b) <= 1e-5 * abs(b), (k, losses, cont_losses)
+        for name, value in params.items():
+            torch.testing.assert_close(value, cont_params[name], rtol=1e-4, atol=1e-6)
+
+
+def test_hybrid_save_at_k4_resume_at_k2_and_k4_split_2(run_workers, tmp_path):
+    """owt with the head split 2 ways over 2 groups (K = 4): the checkpoint is the plain
+    model's; it resumes under plain owt at K = 2 and under the same hybrid."""
+    path = os.path.join(tmp_path, "ckpt.pt")
+    (cont_losses, cont_params), *_ = run_workers(4, _save, "owt", path, split_degree=2)
+    for k, options in ((2, {}), (4, {"split_degree": 2})):
+        losses, params = run_workers(k, _load, "owt", path, **options)[0]
+        for a, b in zip(losses, cont_losses):
+            assert abs(a - b) <= 1e-5 * abs(b), (k, options, losses, cont_losses)
         for name, value in params.items():
             torch.testing.assert_close(value, cont_params[name], rtol=1e-4, atol=1e-6)
 

@@ -32,6 +32,40 @@ def test_measured_bytes_equal_formula(run_workers, k):
             assert measured == expected, f"{preset} K={k} rank {rank}: measured {measured} != formula {expected}"
 
 
+HYBRIDS = [(4, "model", 2), (4, "owt", 2), (2, "owt", 1), (3, "model", 1)]
+
+
+@pytest.mark.parametrize("k,preset,split_degree", HYBRIDS, ids=[f"k{k}-{p}-s{s}" for k, p, s in HYBRIDS])
+def test_hybrid_measured_bytes_equal_formula(run_workers, k, preset, split_degree):
+    options = {"split_degree": split_degree}
+    for rank, (measured, expected) in enumerate(run_workers(k, _measure, preset, options, 11)):
+        assert measured == expected, f"{preset} s={split_degree} K={k} rank {rank}: measured {measured} != formula {expected}"
+
+
+def test_hybrid_head_traffic_shrinks_with_the_split_degree():
+    """owt at K = 8 with the head split 4 ways: the head's activation all-reduces run in
+    groups of 4 on half the batch each, and its weight gradients (1/4 each) are summed
+    over pairs; torchvision AlexNet, b = 128 per worker."""
+    import torchvision
+
+    model = torchvision.models.alexnet(weights=None)
+    k, b = 8, 128
+    shape = (k * b, 3, 224, 224)
+    full = step_volume(model, "owt", k, 0, shape)
+    hybrid = step_volume(model, "owt", k, 0, shape, split_degree=4)
+    p_fc = sum(p.numel() for p in model.classifier.parameters())
+    # fc gradients: 1/4 of the head per rank, all-reduced over 2 ranks (2(d-1)/d = 1).
+    assert hybrid["all_reduce"]["sent"] > full["all_reduce"]["sent"]
+    grad_part = hybrid["all_reduce"]["sent"] - full["all_reduce"]["sent"]
+    assert grad_part < p_fc / 4 * 4 * 1.01
+    # The trunk all-gather covers half the batch over 4 ranks: 3 * b rows instead of 7 * b.
+    assert hybrid["all_gather"]["sent"] == full["all_gather"]["sent"] * 3 // 7
+    with pytest.raises(ValueError, match="split_degree must divide the 8 workers"):
+        step_volume(model, "owt", k, 0, shape, split_degree=3)
+    with pytest.raises(ValueError, match="scheme 'b' needs split_degree"):
+        step_volume(model, "owt", k, 0, shape, scheme="b", split_degree=4)
+
+
 def test_alexnet_closed_forms_at_k8():
     """DESIGN.md's figures: torchvision AlexNet, fp32, K = 8, b = 128 per worker."""
     import torchvision

@@ -90,3 +90,14 @@ def test_parity_torchvision_alexnet_owt(run_workers):
 def test_parity_torchvision_alexnet(run_workers, k, preset, options):
     losses = run_workers(k, _check_parity, "torchvision", preset, options, 5, timeout=600)
     assert all(l == losses[0] for l in losses)
+
+
+# Hybrids (pyowt.parallel.mesh): split layers over s workers, data-parallel over K / s groups.
+# Batch 11 at K = 4, s = 2 gives blocks of 6 and 5 rows, each split 3 + 3 and 3 + 2.
+HYBRIDS = [(4, 2, "model"), (4, 2, "owt"), (2, 1, "owt"), (3, 1, "model")]
+
+
+@pytest.mark.parametrize("k,split_degree,preset", HYBRIDS, ids=[f"k{k}-s{s}-{p}" for k, s, p in HYBRIDS])
+def test_parity_hybrid(run_workers, k, split_degree, preset):
+    losses = run_workers(k, _check_parity, "small", preset, {"split_degree": split_degree}, 11, timeout=300)
+    assert all(l == losses[0] for l in losses), f"ranks report different losses: {losses}"

@@ -39,6 +39,12 @@ def test_plan_json_round_trip(tmp_path):
     plan.save(str(path))
     assert Plan.load(str(path)) == plan
     assert plan.name == "owt(c, per_pass)"
+    hybrid = make_plan(small_alexnet(), "model", split_degree=2)
+    assert Plan.from_json(hybrid.to_json()) == hybrid and hybrid.split_degree == 2
+    assert hybrid.name == "model split 2"
+    # Plans written before split_degree existed still load (all K).
+    old = '{"layers": {"fc": "split_out"}, "scheme": "a", "fc_update": "accumulate", "name": "x", "version": 1}'
+    assert Plan.from_json(old).split_degree is None
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -46,6 +52,9 @@ def test_plan_json_round_trip(tmp_path):
     ({"layers": {}, "scheme": "d"}, "scheme must be one of"),
     ({"layers": {}, "fc_update": "sometimes"}, "fc_update must be one of"),
     ({"layers": {}, "fc_update": "per_pass"}, "needs scheme 'b' or 'c'"),
+    ({"layers": {}, "split_degree": 0}, "split_degree must be a positive int or None, got 0"),
+    ({"layers": {}, "split_degree": "2"}, "split_degree must be a positive int or None, got '2'"),
+    ({"layers": {}, "split_degree": True}, "split_degree must be a positive int or None, got True"),
 ])
 def test_bad_plans(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -114,6 +123,29 @@ def test_mismatched_plans_fail_on_every_rank(run_workers):
 
 def test_more_workers_than_channels(run_workers):
     assert run_workers(4, _too_many_workers) == [True] * 4
+
+
+def _hybrid_errors_and_rows():
+    model, _ = make_model("small", 0)
+    with pytest.raises(ValueError, match=r"split_degree must divide the 4 workers \(one of \[1, 2, 4\]\), got 3"):
+        parallelize(model, "owt", split_degree=3)
+    with pytest.raises(ValueError, match="scheme 'c' runs the head over all 4 workers; split_degree 2 needs scheme 'a'"):
+        parallelize(model, "owt", scheme="c", split_degree=2)
+    pmodel = parallelize(model, "model", split_degree=2)
+    m = pmodel.mesh
+    assert (m.k, m.d, m.s, m.row, m.col) == (4, 2, 2, dist.get_rank() // 2, dist.get_rank() % 2)
+    # Batch 11: shards 3, 3, 3, 2; blocks rows 0..5 and 6..10. The model's input is
+    # replicated in the split group, so each rank feeds (and labels) its group's block.
+    block = [slice(0, 6), slice(0, 6), slice(6, 11), slice(6, 11)][dist.get_rank()]
+    assert pmodel.batch_slice(11) == block and pmodel.label_slice(11) == block
+    owt = parallelize(model, "owt", split_degree=2)
+    shard = [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 11)][dist.get_rank()]
+    assert owt.batch_slice(11) == shard and owt.label_slice(11) == block
+    return True
+
+
+def test_hybrid_errors_and_rows(run_workers):
+    assert run_workers(4, _hybrid_errors_and_rows) == [True] * 4
 
 
 def _batch_smaller_than_k():

@@ -150,6 +150,11 @@ class _FakeParallelModel:
 
         return slice(*shard_range(b, self.k, self.rank))
 
+    def label_slice(self, b):
+        from pyowt.parallel.layout import Layout
+
+        return self.batch_slice(b) if self.label_layout == Layout.SHARD_BATCH else slice(0, b)
+
 
 def test_loader_workers_feed_each_rank_its_rows(tmp_path):
     from pyowt.parallel.layout import Layout
