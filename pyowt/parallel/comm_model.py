@@ -106,7 +106,8 @@ def _loss_volume(vol, output_layout, batch, s, col, itemsize, d=1, row=0):
     the class-parallel reductions in the split group, then the value over the replica
     group (d > 1), for split logits; the value over the replica group for replicated ones."""
     if output_layout == Layout.SHARD_BATCH:
-        _add(vol, "all_reduce", all_reduce_bytes(1, d * s, row * s + col, itemsize))  # the loss value
+        if d * s > 1:  # the loss value
+            _add(vol, "all_reduce", all_reduce_bytes(1, d * s, row * s + col, itemsize))
         return
     if output_layout == Layout.SHARD_CHANNEL:
         for kind, numel in parallel_cross_entropy_comm(batch, s):

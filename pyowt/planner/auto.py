@@ -3,7 +3,9 @@
 :class:`Evaluator` turns a config per weight layer into the simulated step (time, peak
 memory, timeline), memoizing op costs and re-simulating incrementally. :func:`search` runs
 the chain DP (for chains), then MCMC seeded with data, OWT and the DP's plan under a memory
-limit, and returns the best plan found with the presets' predictions beside it. For DAGs
+limit, once per split degree s (every divisor of K from 2 up: the split layers' group size,
+data-parallel across K / s groups; :mod:`pyowt.parallel.mesh`), and returns the best plan
+found with the presets' predictions beside it. For DAGs
 (ResNet) node/edge elimination takes the DP's place (:mod:`pyowt.planner.elimination`, same
 serialized objective, exact on series-parallel graphs). The auto
 plan is the best of everything evaluated, so its predicted time is never above the presets'.
@@ -13,13 +15,14 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from ..parallel.graph import CONV, LINEAR
 from ..parallel.layout import DATA, SPLIT_IN, SPLIT_OUT
+from ..parallel.mesh import check_split_degree
 from ..parallel.plan import Plan
 from .capture import ModelGraph, capture
 from .costs import CostModel
@@ -42,11 +45,12 @@ class Prediction:
     feasible: bool = True
     compute: float = 0.0
     comm: float = 0.0
+    split_degree: Optional[int] = None  # None: the split layers span all K
 
     def as_dict(self) -> dict:
         return {"strategy": self.name, "step_time_s": self.time, "memory_bytes": self.memory,
                 "comm_bytes": self.comm_bytes, "feasible": self.feasible, "compute_s": self.compute,
-                "comm_s": self.comm, "configs": list(self.configs)}
+                "comm_s": self.comm, "configs": list(self.configs), "split_degree": self.split_degree}
 
 
 def preset_configs(graph: ModelGraph, preset: str) -> Configs:
@@ -74,17 +78,32 @@ class Evaluator:
         bucket_mb: gradient bucket size (as parallelize's ``bucket_mb``).
         overlap: communication on its own stream (default: the cluster's setting).
         memory_limit: bytes per device; plans above it are infeasible.
+        split_degree: the split layers' group size s (a divisor of k; ``None``: k).
     """
 
     def __init__(self, graph: ModelGraph, cost: CostModel, k: int, bucket_mb: float = 25.0,
-                 overlap: Optional[bool] = None, memory_limit: Optional[float] = None):
+                 overlap: Optional[bool] = None, memory_limit: Optional[float] = None,
+                 split_degree: Optional[int] = None):
         self.graph, self.cost, self.k = graph, cost, k
+        self.s = check_split_degree(split_degree, k)
+        self.split_degree = None if self.s == k else self.s  # as plans write it
+        self.bucket_mb = bucket_mb
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.overlap = cost.cluster.overlap if overlap is None else overlap
         self.memory_limit = memory_limit
         self.sim = Simulator(self.overlap)
-        self.cands = candidates(graph, k)
+        self.cands = candidates(graph, self.s)
         self.evaluations = 0
+        self._others: Dict[int, "Evaluator"] = {self.s: self}
+
+    def for_split(self, split_degree: Optional[int]) -> "Evaluator":
+        """The evaluator of the same graph and costs for another split degree (cached)."""
+        s = check_split_degree(split_degree, self.k)
+        if s not in self._others:
+            ev = Evaluator(self.graph, self.cost, self.k, self.bucket_mb, self.overlap, self.memory_limit, s)
+            ev._others = self._others
+            self._others[s] = ev
+        return self._others[s]
 
     def valid(self, configs: Configs) -> bool:
         return all(c in cs for c, cs in zip(configs, self.cands))
@@ -93,15 +112,16 @@ class Evaluator:
         if self.graph.is_chain:
             from .tasks import chain_tasks
 
-            return chain_tasks(self.graph, plan_from(self.graph, configs), self.cost, self.k, rank,
-                               self.bucket_bytes, granular)
+            return chain_tasks(self.graph, plan_from(self.graph, configs, split_degree=self.split_degree), self.cost,
+                               self.k, rank, self.bucket_bytes, granular)
         from .dag import dag_tasks
 
-        return dag_tasks(self.graph, configs, self.cost, self.k, rank, self.bucket_bytes, granular=granular)
+        return dag_tasks(self.graph, configs, self.cost, self.k, rank, self.bucket_bytes, granular=granular,
+                         split_degree=self.split_degree)
 
     def predict(self, configs: Configs, name: str = "auto") -> Prediction:
         if not self.valid(configs):
-            return Prediction(name, configs, math.inf, math.inf, 0, feasible=False)
+            return Prediction(name, configs, math.inf, math.inf, 0, feasible=False, split_degree=self.split_degree)
         return self._simulate(self.tasks(configs), configs, name)
 
     def _simulate(self, st, configs: Configs, name: str) -> Prediction:
@@ -109,7 +129,8 @@ class Evaluator:
         self.evaluations += 1
         feasible = self.memory_limit is None or st.memory <= self.memory_limit
         sent = sum(t.sent for t in st.tasks)
-        return Prediction(name, configs, res.time, st.memory, sent, feasible, res.busy("compute"), res.busy("comm"))
+        return Prediction(name, configs, res.time, st.memory, sent, feasible, res.busy("compute"), res.busy("comm"),
+                          self.split_degree)
 
     def predict_plan(self, plan, name: Optional[str] = None) -> Prediction:
         """:meth:`predict` for a whole :class:`~pyowt.parallel.plan.Plan`, its ``scheme``
@@ -117,12 +138,14 @@ class Evaluator:
         of any layer's config). Chains only: the DAG tasks model scheme a."""
         configs = tuple(plan.layers[n.name] for n in self.graph.weight_nodes)
         name = name or plan.name or "plan"
+        if check_split_degree(plan.split_degree, self.k) != self.s:
+            return self.for_split(plan.split_degree).predict_plan(plan, name)
         if not self.graph.is_chain:
             if plan.scheme != "a":
                 raise ValueError(f"plan {name!r}: scheme {plan.scheme!r} is modelled for chain models only")
             return self.predict(configs, name)
         if not self.valid(configs):
-            return Prediction(name, configs, math.inf, math.inf, 0, feasible=False)
+            return Prediction(name, configs, math.inf, math.inf, 0, feasible=False, split_degree=self.split_degree)
         from .tasks import chain_tasks
 
         return self._simulate(chain_tasks(self.graph, plan, self.cost, self.k, 0, self.bucket_bytes), configs, name)
@@ -216,45 +239,78 @@ class SearchResult:
     candidates: List[Prediction] = field(default_factory=list)
 
 
+def _penalized(p: Prediction) -> float:
+    return p.time if p.feasible else math.inf
+
+
+def split_degrees(k: int) -> List[int]:
+    """The split degrees worth searching on ``k`` workers: every divisor from 2 up (s = 1
+    would split nothing: the all-data plan covers it)."""
+    return [s for s in range(2, k + 1) if k % s == 0]
+
+
 def search(graph: ModelGraph, cost: CostModel, k: int, memory_limit: Optional[float] = None,
            iters: int = 1500, time_budget: Optional[float] = None, seed: int = 0, bucket_mb: float = 25.0,
-           overlap: Optional[bool] = None) -> SearchResult:
+           overlap: Optional[bool] = None, hybrids: bool = True) -> SearchResult:
     """Find a plan for ``graph`` on ``k`` workers (see the module docstring).
 
     Args:
         memory_limit: bytes per device (default: the cluster device's memory).
-        iters: MCMC proposals in all; ``time_budget`` caps its seconds.
+        iters: MCMC proposals per refined split degree (all K, and the hybrid degree
+            whose DP/OWT start is best); ``time_budget`` caps the seconds of each.
+        hybrids: also search split degrees below ``k`` (:func:`split_degrees`); ``False``
+            searches the split-over-all-K space only.
     """
     t0 = time.perf_counter()
     if memory_limit is None:
         memory_limit = cost.cluster.device.memory
     ev = Evaluator(graph, cost, k, bucket_mb, overlap, memory_limit)
     presets = {p: ev.predict(preset_configs(graph, p), p) for p in PRESET_NAMES}
-    seeds = [presets["data"].configs]
-    if presets["owt"].feasible and math.isfinite(presets["owt"].time):
-        seeds.append(presets["owt"].configs)
+    pool = list(presets.values())
     dp = None
-    if k > 1:
-        if graph.is_chain:
-            configs, _ = dp_chain(ev.cands, ev.segment_cost)
-        else:  # series-parallel DAG: the same serialized objective, minimized by elimination
-            configs, _ = ev.eliminate()
-        dp = ev.predict(configs, "dp")
-        seeds.append(configs)
-    result = mcmc(ev.cands, ev.objective, seeds, iters=iters if k > 1 else 0, seed=seed, time_budget=time_budget,
-                  patience=max(50, iters // 4))
-    found = ev.predict(result.configs, "auto")
-    pool = [found] + ([dp] if dp is not None else []) + list(presets.values())
+    degrees = (split_degrees(k) if hybrids else [k]) if k > 1 else [k]
+    # Every split degree gets its exact serialized optimum (DP / elimination) and the OWT
+    # preset at that degree; MCMC then refines the plain space (s = K) and the most
+    # promising hybrid degree only (it is the expensive part: hundreds of simulations).
+    starts = {}
+    for s in sorted(degrees, reverse=True):  # s = K first: its DP plan is reported as ``dp``
+        sub = ev.for_split(s)
+        seeds = [presets["data"]]
+        owt = sub.predict(preset_configs(graph, "owt")) if s != k else presets["owt"]
+        if owt.feasible and math.isfinite(owt.time):
+            seeds.append(owt)
+        if k > 1:
+            if graph.is_chain:
+                configs, _ = dp_chain(sub.cands, sub.segment_cost)
+            else:  # series-parallel DAG: the same serialized objective, minimized by elimination
+                configs, _ = sub.eliminate()
+            found_dp = sub.predict(configs, "dp")
+            dp = found_dp if dp is None else dp
+            seeds.append(found_dp)
+            pool.append(found_dp)
+        starts[s] = (sub, seeds)
+    hybrid = [s for s in starts if s != k]
+    refine = [k] + ([min(hybrid, key=lambda s: min(_penalized(p) for p in starts[s][1][1:] or starts[s][1]))]
+                    if hybrid else [])
+    for s in refine:
+        sub, seeds = starts[s]
+        result = mcmc(sub.cands, sub.objective, [p.configs for p in seeds], iters=iters if k > 1 else 0, seed=seed,
+                      time_budget=time_budget, patience=max(50, iters // 4))
+        pool.append(sub.predict(result.configs, "auto"))
     feasible = [p for p in pool if p.feasible and math.isfinite(p.time)]
     best = min(feasible or pool, key=lambda p: p.time)
-    best = Prediction("auto", best.configs, best.time, best.memory, best.comm_bytes, best.feasible, best.compute, best.comm)
-    plan = plan_from(graph, best.configs, "auto")
-    return SearchResult(plan, best, presets, dp, time.perf_counter() - t0, ev.evaluations, pool)
+    best = replace(best, name="auto")
+    if all(c == DATA for c in best.configs):  # nothing is split: no subgroups needed
+        best = replace(best, split_degree=None)
+    plan = plan_from(graph, best.configs, "auto", split_degree=best.split_degree)
+    evaluations = sum(e.evaluations for e in ev._others.values())
+    return SearchResult(plan, best, presets, dp, time.perf_counter() - t0, evaluations, pool)
 
 
 def auto_plan(model: nn.Module, group=None, input_shape: Optional[Sequence[int]] = None, *,
               cluster: Optional[ClusterSpec] = None, measure: bool = True, memory_limit: Optional[float] = None,
-              iters: int = 1500, bucket_mb: float = 25.0, seed: int = 0, cache_dir=None) -> Plan:
+              iters: int = 1500, bucket_mb: float = 25.0, seed: int = 0, cache_dir=None,
+              hybrids: bool = True) -> Plan:
     """The plan ``pyowt.parallelize(model, "auto")`` runs; call on every rank of ``group``.
 
     Args:
@@ -267,6 +323,8 @@ def auto_plan(model: nn.Module, group=None, input_shape: Optional[Sequence[int]]
             so a CPU host shared by the ranks is measured under the same contention) and
             collectives on ``group``; ``False`` uses ``cluster``'s roofline and links.
         memory_limit: bytes per device.
+        hybrids: search split degrees below K too (needs the default group when measuring:
+            the subgroups' collectives are fitted on groups created from the world).
 
     Every rank gets rank 0's plan (broadcast), so the ranks agree even when their
     measurements differ.
@@ -291,16 +349,23 @@ def auto_plan(model: nn.Module, group=None, input_shape: Optional[Sequence[int]]
         cluster = ClusterSpec(DEVICES["h100" if on_gpu else "cpu"], k, LINKS["nvlink" if on_gpu else "ethernet"])
     elif cluster.workers != k:
         cluster = cluster.with_workers(k)
-    profiler, fit = None, None
+    profiler, fit, by_size = None, None, {}
     if measure:
         device = "cuda" if (live and pdist.get_backend(pg) == "nccl") or (not live and torch.cuda.is_available()) else "cpu"
         profiler = Profiler(device, cluster.dtype, cache_dir=cache_dir, context={"concurrent": k if device == "cpu" else 1})
         fit = measure_comm(pg) if live and k > 1 else None
-    cost = CostModel(cluster, profiler, fit)
+        if fit is not None and pg is dist.group.WORLD:
+            # Hybrids talk in subgroups: fit each proper group size on split groups, all
+            # measuring at once as they would run (replica groups of that size reuse it).
+            from ..parallel.mesh import Mesh
+
+            for s in split_degrees(k)[:-1]:
+                by_size[s] = measure_comm(Mesh(pg, s).split_group)
+    cost = CostModel(cluster, profiler, fit, by_size)
     text = None
     if rank == 0 or profiler is not None:
         # Every rank runs the search when measuring, so that all profile the same ops at once.
-        res = search(graph, cost, k, memory_limit, iters=iters, seed=seed, bucket_mb=bucket_mb)
+        res = search(graph, cost, k, memory_limit, iters=iters, seed=seed, bucket_mb=bucket_mb, hybrids=hybrids)
         text = res.plan.to_json()
         if profiler is not None:
             profiler.save() if rank == 0 else None
@@ -311,4 +376,5 @@ def auto_plan(model: nn.Module, group=None, input_shape: Optional[Sequence[int]]
     return Plan.from_json(text)
 
 
-__all__ = ["Evaluator", "PRESET_NAMES", "Prediction", "SearchResult", "auto_plan", "preset_configs", "search"]
+__all__ = ["Evaluator", "PRESET_NAMES", "Prediction", "SearchResult", "auto_plan", "preset_configs", "search",
+           "split_degrees"]

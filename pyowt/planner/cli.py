@@ -60,7 +60,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--batch", type=_positive(int), default=None, help="batch per device (global = batch * workers)")
     s.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     s.add_argument("--memory-limit-gb", type=_positive(float), default=None, help="default: the device's memory")
-    s.add_argument("--iters", type=_positive(int), default=1500, help="MCMC proposals")
+    s.add_argument("--iters", type=_positive(int), default=1500, help="MCMC proposals (per split degree)")
+    s.add_argument("--no-hybrids", action="store_true",
+                   help="search only plans whose split layers span all workers (no data x split hybrids)")
     s.add_argument("--out", default="plan.json", help="write the auto plan here")
     s.add_argument("--results", default=None, help="write predictions (JSON) here (default: next to --out, "
                                                        "<name>.results.json)")
@@ -77,6 +79,8 @@ def _table(rows, out=print):
     for r in rows:
         t = r["step_time_s"]
         note = "" if r["feasible"] else "over memory limit"
+        if r.get("split_degree"):
+            note = f"split layers over groups of {r['split_degree']}" + (f"; {note}" if note else "")
         if not math.isfinite(t):
             out(f"{r['strategy']:<10} {'-':>13} {'-':>8} {'-':>13} {'-':>10}  cannot split a layer over the workers")
             continue
@@ -84,7 +88,7 @@ def _table(rows, out=print):
             f"{r['memory_bytes'] / 1e9:>10.2f}  {note}")
 
 
-def predict_all(model, name: str, cluster, batch: int, iters: int, memory_limit=None):
+def predict_all(model, name: str, cluster, batch: int, iters: int, memory_limit=None, hybrids: bool = True):
     """(search result, rows) for one cluster: the presets and auto."""
     from .auto import search
     from .capture import capture
@@ -92,12 +96,12 @@ def predict_all(model, name: str, cluster, batch: int, iters: int, memory_limit=
 
     k = cluster.workers
     graph = capture(model, (batch * k, 3, MODELS[name], MODELS[name]))
-    res = search(graph, CostModel(cluster), k, memory_limit, iters=iters)
+    res = search(graph, CostModel(cluster), k, memory_limit, iters=iters, hybrids=hybrids)
     rows = [res.presets[p].as_dict() for p in ("data", "model", "owt")] + [res.best.as_dict()]
     return res, rows
 
 
-def _figure(model, name, cluster, batch, iters, memory_limit, path, out=print):
+def _figure(model, name, cluster, batch, iters, memory_limit, path, out=print, hybrids=True):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +109,7 @@ def _figure(model, name, cluster, batch, iters, memory_limit, path, out=print):
 
     series = {s: [] for s in ("data", "model", "owt", "auto")}
     for k in FIGURE_WORKERS:
-        _, rows = predict_all(model, name, cluster.with_workers(k), batch, max(100, iters // 4), memory_limit)
+        _, rows = predict_all(model, name, cluster.with_workers(k), batch, max(100, iters // 4), memory_limit, hybrids)
         for r in rows:
             series[r["strategy"]].append(r["step_time_s"] * 1e3 if math.isfinite(r["step_time_s"]) else float("nan"))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -132,7 +136,7 @@ def run_plan(args, out=print) -> int:
     batch = args.batch or DEFAULT_BATCH[args.model]
     limit = args.memory_limit_gb * 1e9 if args.memory_limit_gb else None
     model = build_model(args.model)
-    res, rows = predict_all(model, args.model, cluster, batch, args.iters, limit)
+    res, rows = predict_all(model, args.model, cluster, batch, args.iters, limit, not args.no_hybrids)
     links = cluster.intra.name + (f" within nodes, {cluster.inter.name} across {cluster.nodes} nodes" if cluster.nodes > 1 else "")
     out(f"pyowt plan: {args.model}, {args.workers} x {args.device} ({args.dtype}), {links}, "
         f"batch {batch}/device (global {batch * args.workers}); search {res.search_time:.2f} s, "
@@ -148,7 +152,8 @@ def run_plan(args, out=print) -> int:
                "nodes": args.nodes, "dtype": args.dtype, "batch_per_device": batch, "search_time_s": res.search_time,
                "strategies": rows, "auto_plan": json.loads(res.plan.to_json())}
     if figure_path:
-        results["figure"] = _figure(model, args.model, cluster, batch, args.iters, limit, figure_path, out)
+        results["figure"] = _figure(model, args.model, cluster, batch, args.iters, limit, figure_path, out,
+                                    not args.no_hybrids)
     with open(results_path, "w") as f:
         json.dump(results, f, indent=2)
     out(f"results: {results_path}")

@@ -233,13 +233,17 @@ class CostModel:
         profiler: a :class:`Profiler` to measure compute instead of estimating it.
         comm_fit: per collective kind, ``(a, b)`` seconds and seconds/byte (of the full
             tensor) fitted on the live group (:func:`measure_comm`); overrides the links.
+        comm_fit_by_size: the same per group size, for subgroups (a hybrid plan's split and
+            replica groups); a size missing here falls back to ``comm_fit``.
     """
 
     def __init__(self, cluster: ClusterSpec, profiler: Optional[Profiler] = None,
-                 comm_fit: Optional[Dict[str, Tuple[float, float]]] = None):
+                 comm_fit: Optional[Dict[str, Tuple[float, float]]] = None,
+                 comm_fit_by_size: Optional[Dict[int, Dict[str, Tuple[float, float]]]] = None):
         self.cluster = cluster
         self.profiler = profiler
         self.comm_fit = comm_fit
+        self.comm_fit_by_size = dict(comm_fit_by_size or {})
         self.itemsize = itemsize(cluster.dtype)
         self._compute: Dict[OpSig, Tuple[float, float]] = {}
         self.misses = 0
@@ -272,21 +276,30 @@ class CostModel:
         bwd = max(fb / rate, bb / bw) + kernels_b * dev.overhead if (fb or bb) else 0.0
         return fwd, bwd
 
-    def collective(self, kind: str, nbytes: float, k: int) -> float:
+    def collective(self, kind: str, nbytes: float, k: int, nodes: Optional[int] = None) -> float:
         """Seconds for a collective over ``k`` workers on a tensor of ``nbytes`` in all
-        (the gathered/reduced tensor; for broadcast/reduce the message)."""
+        (the gathered/reduced tensor; for broadcast/reduce the message). ``nodes``: how many
+        nodes the k workers span, evenly (default: the cluster's for all its workers, else
+        spread over as many nodes as possible)."""
         if kind not in COLLECTIVES:
             raise ValueError(f"kind must be one of {COLLECTIVES}, got {kind!r}")
         if k <= 1 or nbytes <= 0:
             return 0.0
-        if self.comm_fit is not None:
-            a, b = self.comm_fit.get(kind, self.comm_fit["all_reduce"])
+        fit = self.comm_fit_by_size.get(k, self.comm_fit)
+        if fit is not None:
+            a, b = fit.get(kind, fit["all_reduce"])
             return a + b * nbytes
         c = self.cluster
-        g, m = (c.per_node, c.nodes) if c.nodes > 1 and k == c.workers else (k, 1)
-        if k != c.workers and c.nodes > 1:  # a subgroup: assume it spans the nodes evenly
-            m = min(c.nodes, k)
+        if nodes is not None:
+            m = max(1, min(nodes, k))
             g = max(1, k // m)
+        else:
+            g, m = (c.per_node, c.nodes) if c.nodes > 1 and k == c.workers else (k, 1)
+            if k != c.workers and c.nodes > 1:  # a subgroup: assume it spans the nodes evenly
+                m = min(c.nodes, k)
+                g = max(1, k // m)
+        if m > 1 and c.inter is None:
+            raise ValueError(f"a collective over {m} nodes needs a cluster with an inter-node link")
         return _ring(kind, nbytes, g, c.intra) + (_ring(kind, nbytes / g, m, c.inter) if m > 1 else 0.0)
 
 

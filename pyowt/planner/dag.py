@@ -27,15 +27,19 @@ parameters, as the chain's granular mode) each task's ``segment`` is :func:`pair
 those nodes, and the serialized step time is a sum of node and edge terms over
 :func:`dag_edges`: the objective node/edge elimination minimizes exactly
 (:mod:`pyowt.planner.elimination`).
+
+``split_degree`` s < K (hybrids, :mod:`pyowt.parallel.mesh`) works as in
+:func:`pyowt.planner.tasks.chain_tasks`: shapes cut to the split group's batch block,
+transitions inside the split group, split layers' (and BatchNorm's outside batch sharding)
+gradients summed over the replica group.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..distributed.accounting import all_gather_bytes, all_reduce_bytes, reduce_scatter_bytes
 from ..nn.functional import parallel_cross_entropy_comm
-from ..parallel.grad_sync import bucket_indices
 from ..parallel.graph import CONV, CROSS_CHANNEL, DROPOUT, FLATTEN
 from ..parallel.layout import DATA, INPUT_LAYOUT, OUTPUT_LAYOUT, SPLIT_IN, SPLIT_OUT, Layout
 from .capture import ADD, BATCHNORM, ModelGraph
@@ -58,7 +62,7 @@ def _transition(b: _Builder, shape, have: Layout, want: Layout, split_out_consum
     if have in (Layout.SHARD_CHANNEL, Layout.SHARD_BATCH):
         dim = 1 if have == Layout.SHARD_CHANNEL else 0
         sizes, row = _gather_rows(shape, dim, k, isz)
-        t = b.cost.collective("all_gather", numel * isz, k)
+        t = b.time("all_gather", numel * isz)
         last = b.add(f"all_gather dim{dim} {name}", COMM, t, "fwd", "all_gather", all_gather_bytes(sizes, rank, row),
                      deps=deps)
         b.activations += numel * isz
@@ -112,31 +116,36 @@ def dag_edges(graph: ModelGraph) -> List[Tuple[int, int]]:
 
 
 def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0,
-              bucket_bytes: int = 25 * 2**20, opt_states: int = 1, granular: bool = False) -> StepTasks:
+              bucket_bytes: int = 25 * 2**20, opt_states: int = 1, granular: bool = False,
+              split_degree: Optional[int] = None) -> StepTasks:
     """Tasks of one step of ``graph`` with ``configs`` (one per weight node, in order).
 
     ``granular``: one gradient all-reduce and one optimizer task per layer, every task's
     ``segment`` the :func:`pair_key` of the weight nodes it depends on (see the module doc).
+    ``split_degree``: the split layers' group size (default: all K).
     """
     cfg_of = {n.name: c for n, c in zip(graph.weight_nodes, configs)}
     nw = len(graph.weight_nodes)
     sources = _sources(graph)
     src: Dict[str, int] = {}
     rep_seg: Dict[str, int] = {}  # segment of each layer whose gradients are all-reduced
-    b = _Builder(cost, k, rank, granular)
+    b = _Builder(cost, k, rank, granular, split_degree)
+    k, rank = b.k, b.rank  # the split group from here on
     isz = b.isz
     first_cfg = configs[0]
     in_layout = Layout.SHARD_BATCH if INPUT_LAYOUT[first_cfg] == Layout.SHARD_BATCH else Layout.REPLICATE
     out: Dict[str, Tuple[Layout, bool, int]] = {}  # node -> (layout, partial_ok, producing task)
-    b.activations += math.prod(local_shape(graph.input_shape, in_layout, k, rank)) * isz
+    b.activations += math.prod(local_shape(b.block(graph.input_shape), in_layout, k, rank)) * isz
     replicated: List[Tuple[int, str]] = []
+    sharded: List[Tuple[int, str]] = []  # gradients summed over the replica group (d > 1)
     local_params: List[Tuple[int, int]] = []  # (numel, segment) per layer with parameters
     nparams = 0
     first_weight = True
     for node, (in_src, me) in zip(graph.nodes, sources):
         src[node.name] = me
         srcs = [(out[i] if i in out else (in_layout, True, None)) for i in node.inputs] or [(in_layout, True, None)]
-        in_shapes = [graph.shapes[i] for i in node.inputs] or [graph.input_shape]
+        in_shapes = [b.block(graph.shapes[i]) for i in node.inputs] or [b.block(graph.input_shape)]
+        node_shape = b.block(node.shape)
         b.segment = pair_key(in_src[0], me, nw)
         if node.has_weights:
             cfg = cfg_of[node.name]
@@ -147,7 +156,7 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
             b.segment = pair_key(me, me, nw)
             x = local_shape(in_shapes[0], want, k, rank)
             act = None
-            sig, _ = _layer_sig(node, cfg, x, node.shape, k, rank, act, not first_weight)
+            sig, _ = _layer_sig(node, cfg, x, node_shape, k, rank, act, not first_weight)
             first_weight = False
             b.compute(node.name, sig)
             params = [p for p in node.module.parameters() if p.requires_grad]
@@ -157,9 +166,11 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
                 local_params.append((sum(p.numel() for p in params), b.segment))
             else:
                 local_params.append((sum(p.numel() for p in params) // k, b.segment))
+                sharded += [(p.numel() // k * isz, node.name) for p in params]
+                rep_seg[node.name] = b.segment
             nparams += local_params[-1][0]
             if cfg == SPLIT_IN:
-                numel = math.prod(node.shape)
+                numel = math.prod(node_shape)
                 b.collective(f"all_reduce {node.name}", "all_reduce", numel, all_reduce_bytes(numel, k, rank, isz))
             out[node.name] = (OUTPUT_LAYOUT[cfg], cfg != SPLIT_IN, b.last)
             continue
@@ -173,7 +184,7 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
                     deps.append(d)
             b.last = None
             b.segment = pair_key(me, me, nw)
-            f, bw = cost.compute(OpSig("add", local_shape(node.shape, layout, k, rank), local_shape(node.shape, layout, k, rank)))
+            f, bw = cost.compute(OpSig("add", local_shape(node_shape, layout, k, rank), local_shape(node_shape, layout, k, rank)))
             b.last = b.add(f"fwd {node.name}", COMPUTE, f, "fwd", deps=tuple(deps))
             b.bwd.append((f"bwd {node.name}", COMPUTE, bw, "", (0, 0), b.segment, None))
             out[node.name] = (layout, pok, b.last)
@@ -185,7 +196,7 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
         if node.kind in (FLATTEN, CROSS_CHANNEL) and have == Layout.SHARD_CHANNEL:
             b.last = _transition(b, in_shapes[0], have, Layout.REPLICATE, False, pok, (t,) if t is not None else (), node.name)
             layout = Layout.REPLICATE
-        x, y = local_shape(in_shapes[0], layout, k, rank), local_shape(node.shape, layout, k, rank)
+        x, y = local_shape(in_shapes[0], layout, k, rank), local_shape(node_shape, layout, k, rank)
         if node.kind == DROPOUT:
             sig = OpSig("dropout", x, y)
         elif node.kind == BATCHNORM:
@@ -193,7 +204,9 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
             params = [p for p in node.module.parameters() if p.requires_grad]
             if layout == Layout.SHARD_BATCH:
                 replicated += [(p.numel() * isz, node.name) for p in params]
-                rep_seg[node.name] = b.segment
+            else:  # the same statistics' parameters in every split group: summed over the replicas
+                sharded += [(p.numel() // (k if layout == Layout.SHARD_CHANNEL else 1) * isz, node.name) for p in params]
+            rep_seg[node.name] = b.segment
             local_params.append((sum(p.numel() for p in params) // (k if layout == Layout.SHARD_CHANNEL else 1), b.segment))
             nparams += local_params[-1][0]
         else:
@@ -203,45 +216,41 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
     last = graph.nodes[-1]
     layout = out[last.name][0]
     b.segment = pair_key(sources[-1][1], sources[-1][1], nw)
-    logits = local_shape(last.shape, layout, k, rank)
+    logits = local_shape(b.block(last.shape), layout, k, rank)
     b.compute("loss", OpSig("loss", logits, (logits[0],), (layout == Layout.SHARD_CHANNEL,)))
-    if layout == Layout.SHARD_BATCH:
-        b.collective("all_reduce loss", "all_reduce", 1, all_reduce_bytes(1, k, rank, isz), "loss")
-    elif layout == Layout.SHARD_CHANNEL:
-        for kind, numel in parallel_cross_entropy_comm(graph.input_shape[0], k):
+    if layout == Layout.SHARD_CHANNEL:
+        for kind, numel in parallel_cross_entropy_comm(b.block(graph.input_shape)[0], k):
             b.collective("all_reduce loss", kind, numel, all_reduce_bytes(numel, k, rank, isz), "loss")
+    b.loss_value(layout)
     # Backward: reverse order, chained; gradient buckets as in tasks.chain_tasks.
-    rep_bytes = [r[0] for r in replicated]
-    buckets = bucket_indices(rep_bytes, bucket_bytes) if (k > 1 and replicated) else []
-    if granular and k > 1:  # one bucket per layer, not per tensor
-        by_layer: Dict[str, List[int]] = {}
-        for i, r in enumerate(replicated):
-            by_layer.setdefault(r[1], []).append(i)
-        buckets = list(reversed(list(by_layer.values())))
-    need = [set(replicated[i][1] for i in bk) for bk in buckets]
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    pending = b.grad_sync([(nb, order[name], rep_seg[name]) for nb, name in replicated], "world", bucket_bytes)
+    pending += b.grad_sync([(nb, order[name], rep_seg[name]) for nb, name in sharded], "replica", bucket_bytes,
+                           len(pending))
     owner_bwd = {}
     names_in_order = [e[0][4:] for e in b.bwd]
     sync = []
     for (name, stream, dur, kind, sr, seg, _), lname in zip(reversed(b.bwd), reversed(names_in_order)):
         b.segment = seg
         b.last = b.add(name, stream, dur, "bwd", kind, sr)
-        if stream == COMPUTE:
-            owner_bwd[lname] = b.last
-        for bi, nd in enumerate(need):
-            if nd and nd <= set(owner_bwd):
-                numel = sum(rep_bytes[i] for i in buckets[bi]) // isz
-                b.segment = rep_seg[replicated[buckets[bi][0]][1]]
-                t = cost.collective("all_reduce", numel * isz, k)
-                sync.append(b.add(f"grad all_reduce bucket {bi}", COMM, t, "sync", "all_reduce",
-                                  all_reduce_bytes(numel, k, rank, isz), deps=tuple(owner_bwd[x] for x in sorted(nd))))
-                need[bi] = set()
+        if stream == COMPUTE and lname in order:
+            owner_bwd[order[lname]] = b.last
+        for bk in pending:
+            if bk["need"] and bk["need"] <= set(owner_bwd):
+                b.segment = bk["segment"]
+                t = b.time("all_reduce", bk["numel"] * isz, bk["which"])
+                sync.append(b.add(bk["name"], COMM, t, "sync", "all_reduce", bk["bytes"],
+                                  deps=tuple(owner_bwd[x] for x in sorted(bk["need"]))))
+                bk["need"] = set()
     deps = tuple(sync) + ((b.last,) if b.last is not None else ())
     for n, seg in (local_params if granular else [(nparams, -1)]):
         b.segment = seg
         f, _ = cost.compute(OpSig("optimizer", (n,), ()))
         b.add("optimizer", COMPUTE, f, "opt", deps=deps)
     param_bytes = nparams * isz * (2 + opt_states)
-    bucket_peak = max((sum(rep_bytes[i] for i in bk) for bk in buckets), default=0)
+    bucket_peak = max((bk["numel"] * isz for bk in
+                       b.grad_sync([(nb, order[n], 0) for nb, n in replicated], "world", bucket_bytes)
+                       + b.grad_sync([(nb, order[n], 0) for nb, n in sharded], "replica", bucket_bytes)), default=0)
     return StepTasks(b.tasks, param_bytes + b.activations + bucket_peak, param_bytes, b.activations)
 
 

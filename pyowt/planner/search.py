@@ -30,7 +30,8 @@ Configs = Tuple[str, ...]
 
 
 def candidates(graph: ModelGraph, k: int) -> List[List[str]]:
-    """Configs each weight layer (in order) can take with ``k`` workers."""
+    """Configs each weight layer (in order) can take when splits span ``k`` workers (the
+    split degree: all workers, or a hybrid's split group)."""
     out = []
     for n in graph.weight_nodes:
         cin, cout = n.channels
@@ -128,9 +129,9 @@ def mcmc(cands: Sequence[Sequence[str]], objective: Callable[[Configs], float], 
     return MCMCResult(best_c, best_v, len(memo), accepted, trace)
 
 
-def plan_from(graph: ModelGraph, configs: Configs, name: str = "auto") -> Plan:
+def plan_from(graph: ModelGraph, configs: Configs, name: str = "auto", split_degree: Optional[int] = None) -> Plan:
     """A :class:`Plan` with ``configs`` for the graph's weight layers in order."""
-    return Plan({n.name: c for n, c in zip(graph.weight_nodes, configs)}, name=name)
+    return Plan({n.name: c for n, c in zip(graph.weight_nodes, configs)}, name=name, split_degree=split_degree)
 
 
 __all__ = ["MCMCResult", "brute_force", "candidates", "dp_chain", "mcmc", "plan_from"]

@@ -13,6 +13,12 @@ OWT schemes b/c (``plan.scheme``): the batch all-gather into the head becomes K 
 (:func:`_head_passes`, as :mod:`pyowt.parallel.passes` runs them), bytes again equal to
 ``comm_model`` (broadcast/reduce for b, chunked all-gather/reduce-scatter for c).
 
+Hybrid plans (``plan.split_degree`` s < K, :mod:`pyowt.parallel.mesh`): the device's split
+group of s works on its batch block (the shapes' batch is the block's rows), transitions and
+split-layer collectives run in that group, the split layers' gradients are all-reduced over
+the replica group of K / s, data layers' over all K. A collective's cost knows which nodes
+its group spans (split groups are consecutive ranks).
+
 With ``granular=True`` every replicated layer gets its own gradient all-reduce and its own
 optimizer task, so that the serialized step time (all durations summed) splits into
 per-layer segments that depend only on two neighbouring configs: the chain DP's objective.
@@ -31,6 +37,7 @@ from ..nn.functional import parallel_cross_entropy_comm
 from ..parallel.grad_sync import bucket_indices
 from ..parallel.graph import CONV
 from ..parallel.layout import DATA, INPUT_LAYOUT, OUTPUT_LAYOUT, SPLIT_IN, SPLIT_OUT, Layout
+from ..parallel.mesh import block_range, check_split_degree
 from ..parallel.passes import _pass_rows
 from ..parallel.plan import Plan
 from ..parallel.program import ALL_GATHER, COPY_TO_GROUP, DROP, LAYER, MODULE, SPLIT, compile_plan
@@ -62,8 +69,15 @@ def local_shape(shape: Shape, layout: Layout, k: int, rank: int) -> Shape:
 
 
 class _Builder:
-    def __init__(self, cost: CostModel, k: int, rank: int, granular: bool):
-        self.cost, self.k, self.rank, self.granular = cost, k, rank, granular
+    """Tasks of one device. ``k``/``rank`` are the device's split group and its rank in it
+    (the whole group unless ``split_degree`` < K); ``world_k``/``world_rank``, ``d``/``row``
+    the whole group and the replica group."""
+
+    def __init__(self, cost: CostModel, k: int, rank: int, granular: bool, split_degree: Optional[int] = None):
+        s = check_split_degree(split_degree, k)
+        self.world_k, self.world_rank, self.d = k, rank, k // s
+        self.row, col = divmod(rank, s)
+        self.cost, self.k, self.rank, self.granular = cost, s, col, granular
         self.isz = cost.itemsize
         self.tasks: List[Task] = []
         self.last: Optional[int] = None   # task producing the current activation (forward)
@@ -83,13 +97,68 @@ class _Builder:
         self.activations += math.prod(sig.out) * self.isz
         self.bwd.append((f"bwd {name}", COMPUTE, b, "", (0, 0), self.segment, None))
 
-    def collective(self, name, kind, numel, sent_recv, phase="fwd"):
-        t = self.cost.collective(kind, numel * self.isz, self.k)
+    def block(self, shape: Shape) -> Shape:
+        """A global activation shape cut to this split group's batch block."""
+        start, stop = block_range(shape[0], self.world_k, self.k, self.row)
+        return (stop - start,) + tuple(shape[1:])
+
+    def group(self, which: str):
+        """(size, this device's rank, nodes spanned) of the ``split``, ``replica`` or
+        ``world`` group."""
+        c = self.cost.cluster
+        if which == "world":
+            ranks, r = range(self.world_k), self.world_rank
+        elif which == "split":
+            ranks, r = range(self.row * self.k, (self.row + 1) * self.k), self.rank
+        else:
+            ranks, r = range(self.rank, self.world_k, self.k), self.row
+        per = c.per_node if c.nodes > 1 and c.workers == self.world_k else None
+        nodes = len({x // per for x in ranks}) if per else None
+        return len(ranks), r, nodes
+
+    def time(self, kind, nbytes, which="split") -> float:
+        n, _, nodes = self.group(which)
+        return self.cost.collective(kind, nbytes, n, nodes)
+
+    def collective(self, name, kind, numel, sent_recv, phase="fwd", which="split"):
+        t = self.time(kind, numel * self.isz, which)
         self.last = self.add(name, COMM, t, phase, kind, sent_recv)
 
     def bwd_collective(self, name, kind, numel, sent_recv):
-        t = self.cost.collective(kind, numel * self.isz, self.k)
+        t = self.time(kind, numel * self.isz)
         self.bwd.append((name, COMM, t, kind, sent_recv, self.segment, None))
+
+    def loss_value(self, layout: Layout) -> None:
+        """The loss value's all-reduce: over all K for batch-sharded logits, else over the
+        replica group (d > 1: each split group holds its block's part)."""
+        which = "world" if layout == Layout.SHARD_BATCH else "replica"
+        n, r, _ = self.group(which)
+        if n > 1:
+            self.collective("all_reduce loss", "all_reduce", 1, all_reduce_bytes(1, n, r, self.isz), "loss", which)
+
+    def grad_sync(self, params, which: str, bucket_bytes: int, bucket_start: int = 0) -> list:
+        """Gradient buckets of ``params`` ((bytes, layer index, segment), forward order) over
+        the ``which`` group, as :class:`~pyowt.parallel.grad_sync.GradSync` groups them
+        (one per layer when granular): per bucket the layers it waits for ("need"), its
+        elements, segment, task name, group and (sent, received) bytes."""
+        n, r, _ = self.group(which)
+        if n <= 1 or not params:
+            return []
+        nbytes = [p[0] for p in params]
+        if self.granular:
+            by_layer: dict = {}
+            for i, p in enumerate(params):
+                by_layer.setdefault(p[1], []).append(i)
+            buckets = [by_layer[lay] for lay in sorted(by_layer, reverse=True)]
+        else:
+            buckets = bucket_indices(nbytes, bucket_bytes)
+        out = []
+        for bi, bk in enumerate(buckets):
+            numel = sum(nbytes[i] for i in bk) // self.isz
+            out.append({"need": set(params[i][1] for i in bk), "numel": numel, "segment": params[bk[0]][2],
+                        "name": f"grad all_reduce{'' if which == 'world' else ' ' + which} bucket {bucket_start + bi}",
+                        "which": which, "bytes": all_reduce_bytes(numel, n, r, self.isz)})
+        return out
 
 
 def _gather_rows(shape: Shape, dim: int, k: int, isz: int):
@@ -190,13 +259,17 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
     if not graph.is_chain:
         raise ValueError("chain_tasks needs a chain model; use pyowt.planner.dag.dag_tasks for DAGs")
     program = compile_plan(plan, graph.steps)
-    b = _Builder(cost, k, rank, granular)
+    b = _Builder(cost, k, rank, granular, plan.split_degree)
+    if b.d > 1 and plan.scheme != "a":
+        raise ValueError(f"scheme {plan.scheme!r} needs split_degree None or {k}, got {b.k}")
+    k, rank = b.k, b.rank  # from here on: the split group (all K unless the plan is a hybrid)
     isz = b.isz
     layout = program.input_layout
-    shape = graph.input_shape
+    shape = b.block(graph.input_shape)
     b.activations += math.prod(local_shape(shape, layout, k, rank)) * isz
     first = True
     replicated: List[Tuple[int, int, int]] = []  # (bytes, layer index, segment) in forward order
+    sharded: List[Tuple[int, int, int]] = []     # the same for split layers' local shards
     local_params = []  # (numel, segment)
     # Segment of an op: the weight layer it leads into (the tail joins the last layer).
     n_layers = sum(op.kind == LAYER for op in program.ops)
@@ -209,7 +282,7 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
     def emit(op, seg, shape, layout, rows=None, count_params=True):
         """Tasks of one op on an activation of global ``shape``; ``rows``: a head pass's rows."""
         b.segment = seg
-        glob = (lambda name: graph.shapes[name]) if rows is None else (lambda name: (rows,) + tuple(graph.shapes[name][1:]))
+        glob = (lambda name: b.block(graph.shapes[name])) if rows is None else (lambda name: (rows,) + tuple(graph.shapes[name][1:]))
         if op.kind == LAYER:
             s, cfg = op.step, op.config
             st["layer_index"] += 1
@@ -221,7 +294,7 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
             b.compute(s.name, sig)
             # this layer's backward entry carries its index so that gradient buckets can follow it
             name, stream, dur, kind, sr, seg, _ = b.bwd[-1]
-            b.bwd[-1] = (name, stream, dur, kind, sr, seg, layer_index if cfg == DATA else None)
+            b.bwd[-1] = (name, stream, dur, kind, sr, seg, layer_index)
             params = [p for p in s.module.parameters() if p.requires_grad] if count_params else []
             if not count_params:
                 pass
@@ -232,8 +305,11 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
                 dim = 0 if cfg == SPLIT_OUT else 1
                 w = s.module.weight
                 n = math.prod(w.shape) // w.shape[dim] * split_sizes(w.shape[dim], k)[rank]
+                sharded.append((n * isz, layer_index, b.segment))
                 if s.module.bias is not None:
-                    n += split_sizes(w.shape[0], k)[rank] if cfg == SPLIT_OUT else w.shape[0]
+                    nb = split_sizes(w.shape[0], k)[rank] if cfg == SPLIT_OUT else w.shape[0]
+                    sharded.append((nb * isz, layer_index, b.segment))
+                    n += nb
                 local_params.append((n, b.segment))
             if cfg == SPLIT_IN:
                 numel = math.prod(out_global)
@@ -277,11 +353,10 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         b.segment = n_layers - 1
         logits = local_shape(shape, layout, k, rank)
         b.compute("loss", OpSig("loss", logits, (logits[0],), (layout == Layout.SHARD_CHANNEL,)))
-        if program.output_layout == Layout.SHARD_BATCH:
-            b.collective("all_reduce loss", "all_reduce", 1, all_reduce_bytes(1, k, rank, isz), "loss")
-        elif program.output_layout == Layout.SHARD_CHANNEL:
+        if program.output_layout == Layout.SHARD_CHANNEL:
             for kind, numel in parallel_cross_entropy_comm(batch, k):
                 b.collective("all_reduce loss", kind, numel, all_reduce_bytes(numel, k, rank, isz), "loss")
+        b.loss_value(program.output_layout)
 
     ops = program.ops
     boundary = None  # schemes b/c: the batch all-gather into the head becomes K passes
@@ -291,19 +366,14 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         shape, layout = emit(op, seg, shape, layout)
     head_params = []  # (numel, segment) of the head, stepped after every pass with per_pass
     if boundary is None:
-        loss(shape, layout, graph.input_shape[0])
+        loss(shape, layout, b.block(graph.input_shape)[0])
     else:
         head_params = _head_passes(b, plan, graph.input_shape[0], shape, ops[boundary + 1:], segs[boundary + 1:],
                                    segs[boundary], emit, loss, st, local_params)
-    # Backward in reverse, chained; gradient buckets launch when their last gradient is ready.
-    rep_bytes = [r[0] for r in replicated]
-    buckets = bucket_indices(rep_bytes, 1 if granular else bucket_bytes) if (k > 1 and replicated) else []
-    if granular:  # one bucket per layer, not per tensor
-        by_layer = {}
-        for i, r in enumerate(replicated):
-            by_layer.setdefault(r[1], []).append(i)
-        buckets = [by_layer[lay] for lay in sorted(by_layer, reverse=True)] if k > 1 else []
-    pending = [set(replicated[i][1] for i in bk) for bk in buckets]
+    # Backward in reverse, chained; gradient buckets launch when their last gradient is ready
+    # (data layers' over all K, split layers' over the replica group when d > 1).
+    pending = b.grad_sync(replicated, "world", bucket_bytes)
+    pending += b.grad_sync(sharded, "replica", bucket_bytes, len(pending))
     done_layers = {}
     sync_tasks = []
     for name, stream, dur, kind, sr, seg, layer in reversed(b.bwd):
@@ -313,14 +383,13 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         if layer is None:
             continue
         done_layers[layer] = idx
-        for bi, need in enumerate(pending):
-            if need and need <= set(done_layers):
-                numel = sum(rep_bytes[i] for i in buckets[bi]) // isz
-                b.segment = replicated[buckets[bi][0]][2]
-                t = b.cost.collective("all_reduce", numel * isz, k)
-                sync_tasks.append(b.add(f"grad all_reduce bucket {bi}", COMM, t, "sync", "all_reduce",
-                                        all_reduce_bytes(numel, k, rank, isz), deps=tuple(done_layers[x] for x in sorted(need))))
-                pending[bi] = set()
+        for bk in pending:
+            if bk["need"] and bk["need"] <= set(done_layers):
+                b.segment = bk["segment"]
+                t = b.time("all_reduce", bk["numel"] * isz, bk["which"])
+                sync_tasks.append(b.add(bk["name"], COMM, t, "sync", "all_reduce", bk["bytes"],
+                                        deps=tuple(done_layers[x] for x in sorted(bk["need"]))))
+                bk["need"] = set()
     deps = tuple(sync_tasks) + ((b.last,) if b.last is not None else ())
     if head_params:  # per_pass: the head stepped after each pass; the trunk steps here
         local_params = local_params[:len(local_params) - len(head_params)]  # the head's come last
@@ -331,7 +400,8 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         b.add("optimizer", COMPUTE, f, "opt", deps=deps)
     nparams = sum(n for n, _ in local_params) + sum(n for n, _ in head_params)
     param_bytes = nparams * isz * (2 + opt_states)
-    bucket_peak = max((sum(rep_bytes[i] for i in bk) for bk in buckets), default=0)
+    synced = b.grad_sync(replicated, "world", bucket_bytes) + b.grad_sync(sharded, "replica", bucket_bytes)
+    bucket_peak = max((bk["numel"] * isz for bk in synced), default=0)
     memory = param_bytes + b.activations + bucket_peak
     return StepTasks(b.tasks, memory, param_bytes, b.activations)
 

@@ -49,6 +49,44 @@ def test_comm_bytes_equal_step_volume(k, preset, options):
         assert _volume(st.tasks) == step_volume(model, preset, k, rank, shape, **options), (preset, k, rank)
 
 
+HYBRIDS = [(4, "model", 2), (4, "owt", 2), (2, "owt", 1), (8, "owt", 4), (6, "model", 3)]
+
+
+@pytest.mark.parametrize("k,preset,split_degree", HYBRIDS, ids=[f"k{k}-{p}-s{s}" for k, p, s in HYBRIDS])
+def test_hybrid_comm_bytes_equal_step_volume(k, preset, split_degree):
+    torch.manual_seed(0)
+    model = small_alexnet()
+    shape = (23, 3, 16, 16)  # uneven blocks and shards
+    graph = capture(model, shape)
+    cost = CostModel(make_cluster("h100", k, "nvlink"))
+    plan = make_plan(model, preset, split_degree=split_degree)
+    for rank in range(k):
+        for granular in (False, True):
+            st = chain_tasks(graph, plan, cost, k, rank, granular=granular)
+            if not granular:
+                assert _volume(st.tasks) == step_volume(model, plan, k, rank, shape), (preset, k, rank)
+    # split_degree = K is the plain plan, task for task.
+    full = chain_tasks(graph, make_plan(model, preset), cost, k, 0)
+    same = chain_tasks(graph, make_plan(model, preset, split_degree=k), cost, k, 0)
+    assert [(t.name, t.duration, t.sent) for t in full.tasks] == [(t.name, t.duration, t.sent) for t in same.tasks]
+
+
+def test_hybrid_groups_span_the_nodes_they_sit_on():
+    """2 nodes x 4 H100: a split group of 4 consecutive ranks stays on NVLink; its replica
+    group (ranks r and r + 4) crosses the network."""
+    model = small_alexnet()
+    shape = (64, 3, 16, 16)
+    graph = capture(model, shape)
+    cost = CostModel(make_cluster("h100", 8, "nvlink", nodes=2))
+    st = chain_tasks(graph, make_plan(model, "owt", split_degree=4), cost, 8, 5)
+    nv, ib = LINKS["nvlink"], LINKS["ib"]
+    ag = next(t for t in st.tasks if t.kind == "all_gather")
+    n = 32 * model.classifier[1].in_features * 4  # the block's 32 rows of the trunk output, fp32
+    assert ag.duration == pytest.approx(3 * (nv.alpha + n / 4 / nv.bandwidth))
+    rep = [t for t in st.tasks if t.name.startswith("grad all_reduce replica")]
+    assert rep and all(t.duration > 2 * ib.alpha for t in rep)
+
+
 def test_comm_bytes_equal_step_volume_for_searched_plans():
     torch.manual_seed(0)
     model = small_alexnet()

@@ -124,9 +124,11 @@ def _bottleneck_net():
                          Bottleneck(16, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 5))
 
 
-@pytest.mark.parametrize("model,k,device,link", [("tiny_resnet", 2, "h100", "nvlink"), ("tiny_resnet", 3, "k20", "ethernet"),
-                                                 ("bottleneck", 4, "h100", "nvlink"), ("bottleneck", 2, "cpu", "pcie")])
-def test_dag_serial_time_decomposes_and_elimination_is_exact(model, k, device, link):
+@pytest.mark.parametrize("model,k,device,link,split_degree", [
+    ("tiny_resnet", 2, "h100", "nvlink", None), ("tiny_resnet", 3, "k20", "ethernet", None),
+    ("bottleneck", 4, "h100", "nvlink", None), ("bottleneck", 2, "cpu", "pcie", None),
+    ("tiny_resnet", 4, "h100", "nvlink", 2), ("bottleneck", 6, "k20", "ethernet", 3)])
+def test_dag_serial_time_decomposes_and_elimination_is_exact(model, k, device, link, split_degree):
     from pyowt.planner.auto import Evaluator, search
     from pyowt.planner.capture import capture
     from pyowt.planner.costs import CostModel
@@ -138,7 +140,7 @@ def test_dag_serial_time_decomposes_and_elimination_is_exact(model, k, device, l
     graph = capture(net, (4 * k + 1, 3, 8, 8))
     assert not graph.is_chain
     cost = CostModel(make_cluster(device, k, link))
-    ev = Evaluator(graph, cost, k)
+    ev = Evaluator(graph, cost, k, split_degree=split_degree)
     node_cost, edges, edge_cost = ev.pairwise()
     n = len(ev.cands)
     if model == "bottleneck":  # the downsample conv (index 4) joins the block's last conv (3)
@@ -154,6 +156,8 @@ def test_dag_serial_time_decomposes_and_elimination_is_exact(model, k, device, l
         assert v == pytest.approx(min(ev.serial(c) for c in itertools.product(*ev.cands)), rel=1e-12)
     else:  # random plans never beat it
         assert all(ev.serial(tuple(rng.choice(c) for c in ev.cands)) >= v * (1 - 1e-12) for _ in range(200))
+    if split_degree is not None:
+        return
     res = search(graph, cost, k, iters=100)
     assert res.dp is not None and res.dp.configs == configs  # elimination's plan seeds MCMC and joins the pool
     assert res.best.time <= min(res.dp.time, *(p.time for p in res.presets.values())) * (1 + 1e-12)

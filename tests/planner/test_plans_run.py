@@ -48,6 +48,26 @@ def test_searched_plans_round_trip_and_pass_the_parity_check(run_workers, tmp_pa
         assert losses[0] == losses[1]
 
 
+def test_searched_hybrid_plan_round_trips_and_passes_the_parity_check(run_workers, tmp_path):
+    """K = 4 with split groups of 2: the DP's plan at that degree runs under parallelize
+    from its JSON file exactly like one process."""
+    from pyowt.planner.auto import Evaluator
+    from pyowt.planner.search import dp_chain
+
+    model, size = make_model("small", 0)
+    graph = capture(model, (64, 3, size, size))
+    ev = Evaluator(graph, CostModel(make_cluster("h100", 4, "ethernet")), 4, split_degree=2)
+    configs, _ = dp_chain(ev.cands, ev.segment_cost)
+    # (split_out x3, split_in, split_out x3, split_in): column/row pairs and a row -> column
+    # transition (copy_to_group) inside the groups of 2.
+    assert configs.count("split_in") >= 2 and configs.count("split_out") >= 2, configs
+    path = tmp_path / "hybrid.json"
+    plan_from(graph, configs, "dp s=2", split_degree=2).save(str(path))
+    assert Plan.load(str(path)).split_degree == 2
+    losses = run_workers(4, _check_parity, "small", str(path), {}, 11, timeout=300)
+    assert all(l == losses[0] for l in losses)
+
+
 def test_plan_command_writes_table_plan_results_and_figure(tmp_path, capsys):
     out, results, fig = tmp_path / "plan.json", tmp_path / "results.json", tmp_path / "fig.png"
     rc = main(["plan", "--model", "small", "--workers", "4", "--device", "k20", "--interconnect", "pcie",

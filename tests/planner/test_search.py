@@ -48,6 +48,42 @@ def test_dp_equals_brute_force_on_plans(device, link, k, batch):
 
 
 @pytest.mark.parametrize("device,link", CLUSTERS)
+@pytest.mark.parametrize("k,split_degree", [(4, 2), (6, 3), (6, 2)])
+def test_dp_equals_brute_force_on_hybrid_plans(device, link, k, split_degree):
+    """The segment decomposition stays exact with split groups and replica groups."""
+    torch.manual_seed(0)
+    graph = capture(tiny_chain(), (4 * k + 3, 3, 8, 8))
+    ev = Evaluator(graph, CostModel(make_cluster(device, k, link)), k, split_degree=split_degree)
+    path, v = dp_chain(ev.cands, ev.segment_cost)
+    _, bf_v = brute_force(ev.cands, ev.serial)
+    assert v == pytest.approx(bf_v, rel=1e-9) and ev.serial(path) == pytest.approx(bf_v, rel=1e-9)
+
+
+@pytest.mark.parametrize("device,link", [("h100", "nvlink"), ("k20", "ethernet")])
+def test_auto_is_never_worse_than_a_hybrid_preset_and_names_its_degree(device, link):
+    import torchvision
+
+    from pyowt.parallel.mesh import check_split_degree
+    from pyowt.planner.auto import split_degrees
+
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet(weights=None)
+    k = 8
+    graph = capture(model, (64 * k, 3, 224, 224))
+    cost = CostModel(make_cluster(device, k, link, dtype="bf16"))
+    res = search(graph, cost, k, iters=200)
+    ev = Evaluator(graph, cost, k)
+    hybrid_presets = [ev.predict_plan(make_plan(model, p, split_degree=s)) for p in ("model", "owt") for s in split_degrees(k)]
+    assert res.best.time <= min(p.time for p in hybrid_presets) * (1 + 1e-12)
+    assert res.plan.split_degree == res.best.split_degree
+    check_split_degree(res.plan.split_degree, k)
+    if res.plan.split_degree is not None:  # a hybrid plan splits something
+        assert any(c != "data" for c in res.best.configs)
+    plain = search(graph, cost, k, iters=200, hybrids=False)
+    assert plain.best.split_degree is None and res.best.time <= plain.best.time * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("device,link", CLUSTERS)
 def test_mcmc_reaches_the_dp_optimum_on_chains(device, link):
     torch.manual_seed(0)
     model = small_alexnet()
@@ -66,6 +102,11 @@ def test_candidates_respect_what_layers_can_split():
     assert cands[0] == ["data", "split_out"]          # 3 input channels < 6 workers
     assert cands[3] == ["data", "split_in"]           # 5 classes < 6 workers
     assert candidates(graph, 1) == [["data"]] * 4
+    ev = Evaluator(graph, CostModel(make_cluster("h100", 12, "nvlink")), 12, split_degree=4)
+    assert ev.cands[0] == ["data", "split_out"]              # 3 input channels < 4
+    assert ev.cands[3] == ["data", "split_out", "split_in"]  # 5 classes: enough for groups of 4
+    with pytest.raises(ValueError, match="split_degree must divide the 12 workers"):
+        Evaluator(graph, CostModel(make_cluster("h100", 12, "nvlink")), 12, split_degree=5)
 
 
 @pytest.mark.parametrize("name,k", [("small", 2), ("small", 4), ("alexnet", 4), ("alexnet", 8)])
