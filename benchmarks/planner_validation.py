@@ -1,10 +1,13 @@
-"""Predicted against measured step time of data, model, owt (schemes a, b, c) and auto on K Gloo workers (CPU).
+"""Predicted against measured step time of data, model, owt (schemes a, b, c), hybrids and auto on K Gloo workers (CPU).
 
 For each K, K processes (one intra-op thread each) capture the model, profile its ops on
 this CPU at the same time (so the profile sees the contention of the real run), fit
 collective times on the live group, search an auto plan (rank 0's is broadcast), predict
 each strategy with the simulator, then train each strategy a few SGD steps and time them
-(median step, slowest rank). Prints a table and writes JSON.
+(median step, slowest rank). Where K has a divisor s with 1 < s < K, the hybrids ``model``
+and ``owt`` with split degree s (split layers in groups of s, data-parallel across K / s)
+are measured too, and collectives are also fitted on groups of each such size. Prints a
+table and writes JSON.
 
     .venv/bin/python benchmarks/planner_validation.py [--workers 2 3 4] [--batch 64] [--json out.json]
 """
@@ -56,7 +59,8 @@ def _time_plan(model, plan, batch, size, steps, warmup):
 
 def _worker(batch, size, steps, warmup, cache_dir, overlap):
     from pyowt.parallel.plan import Plan, make_plan
-    from pyowt.planner.auto import Evaluator, search
+    from pyowt.parallel.mesh import Mesh
+    from pyowt.planner.auto import Evaluator, search, split_degrees
     from pyowt.planner.capture import capture
     from pyowt.planner.costs import CostModel, Profiler, measure_comm
     from pyowt.planner.specs import DEVICES, LINKS, ClusterSpec
@@ -66,8 +70,10 @@ def _worker(batch, size, steps, warmup, cache_dir, overlap):
     graph = capture(model, (batch, 3, size, size))
     t0 = time.perf_counter()
     fit = measure_comm()
+    hybrid_degrees = split_degrees(k)[:-1]
+    by_size = {s: measure_comm(Mesh(dist.group.WORLD, s).split_group) for s in hybrid_degrees}
     cluster = ClusterSpec(DEVICES["cpu"], k, LINKS["ethernet"], overlap=overlap)
-    cost = CostModel(cluster, Profiler("cpu", cache_dir=cache_dir, context={"concurrent": k}), fit)
+    cost = CostModel(cluster, Profiler("cpu", cache_dir=cache_dir, context={"concurrent": k}), fit, by_size)
     res = search(graph, cost, k)  # every rank profiles the same ops at the same time
     box = [res.plan.to_json()]
     dist.broadcast_object_list(box, src=0)
@@ -80,13 +86,15 @@ def _worker(batch, size, steps, warmup, cache_dir, overlap):
     plans = [(p, make_plan(model, p)) for p in ("data", "model", "owt")]
     plans.append(("auto", auto))
     plans += [(f"owt({s})", make_plan(model, "owt", scheme=s)) for s in ("b", "c")]
+    plans += [(f"{p} s={s}", make_plan(model, p, split_degree=s)) for s in hybrid_degrees for p in ("model", "owt")]
     rows = []
     for name, plan in plans:
         configs = tuple(plan.layers[n.name] for n in graph.weight_nodes)
         pred = ev.predict_plan(plan, name)
         pred_serial = serial.predict_plan(plan, name)
         measured = _time_plan(model, plan, batch, size, steps, warmup)
-        rows.append({"workers": k, "strategy": name, "predicted_ms": pred.time * 1e3, "measured_ms": measured * 1e3,
+        rows.append({"workers": k, "strategy": name, "split_degree": plan.split_degree,
+                     "predicted_ms": pred.time * 1e3, "measured_ms": measured * 1e3,
                      "error": pred.time / measured - 1, "configs": list(configs),
                      "predicted_no_overlap_ms": pred_serial.time * 1e3, "compute_ms": pred.compute * 1e3,
                      "comm_ms": pred.comm * 1e3})
@@ -117,10 +125,10 @@ def main(argv=None):
         print(f"K={k}: searched in {out['search_s']:.1f} s (incl. profiling); "
               f"all_reduce fit a={out['fit']['all_reduce'][0] * 1e6:.0f} us, "
               f"b={1 / max(out['fit']['all_reduce'][1], 1e-30) / 1e9:.2f} GB/s", flush=True)
-    print(f"\n{'K':>2} {'strategy':<9} {'predicted ms':>13} {'measured ms':>12} {'error':>7} {'no-overlap ms':>14} {'error':>7}")
+    print(f"\n{'K':>2} {'strategy':<11} {'predicted ms':>13} {'measured ms':>12} {'error':>7} {'no-overlap ms':>14} {'error':>7}")
     for r in rows:
         err_s = r["predicted_no_overlap_ms"] / r["measured_ms"] - 1
-        print(f"{r['workers']:>2} {r['strategy']:<9} {r['predicted_ms']:>13.1f} {r['measured_ms']:>12.1f} {r['error']:>+7.1%} "
+        print(f"{r['workers']:>2} {r['strategy']:<11} {r['predicted_ms']:>13.1f} {r['measured_ms']:>12.1f} {r['error']:>+7.1%} "
               f"{r['predicted_no_overlap_ms']:>14.1f} {err_s:>+7.1%}")
     med = statistics.median(abs(r["error"]) for r in rows)
     med_s = statistics.median(abs(r["predicted_no_overlap_ms"] / r["measured_ms"] - 1) for r in rows)
@@ -129,7 +137,8 @@ def main(argv=None):
     for k in args.workers:
         sub = {r["strategy"]: r for r in rows if r["workers"] == k}
         best = min(("data", "model", "owt"), key=lambda s: sub[s]["predicted_ms"])
-        print(f"K={k}: auto predicted {sub['auto']['predicted_ms']:.1f} ms vs best preset {best} "
+        print(f"K={k}: auto (split degree {sub['auto']['split_degree'] or k}) predicted {sub['auto']['predicted_ms']:.1f} ms "
+              f"vs best preset {best} "
               f"{sub[best]['predicted_ms']:.1f} ms; measured auto {sub['auto']['measured_ms']:.1f} ms vs "
               f"{best} {sub[best]['measured_ms']:.1f} ms")
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
