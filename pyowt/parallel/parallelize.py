@@ -187,6 +187,23 @@ class ParallelModel(nn.Module):
         """The rows of a global batch whose labels :meth:`loss` expects from this rank."""
         return self._rows(global_batch, self.label_layout)
 
+    @torch.no_grad()
+    def full_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The forward's output ``(rows, classes_shard)`` as ``(rows, classes)``: class-sharded
+        logits are gathered in the split group (for metrics: no gradient flows back)."""
+        if self.output_layout != Layout.SHARD_CHANNEL:
+            return out
+        return pdist.all_gather(out, dim=1, group=self.mesh.split_group, grad="split")
+
+    @torch.no_grad()
+    def sum_over_batch(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t``, a statistic of this rank's rows (:meth:`label_slice`), over the ranks
+        holding the other rows of the global batch; every rank gets the global sum."""
+        group = self.group if self.label_layout == Layout.SHARD_BATCH else self.mesh.replica_group
+        if group is None or pdist.get_world_size(group) == 1:
+            return t
+        return pdist.all_reduce(t, group=group)
+
     def local_batch(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels) this rank feeds, from a global batch that is the same on every rank.
 

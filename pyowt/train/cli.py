@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheme", default=d.scheme, choices=["a", "b", "c"], help="OWT scheme [%(default)s]")
     g.add_argument("--fc-update", default=d.fc_update, choices=["accumulate", "per_pass"],
                    help="OWT head update for schemes b/c [%(default)s]")
+    g.add_argument("--split-degree", type=int, default=d.split_degree,
+                   help="model/owt: split the split layers over groups of this many workers, data-parallel "
+                        "across the groups (a divisor of the worker count; default: all workers)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data, help="digits, synthetic, or a folder in ImageFolder layout "
                    "(<root>/<class>/<image>; with train/ and val/ subfolders they are the split) [%(default)s]")

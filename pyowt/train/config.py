@@ -20,6 +20,7 @@ class TrainConfig:
     strategy: str = "owt"
     scheme: str = "a"
     fc_update: str = "accumulate"
+    split_degree: Optional[int] = None
     data: str = "digits"
     epochs: int = 10
     batch_size: int = 64
@@ -93,6 +94,13 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         raise UserError(f"--fc-update must be accumulate or per_pass, got {cfg.fc_update!r}")
     if cfg.fc_update == "per_pass" and cfg.scheme == "a":
         raise UserError("--fc-update per_pass needs --scheme b or c (scheme a runs the head once per step)")
+    if cfg.split_degree is not None:
+        if cfg.strategy not in ("model", "owt"):
+            raise UserError(f"--split-degree applies to --strategy model or owt (a plan file carries its own), "
+                            f"got --strategy {cfg.strategy}")
+        _positive("split_degree", cfg.split_degree)
+        if world_size % cfg.split_degree:
+            raise UserError(f"--split-degree must divide the {world_size} workers, got {cfg.split_degree}")
     if cfg.data not in ("digits", "synthetic") and not os.path.isdir(cfg.data):
         raise UserError(f"--data: {cfg.data!r} is neither 'digits', 'synthetic' nor an existing folder "
                         "(ImageFolder layout: <root>/<class>/<image>.jpg)")

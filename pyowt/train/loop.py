@@ -111,14 +111,11 @@ def evaluate(pmodel, source, batch_size: int, autocast) -> dict:
     for x, y, b, _ in source.val_batches(pmodel, batch_size):
         with autocast():
             out = pmodel(x, global_batch=b)
-        out = out.float()
-        if pmodel.output_layout == Layout.SHARD_CHANNEL:
-            out = pdist.all_gather(out, dim=1, group=pmodel.group, grad="split")
+        out = pmodel.full_logits(out.float())
         sums[0] += F.cross_entropy(out, y, reduction="sum").double()
         sums[1] += (out.argmax(1) == y).sum().double()
         n += b
-    if pmodel.output_layout == Layout.SHARD_BATCH and pmodel.k > 1:
-        dist.all_reduce(sums, group=pmodel.group)
+    sums = pmodel.sum_over_batch(sums)
     pmodel.train(was_training)
     loss, correct = sums.tolist()
     return {"val_loss": loss / n, "val_acc": correct / n, "val_samples": n}
@@ -222,6 +219,8 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
     def _parallelize():
         try:
             options = {"scheme": cfg.scheme, "fc_update": cfg.fc_update} if cfg.strategy == "owt" else {}
+            if cfg.split_degree is not None:
+                options["split_degree"] = cfg.split_degree
             if cfg.strategy == "auto":  # the search costs the global batch's shape
                 options["input_shape"] = (cfg.batch_size, source.in_channels, cfg.image_size, cfg.image_size)
             return parallelize(model, cfg.strategy, seed=cfg.seed, head_optimizer=head_opt, **options)
@@ -337,9 +336,11 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
             write_results(_results(cfg, meta, history, source, 0, time.perf_counter() - t_run), cfg.json, None)
         progress.resume()
 
-    if pmodel.input_layout == Layout.SHARD_BATCH and k > 1:
+    # Images are loaded per shard, or per split group's block (every rank of it the same).
+    loaders = pmodel.group if pmodel.input_layout == Layout.SHARD_BATCH else pmodel.mesh.replica_group
+    if loaders is not None and pdist.get_world_size(loaders) > 1:
         bad_images = bad_images.to(device)
-        dist.all_reduce(bad_images)
+        dist.all_reduce(bad_images, group=loaders)
     results = _results(cfg, meta, history, source, int(bad_images), time.perf_counter() - t_run)
     if rank != 0:
         return None

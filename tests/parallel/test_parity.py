@@ -101,3 +101,29 @@ HYBRIDS = [(4, 2, "model"), (4, 2, "owt"), (2, 1, "owt"), (3, 1, "model")]
 def test_parity_hybrid(run_workers, k, split_degree, preset):
     losses = run_workers(k, _check_parity, "small", preset, {"split_degree": split_degree}, 11, timeout=300)
     assert all(l == losses[0] for l in losses), f"ranks report different losses: {losses}"
+
+
+def _eval_metrics(preset, options, batch):
+    """Eval-mode logits gathered with full_logits and a correct-count summed with
+    sum_over_batch equal the single-process model's (what ``pyowt train`` validates with)."""
+    model, size = make_model("small", 0)
+    model.eval()
+    pmodel = parallelize(model, preset, **options)
+    pmodel.eval()
+    x, y = global_batch(0, batch, size)
+    xl, yl = pmodel.local_batch(x, y)
+    logits = pmodel.full_logits(pmodel(xl))
+    with torch.no_grad():
+        ref = model(x)[pmodel.label_slice(batch)]
+    assert rel_err(logits, ref) < 1e-5, rel_err(logits, ref)
+    correct = pmodel.sum_over_batch((logits.argmax(1) == yl).sum().double().reshape(1))
+    assert int(correct) == int((model(x).argmax(1) == y).sum())
+    return int(correct)
+
+
+@pytest.mark.parametrize("k,preset,options", [(4, "owt", {"split_degree": 2}), (4, "model", {"split_degree": 2}),
+                                              (3, "owt", {}), (2, "data", {})],
+                         ids=["k4-owt-s2", "k4-model-s2", "k3-owt", "k2-data"])
+def test_eval_metrics_over_the_global_batch(run_workers, k, preset, options):
+    counts = run_workers(k, _eval_metrics, preset, options, 11)
+    assert len(set(counts)) == 1

@@ -41,6 +41,9 @@ CASES = [
     (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
     (["--resume", "/no/ckpt.pt"], "--resume: '/no/ckpt.pt' does not exist"),
     (["--scheme", "a", "--fc-update", "per_pass"], "--fc-update per_pass needs --scheme b or c"),
+    (["--workers", "4", "--split-degree", "3"], "--split-degree must divide the 4 workers, got 3"),
+    (["--strategy", "data", "--split-degree", "2"], "--split-degree applies to --strategy model or owt"),
+    (["--split-degree", "0"], "--split-degree must be >= 1, got 0"),
 ]
 
 
