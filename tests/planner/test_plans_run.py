@@ -118,3 +118,39 @@ def test_auto_plan_on_a_live_group_is_the_same_on_every_rank(run_workers):
     assert plans[0] == plans[1]
     plan = Plan.from_json(plans[0])
     validate_plan(plan, make_model("small", 0)[0])
+
+
+def _auto_hybrid_on_group():
+    """K = 4: the search measures collectives on groups of 2 as well, and whatever plan it
+    picks (hybrid or not) runs under parallelize."""
+    import torch.distributed as dist
+
+    from pyowt.parallel import parallelize
+
+    model, size = make_model("small", 0)
+    costs = []
+    import pyowt.planner.auto as auto_mod
+
+    real = auto_mod.search
+
+    def spy(graph, cost, k, *a, **kw):
+        costs.append(cost)
+        return real(graph, cost, k, *a, **kw)
+
+    auto_mod.search = spy
+    try:
+        pmodel = parallelize(model, "auto", input_shape=(11, 3, size, size))
+    finally:
+        auto_mod.search = real
+    assert sorted(costs[0].comm_fit_by_size) == [2], costs[0].comm_fit_by_size
+    assert set(costs[0].comm_fit_by_size[2]) == {"all_reduce", "all_gather", "reduce_scatter"}
+    x, y = torch.randn(11, 3, size, size), torch.randint(0, 10, (11,))
+    xl, yl = pmodel.local_batch(x, y)
+    pmodel.loss(pmodel(xl), yl).backward()
+    dist.barrier()
+    return pmodel.plan.to_json()
+
+
+def test_auto_plan_measures_subgroups_for_hybrids(run_workers):
+    plans = run_workers(4, _auto_hybrid_on_group, timeout=300)
+    assert len(set(plans)) == 1
