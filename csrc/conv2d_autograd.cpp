@@ -1,10 +1,9 @@
 // Autograd of pyowt::conv2d_bias_act, in C++ for every device the C++ kernels serve
 // (the reason it is not Python: csrc/linear_autograd.cpp).
 //
-// A network's first layer needs no input gradient, and the backward schema has no output
-// mask: computing it anyway cost 2-3x the whole backward of a stride-4 11x11 layer on
-// CPU and 7x on an H200 (benchmarks/RESULTS.md). Without it the backward runs what the
-// C++ kernels run (the ReLU mask, then oneDNN/cuDNN through ATen) minus grad_x.
+// The backward passes needs_input_grad as the backward op's output_mask: a network's first
+// layer needs no input gradient, and computing it anyway cost 2-3x the whole backward of a
+// stride-4 11x11 layer on CPU and 7x on an H200 (benchmarks/RESULTS.md).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -14,8 +13,6 @@
 #include <string>
 #include <tuple>
 #include <vector>
-
-#include "channel_layout.h"
 
 namespace pyowt {
 namespace {
@@ -39,14 +36,16 @@ at::Tensor call_forward(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    c10::string_view activation, bool has_bias) {
+    c10::string_view activation, bool has_bias, const c10::List<bool>& output_mask) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pyowt::conv2d_bias_act_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view, bool)>();
-  return op.call(grad_out, x, weight, out, stride, padding, dilation, groups, activation, has_bias);
+              at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, c10::string_view, bool,
+              const c10::List<bool>&)>();
+  return op.call(grad_out, x, weight, out, stride, padding, dilation, groups, activation, has_bias,
+                 output_mask);
 }
 
 class Conv2dBiasAct : public torch::autograd::Function<Conv2dBiasAct> {
@@ -83,23 +82,16 @@ class Conv2dBiasAct : public torch::autograd::Function<Conv2dBiasAct> {
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const at::Tensor& grad = grads[0];
-    at::Tensor grad_x, grad_w, grad_b;
-    if (!ctx->needs_input_grad(0)) {
-      const at::Tensor masked = out.defined() ? at::threshold_backward(grad, out, 0) : grad;
-      const int64_t c_out = weight.size(0);
-      const at::OptionalIntArrayRef bias_sizes =
-          has_bias ? at::OptionalIntArrayRef(at::IntArrayRef(&c_out, 1)) : at::OptionalIntArrayRef();
-      std::tie(std::ignore, grad_w, grad_b) = at::convolution_backward(
-          masked, x, weight, bias_sizes, stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-          {false, true, has_bias});
-      grad_w = grad_w.contiguous(preferred_format(weight, 1));
-    } else {
-      // With "none" the op reads `out` for its shape only: pass the gradient instead.
-      std::tie(grad_x, grad_w, grad_b) = call_backward(grad, x, weight, out.defined() ? out : grad,
-                                                       stride, padding, dilation, groups,
-                                                       activation, has_bias);
-    }
-    return {grad_x, grad_w, has_bias ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(),
+    const bool want_x = ctx->needs_input_grad(0);
+    const bool want_w = ctx->needs_input_grad(1);
+    const bool want_b = has_bias && ctx->needs_input_grad(2);
+    // With "none" the op reads `out` for its shape only: pass the gradient instead.
+    auto [grad_x, grad_w, grad_b] =
+        call_backward(grad, x, weight, out.defined() ? out : grad, stride, padding, dilation,
+                      groups, activation, has_bias, c10::List<bool>({want_x, want_w, want_b}));
+    // The op's (0,) placeholders for gradients not asked for become "no gradient".
+    return {want_x ? grad_x : at::Tensor(), want_w ? grad_w : at::Tensor(),
+            want_b ? grad_b : at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

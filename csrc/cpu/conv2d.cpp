@@ -6,7 +6,8 @@
 // batch 8, fp32): both are within noise of each other and both beat
 // relu(conv2d(...)) because the activation needs no second output buffer; the fused
 // post-op is kept because it saves one pass over the output.
-// Backward: the ReLU mask (out > 0) applied to grad_out, then at::convolution_backward.
+// Backward: the ReLU mask (out > 0) applied to grad_out, then at::convolution_backward for
+// the gradients output_mask asks for.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/MemoryFormat.h>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "channel_layout.h"
+#include "conv2d_output_mask.h"
 
 namespace pyowt {
 namespace {
@@ -174,11 +176,14 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& weight,
     const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, bool has_bias) {
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, bool has_bias,
+    const c10::List<bool>& output_mask) {
   const bool relu = is_relu(activation);
   const ConvGeometry g =
       check_conv_args(x_in, weight, std::nullopt, stride, padding, dilation, groups);
   TORCH_CHECK(x_in.device().is_cpu(), "conv2d_bias_act_backward (cpu) got x on ", x_in.device());
+  const auto [want_x, want_w, want_b_arg] = read_output_mask(output_mask, "conv2d_bias_act_backward");
+  const bool want_b = has_bias && want_b_arg;
   const std::vector<int64_t> out_shape{g.n, g.c_out, g.h_out, g.w_out};
   TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "out shape ", out.sizes(),
               " differs from the convolution's output shape ", at::IntArrayRef(out_shape));
@@ -191,28 +196,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cpu(
     TORCH_CHECK(t.device() == x_in.device(), name, " is on ", t.device(), " but x is on ",
                 x_in.device());
   }
+  // Distinct (0,) tensors: outputs of a custom op may not alias each other.
+  at::Tensor grad_x = want_x ? at::Tensor() : at::empty({0}, x_in.options());
+  at::Tensor grad_w = want_w ? at::Tensor() : at::empty({0}, x_in.options());
+  at::Tensor grad_b = want_b ? at::Tensor() : at::empty({0}, x_in.options());
+  if (!want_x && !want_w && !want_b) return {grad_x, grad_w, grad_b};
+
   const auto fmt = preferred_format(x_in, 1);
   const auto w_fmt = preferred_format(weight, 1);
+  if (x_in.numel() == 0 || g.c_out == 0) {
+    if (want_x) grad_x = at::zeros(x_in.sizes(), x_in.options().memory_format(fmt));
+    if (want_w) grad_w = at::zeros(weight.sizes(), weight.options().memory_format(w_fmt));
+    if (want_b) grad_b = at::zeros({g.c_out}, x_in.options());
+    return {grad_x, grad_w, grad_b};
+  }
   const at::Tensor x = x_in.contiguous(fmt);
   // grad_out where out > 0, else 0: the ReLU's derivative recovered from its output.
   at::Tensor g_masked = relu ? at::threshold_backward(grad_out, out, 0) : grad_out;
   g_masked = g_masked.contiguous(fmt);
 
-  at::Tensor grad_x, grad_w, grad_b;
-  if (x.numel() == 0 || g.c_out == 0) {
-    grad_x = at::zeros(x.sizes(), x.options().memory_format(fmt));
-    grad_w = at::zeros(weight.sizes(), weight.options().memory_format(w_fmt));
-    grad_b = at::zeros({has_bias ? g.c_out : 0}, x.options());
-    return {grad_x, grad_w, grad_b};
-  }
   std::optional<std::vector<int64_t>> bias_sizes;
-  if (has_bias) bias_sizes = std::vector<int64_t>{g.c_out};
-  std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(
+  if (want_b) bias_sizes = std::vector<int64_t>{g.c_out};
+  // oneDNN (through ATen) computes only what the mask asks for; the rest comes back
+  // undefined and keeps its (0,) placeholder.
+  at::Tensor gx, gw, gb;
+  std::tie(gx, gw, gb) = at::convolution_backward(
       g_masked, x, weight, bias_sizes.has_value() ? at::OptionalIntArrayRef(*bias_sizes) : std::nullopt,
       stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-      {true, true, has_bias});
-  grad_b = has_bias ? grad_b : at::empty({0}, x.options());
-  return {in_format(grad_x, fmt), in_format(grad_w, w_fmt), grad_b};
+      {want_x, want_w, want_b});
+  if (want_x) grad_x = in_format(gx, fmt);
+  if (want_w) grad_w = in_format(gw, w_fmt);
+  if (want_b) grad_b = gb;
+  return {grad_x, grad_w, grad_b};
 }
 
 }  // namespace

@@ -12,11 +12,12 @@
 // cover: groups > 1, fp16/bf16 on GPUs below sm_80, and problems whose indices would not
 // fit in 32 bits. The fallback follows torch's cuDNN TF32 setting for fp32.
 //
-// Backward (a documented fallback that a fused kernel can replace piece by piece):
+// Backward (a documented fallback that a fused kernel can replace piece by piece), each
+// gradient only when output_mask asks for it (else an empty (0,) tensor):
 //   grad_pre = grad_out * (out > 0)   (relu; identity for "none"), our own kernel;
 //   grad_x, grad_weight = at::convolution_backward(grad_pre, ...)  (cuDNN; follows torch's
 //                         TF32 flags in fp32);
-//   grad_bias = grad_pre summed over (N, H, W) in fp32, or an empty (0,) tensor.
+//   grad_bias = grad_pre summed over (N, H, W) in fp32 (an empty (0,) tensor without bias).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -30,6 +31,7 @@
 
 #include "channel_layout.h"
 #include "conv2d_common.cuh"
+#include "conv2d_output_mask.h"
 #include "conv2d_simt.cuh"
 #include "conv2d_tc.cuh"
 
@@ -193,34 +195,45 @@ void check_like_output(const at::Tensor& t, const char* name, const Geometry& g,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    c10::string_view activation, bool has_bias) {
+    c10::string_view activation, bool has_bias, const c10::List<bool>& output_mask) {
   const Geometry g = check_conv2d_args(x, weight, std::nullopt, stride, padding, dilation, groups,
                                        activation, kBwd);
   check_like_output(grad_out, "grad_out", g, x);
   check_like_output(out, "out", g, x);
+  const auto [want_x, want_w, want_b_arg] = read_output_mask(output_mask, kBwd);
+  const bool want_b = has_bias && want_b_arg;
+  // Distinct (0,) tensors: outputs of a custom op may not alias each other.
+  at::Tensor grad_x = want_x ? at::Tensor() : at::empty({0}, x.options());
+  at::Tensor grad_w = want_w ? at::Tensor() : at::empty({0}, x.options());
+  at::Tensor grad_b = want_b ? at::Tensor() : at::empty({0}, x.options());
+  if (!want_x && !want_w && !want_b) return {grad_x, grad_w, grad_b};
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = preferred_format(out, 1);
 
   // Replaceable stage 1: the activation's gradient.
   const at::Tensor grad_pre = is_relu(activation) ? relu_grad(grad_out, out, fmt) : grad_out.contiguous(fmt);
-  // Replaceable stage 2: data and weight gradients (cuDNN through ATen).
-  at::Tensor grad_x, grad_w, unused;
-  const at::MemoryFormat x_fmt = preferred_format(x, 1);
-  const at::MemoryFormat w_fmt = preferred_format(weight, 1);
-  if (grad_pre.numel() == 0) {
-    grad_x = at::zeros(x.sizes(), x.options().memory_format(x_fmt));
-    grad_w = at::zeros(weight.sizes(), weight.options().memory_format(w_fmt));
-  } else {
-    std::tie(grad_x, grad_w, unused) = at::convolution_backward(
-        grad_pre, x, weight, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
-        /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {true, true, false});
-    // Same layouts as the other backends (cuDNN may pick its own).
-    grad_x = grad_x.contiguous(x_fmt);
-    grad_w = grad_w.contiguous(w_fmt);
+  // Replaceable stage 2: data and weight gradients (cuDNN through ATen), only those asked
+  // for: grad_x of a stride-4 first layer costs several times the rest of its backward.
+  if (want_x || want_w) {
+    const at::MemoryFormat x_fmt = preferred_format(x, 1);
+    const at::MemoryFormat w_fmt = preferred_format(weight, 1);
+    if (grad_pre.numel() == 0) {
+      if (want_x) grad_x = at::zeros(x.sizes(), x.options().memory_format(x_fmt));
+      if (want_w) grad_w = at::zeros(weight.sizes(), weight.options().memory_format(w_fmt));
+    } else {
+      at::Tensor gx, gw, unused;
+      std::tie(gx, gw, unused) = at::convolution_backward(
+          grad_pre, x, weight, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
+          /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {want_x, want_w, false});
+      // Same layouts as the other backends (cuDNN may pick its own).
+      if (want_x) grad_x = gx.contiguous(x_fmt);
+      if (want_w) grad_w = gw.contiguous(w_fmt);
+    }
   }
   // Stage 3: the bias gradient, accumulated in fp32.
-  at::Tensor grad_b = has_bias ? grad_pre.sum(at::IntArrayRef{0, 2, 3}, /*keepdim=*/false, at::kFloat).to(x.scalar_type())
-                               : at::empty({0}, x.options());
+  if (want_b) {
+    grad_b = grad_pre.sum(at::IntArrayRef{0, 2, 3}, /*keepdim=*/false, at::kFloat).to(x.scalar_type());
+  }
   return {grad_x, grad_w, grad_b};
 }
 

@@ -101,10 +101,23 @@ def _empty_out(x: torch.Tensor, shape: ConvShape) -> torch.Tensor:
                        device=x.device, memory_format=_output_format(x))
 
 
-def _grad_shapes_fake(x, weight, has_bias):
-    gx = torch.empty_like(x, memory_format=_output_format(x))
-    gw = torch.empty_like(weight, memory_format=_checks.preferred_memory_format(weight, 1))
-    gb = x.new_empty((weight.shape[0] if has_bias else 0,))
+def _check_output_mask(output_mask, op: str) -> None:
+    # RuntimeError with the C++ kernels' wording (csrc/conv2d_output_mask.h), so that the
+    # fake and Triton kernels fail the way the C++ ones do.
+    if len(output_mask) != 3:
+        raise RuntimeError(
+            f"{op}: output_mask must have 3 elements (grad x, grad weight, grad bias), got "
+            f"{len(output_mask)}: {list(output_mask)}")
+
+
+def _backward_fake(x, weight, has_bias, output_mask):
+    """The backward's outputs as both backward ops return them: a gradient that
+    ``output_mask`` leaves out (and grad bias without a bias) is an empty (0,) tensor."""
+    gx = (torch.empty_like(x, memory_format=_output_format(x)) if output_mask[0]
+          else x.new_empty((0,)))
+    gw = (torch.empty_like(weight, memory_format=_checks.preferred_memory_format(weight, 1))
+          if output_mask[1] else x.new_empty((0,)))
+    gb = x.new_empty((weight.shape[0] if has_bias and output_mask[2] else 0,))
     return gx, gw, gb
 
 
@@ -125,11 +138,12 @@ if _extension.STATUS.loaded:
 
     @torch.library.register_fake("pyowt::conv2d_bias_act_backward")
     def _conv_backward_fake(grad_out, x, weight, out, stride, padding, dilation, groups,
-                            activation, has_bias):
-        return _grad_shapes_fake(x, weight, has_bias)
+                            activation, has_bias, output_mask):
+        _check_output_mask(output_mask, "conv2d_bias_act_backward")
+        return _backward_fake(x, weight, has_bias, output_mask)
 
-    # The C++ op's autograd is registered in C++ (csrc/conv2d_autograd.cpp: host cost, and
-    # the first layer's backward skips the input gradient there).
+    # The C++ op's autograd is registered in C++ (csrc/conv2d_autograd.cpp: host cost); it
+    # passes needs_input_grad as output_mask, so a first layer skips its input gradient.
 
 
 # --- Triton registration -----------------------------------------------------------------
@@ -158,9 +172,10 @@ if HAS_TRITON:
         stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str,
         has_bias: bool, output_mask: List[bool],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Like the C++ backward, plus ``output_mask`` (grad x, weight, bias): a gradient
-        not asked for is returned as an empty (0,) tensor and not computed (the first
-        layer's input gradient is never needed, and is the most expensive one)."""
+        """Like the C++ backward, ``output_mask`` (grad x, weight, bias) included: a
+        gradient not asked for is returned as an empty (0,) tensor and not computed (the
+        first layer's input gradient is never needed, and is the most expensive one)."""
+        _check_output_mask(output_mask, "conv2d_bias_act_backward_triton")
         shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
         relu = activation == "relu"
         dy = grad_out.contiguous(memory_format=torch.channels_last)
@@ -195,9 +210,8 @@ if HAS_TRITON:
     @conv2d_bias_act_backward_triton.register_fake
     def _(grad_out, x, weight, out, stride, padding, dilation, groups, activation, has_bias,
           output_mask):
-        gx, gw, gb = _grad_shapes_fake(x, weight, has_bias and output_mask[2])
-        return (gx if output_mask[0] else x.new_empty((0,)),
-                gw if output_mask[1] else x.new_empty((0,)), gb)
+        _check_output_mask(output_mask, "conv2d_bias_act_backward_triton")
+        return _backward_fake(x, weight, has_bias, output_mask)
 
     def _conv_triton_backward(ctx, grad):
         x, weight, out = ctx.saved_tensors

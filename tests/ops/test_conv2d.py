@@ -239,6 +239,10 @@ def test_triton_backward_skips_unneeded_gradients(triton_device):
         [False, False, True])
     assert gx.shape == (0,) and gw.shape == (0,)
     assert_close_rel(gb, rb, torch.float32, "grad bias only")
+    with pytest.raises(RuntimeError, match="output_mask must have 3 elements .*, got 4"):
+        torch.ops.pyowt.conv2d_bias_act_backward_triton(
+            torch.ones_like(out), x, w.detach(), out.detach(), [1, 1], [1, 1], [1, 1], 1, "relu",
+            True, [False, False, True, True])
 
 
 @pytest.mark.parametrize("backend", ["cpu", "aten", "triton"])
@@ -278,7 +282,60 @@ def test_opcheck_cpp_op():
         out = torch.ops.pyowt.conv2d_bias_act(*args).detach()
         bwd = (torch.randn_like(out), args[0].detach(), args[1].detach(), out, *args[3:],
                args[2] is not None)
-        torch.library.opcheck(torch.ops.pyowt.conv2d_bias_act_backward.default, bwd)
+        # The full mask, and partial ones whose placeholders the fake kernel must match.
+        for mask in ([True, True, True], [False, True, True], [True, False, False]):
+            torch.library.opcheck(torch.ops.pyowt.conv2d_bias_act_backward.default, (*bwd, mask))
+
+
+MASKS = [[a, b, c] for a in (False, True) for b in (False, True) for c in (False, True)]
+MASK_IDS = ["".join("xwb"[i] if m[i] else "-" for i in range(3)) for m in MASKS]
+
+
+@needs_ext
+@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
+@pytest.mark.parametrize("cfg", GRID[:6], ids=IDS[:6])
+def test_cpp_backward_output_mask(cfg, mask):
+    """Each gradient the mask asks for equals the full backward's; the others are (0,)."""
+    _, (x, w, b) = _make(cfg, torch.float32, "cpu")
+    args = (list(cfg["stride"]), list(cfg["padding"]), list(cfg["dilation"]), cfg["groups"],
+            cfg["activation"] or "none", b is not None)
+    out = torch.ops.pyowt.conv2d_bias_act(x, w, b, *args[:5])
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(cfg["seed"]))
+    full = torch.ops.pyowt.conv2d_bias_act_backward(grad, x, w, out, *args, [True, True, True])
+    got = torch.ops.pyowt.conv2d_bias_act_backward(grad, x, w, out, *args, mask)
+    for name, asked, g, f in zip(("grad x", "grad weight", "grad bias"), mask, got, full):
+        if asked and not (name == "grad bias" and b is None):
+            assert g.shape == f.shape and g.stride() == f.stride(), name
+            torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert g.shape == (0,), f"{name}: not asked for, got shape {tuple(g.shape)}"
+
+
+@needs_ext
+@pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
+def test_cpp_backward_output_mask_empty_batch(mask):
+    x, w = torch.randn(0, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    out = torch.ops.pyowt.conv2d_bias_act(x, w, None, [1, 1], [0, 0], [1, 1], 1, "relu")
+    gx, gw, gb = torch.ops.pyowt.conv2d_bias_act_backward(
+        out, x, w, out, [1, 1], [0, 0], [1, 1], 1, "relu", True, mask)
+    assert gx.shape == (x.shape if mask[0] else (0,))
+    assert gw.shape == (w.shape if mask[1] else (0,)) and torch.all(gw == 0)
+    assert gb.shape == ((4,) if mask[2] else (0,)) and torch.all(gb == 0)
+
+
+@needs_ext
+def test_cpp_autograd_input_gradient_only():
+    """Frozen weight and bias: the backward asks the op for grad x alone, which stays exact."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 11, 9, generator=g).requires_grad_()
+    w, b = torch.randn(5, 3, 3, 3, generator=g), torch.randn(5, generator=g)
+    out = conv2d_bias_act(x, w, b, stride=2, padding=1, backend="cpu")
+    gout = torch.randn(out.shape, generator=g)
+    (gx,) = torch.autograd.grad(out, [x], gout)
+    x64 = x.detach().double().requires_grad_()
+    (rx,) = torch.autograd.grad(F.relu(F.conv2d(x64, w.double(), b.double(), 2, 1)), [x64],
+                                gout.double())
+    assert_close_rel(gx, rx, torch.float32, "grad x")
 
 
 def test_opcheck_triton_op(triton_device):
@@ -405,10 +462,20 @@ def test_cpp_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match='activation must be "relu" or "none", got "tanh"'):
         op(X, W, None, [1, 1], [0, 0], [1, 1], 1, "tanh")
     out = op(X, W, None, *std)
+    bwd = torch.ops.pyowt.conv2d_bias_act_backward
+    all3 = [True, True, True]
     with pytest.raises(RuntimeError, match="grad_out shape"):
-        torch.ops.pyowt.conv2d_bias_act_backward(out[:1], X, W, out, *std, False)
+        bwd(out[:1], X, W, out, *std, False, all3)
     with pytest.raises(RuntimeError, match="out shape"):
-        torch.ops.pyowt.conv2d_bias_act_backward(out, X, W, out[:, :3], *std, False)
+        bwd(out, X, W, out[:, :3], *std, False, all3)
+    bad_mask = (r"conv2d_bias_act_backward: output_mask must have 3 elements \(grad x, grad "
+                r"weight, grad bias\), got 2: \[False, True\]")
+    with pytest.raises(RuntimeError, match=bad_mask):
+        bwd(out, X, W, out, *std, False, [False, True])
+    with pytest.raises(RuntimeError, match=bad_mask):  # the fake kernel says the same
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fx, fw, fo = (mode.from_tensor(t) for t in (X, W, out))
+            bwd(fo, fx, fw, fo, *std, False, [False, True])
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])

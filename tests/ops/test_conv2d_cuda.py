@@ -448,7 +448,7 @@ def _check_backward(ops, cfg, dtype):
     out = fwd(x, w, b, *args)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     grad_dev = grad.to(device="cuda", dtype=dtype)
-    gx, gw, gb = bwd(grad_dev, x, w, out, *args, b is not None)
+    gx, gw, gb = bwd(grad_dev, x, w, out, *args, b is not None, [True, True, True])
     # Reference: the mask from the op's own output, as the schema defines it.
     pre = grad_dev.double().cpu() * ((out > 0).cpu() if activation == "relu" else 1)
     x64 = x.double().cpu().requires_grad_(True)
@@ -479,6 +479,30 @@ def test_backward_random_configs(ops, tf32, dtype, index):
 @pytest.mark.parametrize("cfg", GROUPED + ALEXNET[1:3])
 def test_backward_grouped_and_alexnet(ops, tf32, dtype, cfg):
     _check_backward(ops, cfg, dtype)
+
+
+MASKS = [[a, b, c] for a in (False, True) for b in (False, True) for c in (False, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", [False], indirect=True)
+@pytest.mark.parametrize("cfg", [ALEXNET[0], GROUPED[0], {**CONFIGS[1], "bias": False}])
+def test_backward_output_mask(ops, tf32, cfg):
+    """Each gradient the mask asks for equals the full backward's; the others are (0,)."""
+    fwd, bwd = ops
+    x, w, b, args = _inputs(cfg, torch.float32)
+    out = fwd(x, w, b, *args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to("cuda")
+    full = bwd(grad, x, w, out, *args, b is not None, [True, True, True])
+    for mask in MASKS:
+        got = bwd(grad, x, w, out, *args, b is not None, mask)
+        for name, asked, g, f in zip(("grad x", "grad weight", "grad bias"), mask, got, full):
+            if asked and not (name == "grad bias" and b is None):
+                assert g.shape == f.shape and g.stride() == f.stride(), (name, mask)
+                # cuDNN may pick another algorithm for a masked call: not bit-identical.
+                assert_close_rel(g, f, torch.float32, f"{name} {mask}", tol=BWD_TOL[torch.float32])
+            else:
+                assert g.shape == (0,), (name, mask, tuple(g.shape))
 
 
 def _bad(**over):
@@ -513,4 +537,8 @@ def test_forward_argument_errors(ops):
     x, w, b, stride, padding, dilation, groups, act = _bad()
     with pytest.raises(RuntimeError, match="grad_out must have the forward output's shape"):
         bwd(torch.randn(2, 6, 7, 6, device="cuda"), x, w, torch.randn(2, 6, 7, 7, device="cuda"),
-            stride, padding, dilation, groups, act, True)
+            stride, padding, dilation, groups, act, True, [True, True, True])
+    y = torch.randn(2, 6, 7, 7, device="cuda")
+    with pytest.raises(RuntimeError, match=r"output_mask must have 3 elements \(grad x, grad weight, "
+                                           r"grad bias\), got 1: \[True\]"):
+        bwd(y, x, w, y, stride, padding, dilation, groups, act, True, [True])
