@@ -42,6 +42,7 @@ class ShardedLayer(nn.Module):
 
     shard_dims = {SPLIT_OUT: 0, SPLIT_IN: 1}
     channel_dim = 1  # of the activations
+    degree = None  # the split degree whose groups hold the shards (None: the whole group)
 
     def __init__(self, source: nn.Module, config: str, activation: Optional[str], group, name: str):
         super().__init__()

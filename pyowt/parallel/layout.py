@@ -27,3 +27,27 @@ CONFIGS = (DATA, SPLIT_OUT, SPLIT_IN)
 
 INPUT_LAYOUT = {DATA: Layout.SHARD_BATCH, SPLIT_OUT: Layout.REPLICATE, SPLIT_IN: Layout.SHARD_CHANNEL}
 OUTPUT_LAYOUT = {DATA: Layout.SHARD_BATCH, SPLIT_OUT: Layout.SHARD_CHANNEL, SPLIT_IN: Layout.REPLICATE}
+
+
+def parse_config(config: str):
+    """``(base, degree)`` of a layer config: ``"split_out@2"`` -> ``("split_out", 2)``;
+    plain configs have degree ``None`` (the plan's ``split_degree``, else all K).
+
+    A split config may name its own split degree (``@s``: the layer's weights divided over
+    groups of s workers, data-parallel across the groups; see :mod:`pyowt.parallel.mesh`).
+    """
+    if not isinstance(config, str):
+        raise TypeError(f"a layer config must be a string, got {type(config).__name__}")
+    base, sep, degree = config.partition("@")
+    if base not in CONFIGS:
+        raise ValueError(f"config {config!r} is not one of {CONFIGS} (split configs may add '@<degree>')")
+    if not sep:
+        return base, None
+    if base == DATA or not degree.isdigit() or int(degree) < 1:
+        raise ValueError(f"config {config!r}: only split configs take a degree, as '@<positive int>'")
+    return base, int(degree)
+
+
+def format_config(base: str, degree=None) -> str:
+    """The inverse of :func:`parse_config`."""
+    return base if degree is None else f"{base}@{degree}"

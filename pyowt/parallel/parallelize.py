@@ -40,7 +40,7 @@ from .dropout import SeededDropout, _salt
 from .grad_sync import GradSync
 from .graph import CONV, capture_chain
 from .layers import ShardedConv2d, ShardedLayer, ShardedLinear, shard_range
-from .layout import DATA, Layout
+from .layout import DATA, Layout, parse_config
 from .mesh import Mesh, check_split_degree
 from .plan import Plan, resolve_plan, validate_plan
 from .passes import run_head_passes
@@ -114,8 +114,9 @@ class ParallelModel(nn.Module):
     Attributes:
         plan: the :class:`Plan` it implements.
         stages: the layers and transitions, in order (print the model to see them).
-        mesh: the d x s arrangement of the workers (:class:`~pyowt.parallel.mesh.Mesh`;
-            d = 1 unless the plan has a ``split_degree`` below K).
+        mesh: the d x s arrangement of the workers the output lives on
+            (:class:`~pyowt.parallel.mesh.Mesh`; d = 1 unless the last split layer's degree
+            is below K); ``input_mesh`` the same for the input.
         input_layout: ``Shard(batch)`` or ``Replicate``: what :meth:`local_batch` returns.
         output_layout: layout of the forward's result (class-sharded logits for a split head).
         label_layout: ``Shard(batch)`` or ``Replicate``: which labels :meth:`loss` expects.
@@ -124,7 +125,7 @@ class ParallelModel(nn.Module):
     """
 
     def __init__(self, stages: List[nn.Module], plan: Plan, group, program: Program, batch: _BatchInfo,
-                 bucket_bytes: int, head_optimizer=None, mesh: Optional[Mesh] = None):
+                 bucket_bytes: int, head_optimizer=None, meshes: Optional["_Meshes"] = None):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.boundary = _head_boundary(stages, plan) if plan.scheme != "a" else None
@@ -133,17 +134,23 @@ class ParallelModel(nn.Module):
             self.head_optimizer = head_optimizer(list(self.head.parameters()))
         self.plan, self.group, self.program = plan, group, program
         self.k, self.rank = pdist.get_world_size(group), pdist.get_rank(group)
-        self.mesh = mesh if mesh is not None else Mesh(group, self.k)
+        meshes = meshes if meshes is not None else _Meshes(group)
+        self.mesh, self.input_mesh = meshes.get(program.output_degree), meshes.get(program.input_degree)
         self.input_layout, self.output_layout = program.input_layout, program.output_layout
         self.label_layout = Layout.SHARD_BATCH if self.output_layout == Layout.SHARD_BATCH else Layout.REPLICATE
         self._batch = batch
         self._steps = 0
         replicated = [p for layer in self.sharded_layers() if layer.config == DATA for p in layer.parameters()]
         self.grad_sync = GradSync(replicated, group, bucket_bytes) if self.k > 1 and replicated else None
-        # Split layers are replicated over the mesh's columns when d > 1: sum there too.
-        shards = [p for layer in self.sharded_layers() if layer.config != DATA for p in layer.parameters()]
-        self.shard_grad_sync = GradSync(shards, self.mesh.replica_group, bucket_bytes) \
-            if self.mesh.replica_group is not None and shards else None
+        # Split layers are replicated over their mesh's columns when d > 1: sum there too,
+        # one GradSync per degree.
+        by_degree = {}
+        for layer in self.sharded_layers():
+            if layer.config != DATA:
+                by_degree.setdefault(layer.degree, []).extend(layer.parameters())
+        self.shard_grad_syncs = [GradSync(ps, meshes.get(deg).replica_group, bucket_bytes)
+                                 for deg, ps in sorted(by_degree.items(), key=lambda kv: kv[0] or self.k)
+                                 if meshes.get(deg).replica_group is not None]
 
     @property
     def trunk(self) -> List[nn.Module]:
@@ -168,24 +175,24 @@ class ParallelModel(nn.Module):
         import contextlib
 
         stack = contextlib.ExitStack()
-        for sync in (self.grad_sync, self.shard_grad_sync):
+        for sync in [self.grad_sync] + self.shard_grad_syncs:
             if sync is not None:
                 stack.enter_context(sync.no_sync())
         return stack
 
-    def _rows(self, global_batch: int, layout: Layout) -> slice:
+    def _rows(self, global_batch: int, layout: Layout, mesh: Mesh) -> slice:
         if layout == Layout.SHARD_BATCH:
             return slice(*shard_range(global_batch, self.k, self.rank))
-        return slice(*self.mesh.block_range(global_batch))
+        return slice(*mesh.block_range(global_batch))
 
     def batch_slice(self, global_batch: int) -> slice:
         """The rows of a global batch whose inputs this rank feeds: its shard when the input
         is batch-sharded, else its split group's block (all rows unless d > 1)."""
-        return self._rows(global_batch, self.input_layout)
+        return self._rows(global_batch, self.input_layout, self.input_mesh)
 
     def label_slice(self, global_batch: int) -> slice:
         """The rows of a global batch whose labels :meth:`loss` expects from this rank."""
-        return self._rows(global_batch, self.label_layout)
+        return self._rows(global_batch, self.label_layout, self.mesh)
 
     @torch.no_grad()
     def full_logits(self, out: torch.Tensor) -> torch.Tensor:
@@ -235,7 +242,7 @@ class ParallelModel(nn.Module):
             self._batch.global_size = global_batch
         if self._batch.global_size is None:
             # Fed without local_batch: assume equal shards.
-            self._batch.global_size = x.shape[0] * (self.k if self.input_layout == Layout.SHARD_BATCH else self.mesh.d)
+            self._batch.global_size = x.shape[0] * (self.k if self.input_layout == Layout.SHARD_BATCH else self.input_mesh.d)
         if self.training:  # dropout masks are keyed by the step (see pyowt.parallel.dropout)
             self._batch.step = self._steps
             self._steps += 1
@@ -270,16 +277,33 @@ class ParallelModel(nn.Module):
         return local + (total - local.detach())
 
 
-def _instantiate(program: Program, mesh: Mesh, seed: int, batch: _BatchInfo) -> List[nn.Module]:
-    """Modules for a compiled program on ``mesh``: data layers over the whole group,
-    split layers and every transition inside the split group."""
-    group = mesh.split_group
+class _Meshes:
+    """The :class:`Mesh` of each split degree a program uses (``None``: all K), made once."""
+
+    def __init__(self, group):
+        self.group, self.k = group, pdist.get_world_size(group)
+        self._by_degree = {}
+
+    def get(self, degree: Optional[int]) -> Mesh:
+        s = self.k if degree is None else degree
+        if s not in self._by_degree:
+            self._by_degree[s] = Mesh(self.group, s)
+        return self._by_degree[s]
+
+
+def _instantiate(program: Program, meshes: _Meshes, seed: int, batch: _BatchInfo) -> List[nn.Module]:
+    """Modules for a compiled program: data layers over the whole group, split layers and
+    transitions inside the split groups of their degree."""
     stages: List[nn.Module] = []
     for op in program.ops:
+        mesh = meshes.get(op.degree)
+        group = mesh.split_group
         if op.kind == LAYER:
             cls = ShardedConv2d if op.step.kind == CONV else ShardedLinear
-            stages.append(cls(op.step.module, op.config, op.activation,
-                              mesh.group if op.config == DATA else group, op.step.name))
+            layer = cls(op.step.module, op.config, op.activation, meshes.group if op.config == DATA else group,
+                        op.step.name)
+            layer.degree = op.degree
+            stages.append(layer)
         elif op.kind == MODULE:
             stages.append(op.step.module if op.step.module is not None else nn.Flatten(1))
         elif op.kind == DROP:
@@ -287,7 +311,7 @@ def _instantiate(program: Program, mesh: Mesh, seed: int, batch: _BatchInfo) -> 
                                           op.channels, batch, mesh))
         elif op.kind == ALL_GATHER:
             if op.gather_of == "batch":  # this split group's block
-                total = (lambda: (lambda r: r[1] - r[0])(mesh.block_range(batch.global_size)))
+                total = (lambda m=mesh: (lambda r: r[1] - r[0])(m.block_range(batch.global_size)))
             else:
                 total = (lambda c=op.channels: c)
             stages.append(AllGather(op.dim, op.grad, group, total))
@@ -341,9 +365,18 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
     validate_plan(plan, model)
     k = pdist.get_world_size(group)
     s = check_split_degree(plan.split_degree, k)
-    if s < k and plan.scheme != "a":
+    for name, cfg in plan.layers.items():
+        degree = parse_config(cfg)[1]
+        if degree is not None:
+            try:
+                check_split_degree(degree, k)
+            except ValueError as e:
+                raise ValueError(f"plan {plan.name!r} entry {name!r} ({cfg!r}): {e}") from None
+    program = compile_plan(plan, capture_chain(model), k)
+    if plan.scheme != "a" and any(op.degree is not None for op in program.ops):
         raise ValueError(f"plan {plan.name!r}: scheme {plan.scheme!r} runs the head over all {k} workers; "
-                         f"split_degree {s} needs scheme 'a'")
+                         f"split layers in groups of fewer workers (split_degree {s}, or '@degree' configs) "
+                         "need scheme 'a'")
     fingerprint = _structure_fingerprint(plan, steps)
     if k > 1:
         everyone = [None] * k
@@ -359,10 +392,10 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
             for t in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(t.data, src=src, group=group)
     batch = _BatchInfo()
-    program = compile_plan(plan, steps)
-    mesh = Mesh(group, s)
-    stages = _instantiate(program, mesh, seed, batch)
-    pmodel = ParallelModel(stages, plan, group, program, batch, int(bucket_mb * 2**20), head_optimizer, mesh)
+    program = compile_plan(plan, steps, k)
+    meshes = _Meshes(group)
+    stages = _instantiate(program, meshes, seed, batch)
+    pmodel = ParallelModel(stages, plan, group, program, batch, int(bucket_mb * 2**20), head_optimizer, meshes)
     if plan.fc_update == "per_pass" and pmodel.head_optimizer is None:
         raise ValueError(f"plan {plan.name!r}: fc_update='per_pass' needs head_optimizer=... (see parallelize's docstring)")
     pmodel.train(model.training)

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from .graph import CONV, LINEAR, capture_chain
-from .layout import CONFIGS, DATA, SPLIT_IN, SPLIT_OUT
+from .layout import DATA, SPLIT_IN, SPLIT_OUT, parse_config
 
 PRESETS = ("data", "model", "owt")
 SCHEMES = ("a", "b", "c")
@@ -38,13 +38,15 @@ class Plan:
 
     Attributes:
         layers: qualified module name -> ``"data" | "split_out" | "split_in"``, for every
-            Conv2d and Linear of the model.
+            Conv2d and Linear of the model; a split config may carry its own split degree,
+            ``"split_out@2"`` (see :func:`~pyowt.parallel.layout.parse_config`).
         scheme: how a batch-sharded activation enters a split region (OWT's a, b or c).
         fc_update: ``"accumulate"`` (one step per global batch) or ``"per_pass"`` (schemes
             b and c: the split head steps after every pass).
         name: a label for tables (``"data"``, ``"owt(a)"``, ...).
-        split_degree: workers a split layer's weights are divided over (must divide K);
-            ``None``: all K. Schemes b and c need ``None`` (or K).
+        split_degree: workers a split layer's weights are divided over (must divide K),
+            for split configs without their own ``@degree``; ``None``: all K. Schemes b
+            and c need every split layer at degree K.
     """
 
     layers: Dict[str, str]
@@ -55,10 +57,11 @@ class Plan:
     split_degree: Optional[int] = None
 
     def __post_init__(self):
-        bad = {k: v for k, v in self.layers.items() if v not in CONFIGS}
-        if bad:
-            name, cfg = next(iter(bad.items()))
-            raise ValueError(f"plan entry {name!r}: config {cfg!r} is not one of {CONFIGS}")
+        for name, cfg in self.layers.items():
+            try:
+                parse_config(cfg)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"plan entry {name!r}: {e}") from None
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.fc_update not in FC_UPDATES:

@@ -127,3 +127,27 @@ def _eval_metrics(preset, options, batch):
 def test_eval_metrics_over_the_global_batch(run_workers, k, preset, options):
     counts = run_workers(k, _eval_metrics, preset, options, 11)
     assert len(set(counts)) == 1
+
+
+# Per-layer split degrees: layers in groups of 2 next to layers over all 4, in every order
+# (a degree change goes through Shard(batch); see pyowt.parallel.program).
+MIXED_DEGREES = {
+    "trunk-pair-then-head": {"features.0": "data", "features.3": "data", "features.6": "data",
+                             "features.8": "split_out@2", "features.10": "split_in@2",
+                             "classifier.1": "split_out", "classifier.4": "split_in", "classifier.6": "split_out@2"},
+    "alternating": {"features.0": "split_out@2", "features.3": "split_in@2", "features.6": "split_out",
+                    "features.8": "split_in", "features.10": "split_out@2", "classifier.1": "split_out@2",
+                    "classifier.4": "split_in@4", "classifier.6": "split_out@2"},
+}
+
+
+@pytest.mark.parametrize("k", [4, 2])
+@pytest.mark.parametrize("name", sorted(MIXED_DEGREES))
+def test_parity_per_layer_degrees(run_workers, k, name):
+    from pyowt.parallel import Plan
+
+    layers = MIXED_DEGREES[name]
+    if k == 2:  # '@4' does not divide 2: the same plan with every degree capped at K
+        layers = {n: c.replace("@4", "@2") for n, c in layers.items()}
+    losses = run_workers(k, _check_parity, "small", Plan(layers, name=name), {}, 11, timeout=300)
+    assert all(l == losses[0] for l in losses), f"ranks report different losses: {losses}"

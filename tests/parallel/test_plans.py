@@ -129,7 +129,7 @@ def _hybrid_errors_and_rows():
     model, _ = make_model("small", 0)
     with pytest.raises(ValueError, match=r"split_degree must divide the 4 workers \(one of \[1, 2, 4\]\), got 3"):
         parallelize(model, "owt", split_degree=3)
-    with pytest.raises(ValueError, match="scheme 'c' runs the head over all 4 workers; split_degree 2 needs scheme 'a'"):
+    with pytest.raises(ValueError, match=r"scheme 'c' runs the head over all 4 workers; split layers in groups of fewer workers \(split_degree 2"):
         parallelize(model, "owt", scheme="c", split_degree=2)
     pmodel = parallelize(model, "model", split_degree=2)
     m = pmodel.mesh
