@@ -35,7 +35,7 @@ from ..distributed.accounting import (all_gather_bytes, all_reduce_bytes, broadc
 from ..nn.functional import parallel_cross_entropy_comm
 from .graph import CONV, capture_chain
 from .grad_sync import bucket_indices
-from .layout import DATA, SPLIT_IN, Layout
+from .layout import DATA, SPLIT_IN, Layout, parse_config
 from .mesh import block_range, check_split_degree
 from .plan import resolve_plan
 from .passes import _pass_rows
@@ -57,37 +57,46 @@ def _gather_bytes(shape, dim, k, rank, itemsize):
     return split_sizes(n, k), row
 
 
-def _walk(ops, x, vol, k, rank, itemsize, replicated_bytes, shard_bytes=None):
-    """Add the forward and backward traffic of ``ops`` run on ``x`` (the rows of the split
-    group: global rows unless the plan is a hybrid) among ``k`` ranks of the split group;
-    return the output (a meta tensor). Gradient bytes of data layers go to
-    ``replicated_bytes``, of split layers (local shard sizes) to ``shard_bytes``."""
+def _walk(ops, x, vol, k, rank, itemsize, replicated_bytes, shard_bytes=None, batch=None):
+    """Add the forward and backward traffic of ``ops`` run on ``x`` by rank ``rank`` of
+    ``k``; return the output (a meta tensor). ``x``'s batch dim holds the global ``batch``
+    rows under ``Shard(batch)`` and the rows of the current split group's block otherwise
+    (all rows for degree K). Each op's collectives run in the split group of its degree.
+    Gradient bytes of data layers go to ``replicated_bytes``, of split layers (local shard
+    sizes) to ``shard_bytes[degree]``."""
     for op in ops:
+        s = op.degree or k
+        row, col = divmod(rank, s)
         if op.kind == LAYER:
             m = op.step.module
             x = F.conv2d(x, m.weight.to("meta"), None, m.stride, m.padding, m.dilation) if op.step.kind == CONV \
                 else F.linear(x, m.weight.to("meta"))
             if op.config == SPLIT_IN:
-                _add(vol, "all_reduce", all_reduce_bytes(x.numel(), k, rank, itemsize))
+                _add(vol, "all_reduce", all_reduce_bytes(x.numel(), s, col, itemsize))
             if op.config == DATA:
                 replicated_bytes += [p.numel() * itemsize for p in m.parameters() if p.requires_grad]
             elif shard_bytes is not None:
-                shard_bytes += [_shard_numel(op.config, name, p, k, rank) * itemsize
-                                for name, p in m.named_parameters() if p.requires_grad]
+                shard_bytes.setdefault(s, []).extend(_shard_numel(op.config, name, p, s, col) * itemsize
+                                                     for name, p in m.named_parameters() if p.requires_grad)
         elif op.kind == MODULE:
             x = (op.step.module if op.step.module is not None else nn.Flatten(1))(x)
         elif op.kind == DROP:
             pass
         elif op.kind == ALL_GATHER:
-            sizes, row = _gather_bytes(x.shape, op.dim, k, rank, itemsize)
-            _add(vol, "all_gather", all_gather_bytes(sizes, rank, row))
+            if op.dim == 0:  # Shard(batch) -> this split group's block
+                start, stop = block_range(batch, k, s, row)
+                x = x.new_empty((stop - start,) + tuple(x.shape[1:]))
+            sizes, row_bytes = _gather_bytes(x.shape, op.dim, s, col, itemsize)
+            _add(vol, "all_gather", all_gather_bytes(sizes, col, row_bytes))
             if op.grad == "reduce_scatter":
-                _add(vol, "reduce_scatter", reduce_scatter_bytes(sizes, rank, row))
+                _add(vol, "reduce_scatter", reduce_scatter_bytes(sizes, col, row_bytes))
         elif op.kind == SPLIT:
-            sizes, row = _gather_bytes(x.shape, op.dim, k, rank, itemsize)
-            _add(vol, "all_gather", all_gather_bytes(sizes, rank, row))
+            sizes, row_bytes = _gather_bytes(x.shape, op.dim, s, col, itemsize)
+            _add(vol, "all_gather", all_gather_bytes(sizes, col, row_bytes))
+            if op.dim == 0:  # back to Shard(batch): global rows again
+                x = x.new_empty((batch,) + tuple(x.shape[1:]))
         elif op.kind == COPY_TO_GROUP:
-            _add(vol, "all_reduce", all_reduce_bytes(x.numel(), k, rank, itemsize))
+            _add(vol, "all_reduce", all_reduce_bytes(x.numel(), s, col, itemsize))
         else:  # pragma: no cover
             raise AssertionError(op.kind)
     return x
@@ -130,25 +139,33 @@ def step_volume(model: nn.Module, plan, k: int, rank: int, input_shape: Sequence
     """
     steps = capture_chain(model)
     plan = resolve_plan(model, plan, **plan_options)
-    program = compile_plan(plan, steps)
+    check_split_degree(plan.split_degree, k)
+    for name, cfg in plan.layers.items():
+        if parse_config(cfg)[1] is not None:
+            check_split_degree(parse_config(cfg)[1], k)
+    program = compile_plan(plan, steps, k)
     vol: Volume = defaultdict(lambda: {"calls": 0, "sent": 0, "received": 0})
-    s = check_split_degree(plan.split_degree, k)
-    d, (row, col) = k // s, divmod(rank, s)
-    start, stop = block_range(input_shape[0], k, s, row)
-    batch = stop - start  # the split group's rows (all of them unless d > 1)
+    batch = input_shape[0]
     replicated_bytes: List[int] = []
-    shard_bytes: List[int] = []
+    shard_bytes: Dict[int, List[int]] = {}
     ops = program.ops
     boundary = None
     if plan.scheme != "a":
-        if d > 1:
-            raise ValueError(f"scheme {plan.scheme!r} needs split_degree None or {k}, got {s}")
+        if any(op.degree is not None for op in ops):
+            raise ValueError(f"scheme {plan.scheme!r} needs every split layer at degree {k}")
         boundary = next(i for i, op in enumerate(ops) if op.kind == ALL_GATHER and op.gather_of == "batch")
     with torch.no_grad():
-        x = torch.empty((batch,) + tuple(input_shape[1:]), device="meta")
-        x = _walk(ops[:boundary], x, vol, s, col, itemsize, replicated_bytes, shard_bytes)
+        rows = batch
+        if program.input_layout != Layout.SHARD_BATCH:
+            s_in = program.input_degree or k
+            start, stop = block_range(batch, k, s_in, rank // s_in)
+            rows = stop - start
+        x = torch.empty((rows,) + tuple(input_shape[1:]), device="meta")
+        x = _walk(ops[:boundary], x, vol, k, rank, itemsize, replicated_bytes, shard_bytes, batch)
         if boundary is None:
-            _loss_volume(vol, program.output_layout, batch, s, col, itemsize, d, row)
+            s_out = program.output_degree or k
+            _loss_volume(vol, program.output_layout, x.shape[0], s_out, rank % s_out, itemsize, k // s_out,
+                         rank // s_out)
         else:
             for pieces in _pass_rows(plan.scheme, k, batch):
                 n = sum(e - s for _, s, e in pieces)
@@ -165,9 +182,10 @@ def step_volume(model: nn.Module, plan, k: int, rank: int, input_shape: Sequence
                     _add(vol, "all_gather", all_gather_bytes(sizes, rank, row))
                     _add(vol, "reduce_scatter", reduce_scatter_bytes(sizes, rank, row))
                 h = torch.empty((n,) + tuple(x.shape[1:]), device="meta")
-                _walk(ops[boundary + 1:], h, vol, k, rank, itemsize, replicated_bytes)
+                _walk(ops[boundary + 1:], h, vol, k, rank, itemsize, replicated_bytes, batch=n)
                 _loss_volume(vol, program.output_layout, n, k, rank, itemsize)
-    for grads, n, r in ((replicated_bytes, k, rank), (shard_bytes, d, row)):
+    groups = [(replicated_bytes, k, rank)] + [(shard_bytes[s], k // s, rank // s) for s in sorted(shard_bytes)]
+    for grads, n, r in groups:
         if n > 1 and grads:
             for idx in bucket_indices(grads, int(bucket_mb * 2**20)):
                 _add(vol, "all_reduce", all_reduce_bytes(sum(grads[i] for i in idx) // itemsize, n, r, itemsize))

@@ -238,7 +238,7 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
         for bk in pending:
             if bk["need"] and bk["need"] <= set(owner_bwd):
                 b.segment = bk["segment"]
-                t = b.time("all_reduce", bk["numel"] * isz, bk["which"])
+                t = bk["time"]
                 sync.append(b.add(bk["name"], COMM, t, "sync", "all_reduce", bk["bytes"],
                                   deps=tuple(owner_bwd[x] for x in sorted(bk["need"]))))
                 bk["need"] = set()

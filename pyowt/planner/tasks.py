@@ -74,10 +74,9 @@ class _Builder:
     the whole group and the replica group."""
 
     def __init__(self, cost: CostModel, k: int, rank: int, granular: bool, split_degree: Optional[int] = None):
-        s = check_split_degree(split_degree, k)
-        self.world_k, self.world_rank, self.d = k, rank, k // s
-        self.row, col = divmod(rank, s)
-        self.cost, self.k, self.rank, self.granular = cost, s, col, granular
+        self.world_k, self.world_rank = k, rank
+        self.cost, self.granular = cost, granular
+        self.at(check_split_degree(split_degree, k))
         self.isz = cost.itemsize
         self.tasks: List[Task] = []
         self.last: Optional[int] = None   # task producing the current activation (forward)
@@ -96,6 +95,13 @@ class _Builder:
         self.last = self.add(f"fwd {name}", COMPUTE, f, "fwd")
         self.activations += math.prod(sig.out) * self.isz
         self.bwd.append((f"bwd {name}", COMPUTE, b, "", (0, 0), self.segment, None))
+
+    def at(self, degree: Optional[int]) -> "_Builder":
+        """Work in the split groups of ``degree`` (``None``: all K) from now on."""
+        s = self.world_k if degree is None else degree
+        self.k, self.d = s, self.world_k // s
+        self.row, self.rank = divmod(self.world_rank, s)
+        return self
 
     def block(self, shape: Shape) -> Shape:
         """A global activation shape cut to this split group's batch block."""
@@ -153,11 +159,13 @@ class _Builder:
         else:
             buckets = bucket_indices(nbytes, bucket_bytes)
         out = []
+        _, _, nodes = self.group(which)
         for bi, bk in enumerate(buckets):
             numel = sum(nbytes[i] for i in bk) // self.isz
             out.append({"need": set(params[i][1] for i in bk), "numel": numel, "segment": params[bk[0]][2],
                         "name": f"grad all_reduce{'' if which == 'world' else ' ' + which} bucket {bucket_start + bi}",
-                        "which": which, "bytes": all_reduce_bytes(numel, n, r, self.isz)})
+                        "which": which, "bytes": all_reduce_bytes(numel, n, r, self.isz),
+                        "time": self.cost.collective("all_reduce", numel * self.isz, n, nodes)})
         return out
 
 
@@ -258,18 +266,28 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
     """
     if not graph.is_chain:
         raise ValueError("chain_tasks needs a chain model; use pyowt.planner.dag.dag_tasks for DAGs")
-    program = compile_plan(plan, graph.steps)
-    b = _Builder(cost, k, rank, granular, plan.split_degree)
-    if b.d > 1 and plan.scheme != "a":
-        raise ValueError(f"scheme {plan.scheme!r} needs split_degree None or {k}, got {b.k}")
-    k, rank = b.k, b.rank  # from here on: the split group (all K unless the plan is a hybrid)
+    program = compile_plan(plan, graph.steps, k)
+    check_split_degree(plan.split_degree, k)
+    b = _Builder(cost, k, rank, granular)
+    if plan.scheme != "a" and any(op.degree is not None for op in program.ops):
+        raise ValueError(f"scheme {plan.scheme!r} needs every split layer at degree {k}")
+    world_k, world_rank = k, rank
     isz = b.isz
     layout = program.input_layout
-    shape = b.block(graph.input_shape)
-    b.activations += math.prod(local_shape(shape, layout, k, rank)) * isz
+    # Activation shapes: the global batch's rows under Shard(batch), the current split
+    # group's block otherwise (all rows at degree K).
+    shape = graph.input_shape if layout == Layout.SHARD_BATCH else b.at(program.input_degree).block(graph.input_shape)
+
+    def loc(shape, layout):
+        """This device's block of an activation (``shape`` as above) under ``layout``."""
+        if layout == Layout.SHARD_BATCH:
+            return local_shape(shape, layout, world_k, world_rank)
+        return local_shape(shape, layout, b.k, b.rank)
+
+    b.activations += math.prod(loc(shape, layout)) * isz
     first = True
     replicated: List[Tuple[int, int, int]] = []  # (bytes, layer index, segment) in forward order
-    sharded: List[Tuple[int, int, int]] = []     # the same for split layers' local shards
+    sharded: dict = {}  # degree -> the same for split layers' local shards
     local_params = []  # (numel, segment)
     # Segment of an op: the weight layer it leads into (the tail joins the last layer).
     n_layers = sum(op.kind == LAYER for op in program.ops)
@@ -280,15 +298,23 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
     st = {"layer_index": -1, "first": True}
 
     def emit(op, seg, shape, layout, rows=None, count_params=True):
-        """Tasks of one op on an activation of global ``shape``; ``rows``: a head pass's rows."""
+        """Tasks of one op on an activation of ``shape`` (see above); ``rows``: a head pass's rows."""
         b.segment = seg
-        glob = (lambda name: b.block(graph.shapes[name])) if rows is None else (lambda name: (rows,) + tuple(graph.shapes[name][1:]))
+        total = graph.input_shape[0] if rows is None else rows
+        if op.kind in (ALL_GATHER, SPLIT, COPY_TO_GROUP, DROP) or (op.kind == LAYER and op.config != DATA):
+            b.at(op.degree)  # they run in the groups of their degree; other ops keep the layout's
+        k, rank = b.k, b.rank
+
+        def glob(name, out_layout):
+            shp = (total,) + tuple(graph.shapes[name][1:])
+            return shp if out_layout == Layout.SHARD_BATCH else b.block(shp)
+
         if op.kind == LAYER:
             s, cfg = op.step, op.config
             st["layer_index"] += 1
             layer_index = st["layer_index"]
-            x = local_shape(shape, INPUT_LAYOUT[cfg], k, rank)
-            out_global = glob(s.name)
+            x = loc(shape, INPUT_LAYOUT[cfg])
+            out_global = glob(s.name, OUTPUT_LAYOUT[cfg])
             sig, out_local = _layer_sig(s, cfg, x, out_global, k, rank, op.activation, not st["first"])
             st["first"] = False
             b.compute(s.name, sig)
@@ -305,10 +331,11 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
                 dim = 0 if cfg == SPLIT_OUT else 1
                 w = s.module.weight
                 n = math.prod(w.shape) // w.shape[dim] * split_sizes(w.shape[dim], k)[rank]
-                sharded.append((n * isz, layer_index, b.segment))
+                mine = sharded.setdefault(op.degree, [])
+                mine.append((n * isz, layer_index, b.segment))
                 if s.module.bias is not None:
                     nb = split_sizes(w.shape[0], k)[rank] if cfg == SPLIT_OUT else w.shape[0]
-                    sharded.append((nb * isz, layer_index, b.segment))
+                    mine.append((nb * isz, layer_index, b.segment))
                     n += nb
                 local_params.append((n, b.segment))
             if cfg == SPLIT_IN:
@@ -320,8 +347,8 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
             shape = out_global
         elif op.kind in (MODULE, DROP):
             s = op.step
-            out_global = glob(s.name)
-            x, y = local_shape(shape, layout, k, rank), local_shape(out_global, layout, k, rank)
+            out_global = glob(s.name, layout)
+            x, y = loc(shape, layout), loc(out_global, layout)
             if op.kind == DROP:
                 sig = OpSig("dropout", x, y)
             else:
@@ -329,6 +356,8 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
             b.compute(s.name, sig, s.module if s.module is not None else nn.Flatten(1))
             shape = out_global
         elif op.kind == ALL_GATHER:
+            if op.dim == 0:  # Shard(batch) -> this split group's block
+                shape = b.block(shape)
             sizes, row = _gather_rows(shape, op.dim, k, isz)
             numel = math.prod(shape)
             b.collective(f"all_gather dim{op.dim}", "all_gather", numel, all_gather_bytes(sizes, rank, row))
@@ -341,6 +370,8 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
             b.bwd_collective(f"all_gather dim{op.dim} (split grad)", "all_gather", math.prod(shape),
                              all_gather_bytes(sizes, rank, row))
             layout = Layout.SHARD_BATCH if op.dim == 0 else Layout.SHARD_CHANNEL
+            if op.dim == 0:
+                shape = (total,) + tuple(shape[1:])
         elif op.kind == COPY_TO_GROUP:
             numel = math.prod(shape)
             b.bwd_collective("all_reduce (copy_to_group grad)", "all_reduce", numel, all_reduce_bytes(numel, k, rank, isz))
@@ -351,11 +382,12 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
     def loss(shape, layout, batch):
         """The loss: cross-entropy over this rank's logits, and the collectives it issues."""
         b.segment = n_layers - 1
-        logits = local_shape(shape, layout, k, rank)
+        b.at(program.output_degree)
+        logits = loc(shape, layout)
         b.compute("loss", OpSig("loss", logits, (logits[0],), (layout == Layout.SHARD_CHANNEL,)))
         if program.output_layout == Layout.SHARD_CHANNEL:
-            for kind, numel in parallel_cross_entropy_comm(batch, k):
-                b.collective("all_reduce loss", kind, numel, all_reduce_bytes(numel, k, rank, isz), "loss")
+            for kind, numel in parallel_cross_entropy_comm(batch, b.k):
+                b.collective("all_reduce loss", kind, numel, all_reduce_bytes(numel, b.k, b.rank, isz), "loss")
         b.loss_value(program.output_layout)
 
     ops = program.ops
@@ -366,14 +398,16 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         shape, layout = emit(op, seg, shape, layout)
     head_params = []  # (numel, segment) of the head, stepped after every pass with per_pass
     if boundary is None:
-        loss(shape, layout, b.block(graph.input_shape)[0])
+        loss(shape, layout, shape[0])
     else:
+        b.at(None)
         head_params = _head_passes(b, plan, graph.input_shape[0], shape, ops[boundary + 1:], segs[boundary + 1:],
                                    segs[boundary], emit, loss, st, local_params)
     # Backward in reverse, chained; gradient buckets launch when their last gradient is ready
     # (data layers' over all K, split layers' over the replica group when d > 1).
     pending = b.grad_sync(replicated, "world", bucket_bytes)
-    pending += b.grad_sync(sharded, "replica", bucket_bytes, len(pending))
+    for degree in sorted(sharded, key=lambda d: d or world_k):
+        pending += b.at(degree).grad_sync(sharded[degree], "replica", bucket_bytes, len(pending))
     done_layers = {}
     sync_tasks = []
     for name, stream, dur, kind, sr, seg, layer in reversed(b.bwd):
@@ -386,7 +420,7 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         for bk in pending:
             if bk["need"] and bk["need"] <= set(done_layers):
                 b.segment = bk["segment"]
-                t = b.time("all_reduce", bk["numel"] * isz, bk["which"])
+                t = bk["time"]
                 sync_tasks.append(b.add(bk["name"], COMM, t, "sync", "all_reduce", bk["bytes"],
                                         deps=tuple(done_layers[x] for x in sorted(bk["need"]))))
                 bk["need"] = set()
@@ -400,7 +434,9 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         b.add("optimizer", COMPUTE, f, "opt", deps=deps)
     nparams = sum(n for n, _ in local_params) + sum(n for n, _ in head_params)
     param_bytes = nparams * isz * (2 + opt_states)
-    synced = b.grad_sync(replicated, "world", bucket_bytes) + b.grad_sync(sharded, "replica", bucket_bytes)
+    synced = b.grad_sync(replicated, "world", bucket_bytes)
+    for degree in sharded:
+        synced += b.at(degree).grad_sync(sharded[degree], "replica", bucket_bytes)
     bucket_peak = max((bk["numel"] * isz for bk in synced), default=0)
     memory = param_bytes + b.activations + bucket_peak
     return StepTasks(b.tasks, memory, param_bytes, b.activations)

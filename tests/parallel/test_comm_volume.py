@@ -42,6 +42,16 @@ def test_hybrid_measured_bytes_equal_formula(run_workers, k, preset, split_degre
         assert measured == expected, f"{preset} s={split_degree} K={k} rank {rank}: measured {measured} != formula {expected}"
 
 
+def test_per_layer_degrees_measured_bytes_equal_formula(run_workers):
+    from pyowt.parallel import Plan
+
+    from .test_parity import MIXED_DEGREES
+
+    for name, layers in sorted(MIXED_DEGREES.items()):
+        for rank, (measured, expected) in enumerate(run_workers(4, _measure, Plan(layers, name=name), {}, 11)):
+            assert measured == expected, f"{name} rank {rank}: measured {measured} != formula {expected}"
+
+
 def test_hybrid_head_traffic_shrinks_with_the_split_degree():
     """owt at K = 8 with the head split 4 ways: the head's activation all-reduces run in
     groups of 4 on half the batch each, and its weight gradients (1/4 each) are summed
@@ -62,7 +72,7 @@ def test_hybrid_head_traffic_shrinks_with_the_split_degree():
     assert hybrid["all_gather"]["sent"] == full["all_gather"]["sent"] * 3 // 7
     with pytest.raises(ValueError, match="split_degree must divide the 8 workers"):
         step_volume(model, "owt", k, 0, shape, split_degree=3)
-    with pytest.raises(ValueError, match="scheme 'b' needs split_degree"):
+    with pytest.raises(ValueError, match="scheme 'b' needs every split layer at degree 8"):
         step_volume(model, "owt", k, 0, shape, scheme="b", split_degree=4)
 
 

@@ -71,6 +71,25 @@ def test_hybrid_comm_bytes_equal_step_volume(k, preset, split_degree):
     assert [(t.name, t.duration, t.sent) for t in full.tasks] == [(t.name, t.duration, t.sent) for t in same.tasks]
 
 
+def test_per_layer_degrees_comm_bytes_equal_step_volume():
+    from pyowt.parallel import Plan
+
+    from ..parallel.test_parity import MIXED_DEGREES
+
+    torch.manual_seed(0)
+    model = small_alexnet()
+    shape = (23, 3, 16, 16)
+    graph = capture(model, shape)
+    eight = {n: c.replace("@4", "@8").replace("@2", "@4") if i % 3 else c for i, (n, c) in
+             enumerate(MIXED_DEGREES["alternating"].items())}  # degrees 2, 4 and 8 together
+    for k, layers in [(4, MIXED_DEGREES["trunk-pair-then-head"]), (4, MIXED_DEGREES["alternating"]), (8, eight)]:
+        plan = Plan(layers)
+        cost = CostModel(make_cluster("h100", k, "nvlink"))
+        for rank in range(k):
+            st = chain_tasks(graph, plan, cost, k, rank)
+            assert _volume(st.tasks) == step_volume(model, plan, k, rank, shape), (layers, k, rank)
+
+
 def test_hybrid_groups_span_the_nodes_they_sit_on():
     """2 nodes x 4 H100: a split group of 4 consecutive ranks stays on NVLink; its replica
     group (ranks r and r + 4) crosses the network."""
