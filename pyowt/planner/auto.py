@@ -79,20 +79,24 @@ class Evaluator:
         overlap: communication on its own stream (default: the cluster's setting).
         memory_limit: bytes per device; plans above it are infeasible.
         split_degree: the split layers' group size s (a divisor of k; ``None``: k).
+        per_layer: (chains) every layer may pick its own split degree among the divisors
+            of k (configs like ``"split_out@2"``); ``split_degree`` is then ignored.
     """
 
     def __init__(self, graph: ModelGraph, cost: CostModel, k: int, bucket_mb: float = 25.0,
                  overlap: Optional[bool] = None, memory_limit: Optional[float] = None,
-                 split_degree: Optional[int] = None):
+                 split_degree: Optional[int] = None, per_layer: bool = False):
         self.graph, self.cost, self.k = graph, cost, k
-        self.s = check_split_degree(split_degree, k)
+        if per_layer and not graph.is_chain:
+            raise ValueError("per-layer split degrees are modelled for chain models only")
+        self.s = check_split_degree(None if per_layer else split_degree, k)
         self.split_degree = None if self.s == k else self.s  # as plans write it
         self.bucket_mb = bucket_mb
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.overlap = cost.cluster.overlap if overlap is None else overlap
         self.memory_limit = memory_limit
         self.sim = Simulator(self.overlap)
-        self.cands = candidates(graph, self.s)
+        self.cands = candidates(graph, self.s, split_degrees(k) if per_layer else None)
         self.evaluations = 0
         self._others: Dict[int, "Evaluator"] = {self.s: self}
 
@@ -169,6 +173,30 @@ class Evaluator:
         if prev is not None:
             configs[i - 1] = prev
         return sum(t.duration for t in self.tasks(tuple(configs), granular=True).tasks if t.segment == i)
+
+    def segment_table(self):
+        """:meth:`segment_cost` for every (layer, previous config, config) a chain DP asks
+        for, from one task build per ordered pair of configs (a, b) instead of one per
+        query: layers alternate a, b (a config a layer cannot take falls back to ``data``),
+        and each build yields every segment at once, since a segment depends only on its
+        own layer's and the previous layer's configs. Returns a ``seg_cost`` callable."""
+        n = len(self.cands)
+        cfgs = sorted({c for cs in self.cands for c in cs})
+        table: Dict[Tuple[int, Optional[str], str], float] = {}
+        for a in cfgs:
+            for b in cfgs:
+                configs = tuple(((a, b)[i % 2] if (a, b)[i % 2] in self.cands[i] else DATA) for i in range(n))
+                terms: Dict[int, float] = {}
+                for t in self.tasks(configs, granular=True).tasks:
+                    terms[t.segment] = terms.get(t.segment, 0.0) + t.duration
+                for i in range(n):
+                    table[(i, configs[i - 1] if i else None, configs[i])] = terms.get(i, 0.0)
+
+        def seg_cost(i: int, prev: Optional[str], cur: str) -> float:
+            hit = table.get((i, prev, cur))
+            return hit if hit is not None else self.segment_cost(i, prev, cur)
+
+        return seg_cost
 
     def pairwise(self):
         """The serialized step time of a DAG as node and edge terms over weight nodes.
@@ -268,6 +296,8 @@ def search(graph: ModelGraph, cost: CostModel, k: int, memory_limit: Optional[fl
     presets = {p: ev.predict(preset_configs(graph, p), p) for p in PRESET_NAMES}
     pool = list(presets.values())
     dp = None
+    if graph.is_chain and hybrids and k > 1 and len(split_degrees(k)) > 1:
+        return _search_per_layer(graph, ev, presets, k, iters, time_budget, seed, t0)
     degrees = (split_degrees(k) if hybrids else [k]) if k > 1 else [k]
     # Every split degree gets its exact serialized optimum (DP / elimination) and the OWT
     # preset at that degree; MCMC then refines the plain space (s = K) and the most
@@ -281,7 +311,7 @@ def search(graph: ModelGraph, cost: CostModel, k: int, memory_limit: Optional[fl
             seeds.append(owt)
         if k > 1:
             if graph.is_chain:
-                configs, _ = dp_chain(sub.cands, sub.segment_cost)
+                configs, _ = dp_chain(sub.cands, sub.segment_table())
             else:  # series-parallel DAG: the same serialized objective, minimized by elimination
                 configs, _ = sub.eliminate()
             found_dp = sub.predict(configs, "dp")
@@ -305,6 +335,28 @@ def search(graph: ModelGraph, cost: CostModel, k: int, memory_limit: Optional[fl
     plan = plan_from(graph, best.configs, "auto", split_degree=best.split_degree)
     evaluations = sum(e.evaluations for e in ev._others.values())
     return SearchResult(plan, best, presets, dp, time.perf_counter() - t0, evaluations, pool)
+
+
+def _search_per_layer(graph, ev, presets, k, iters, time_budget, seed, t0) -> SearchResult:
+    """Chains: one search over per-layer configs with every split degree (DP exact for the
+    serialized objective, then MCMC seeded with data, OWT at every degree and the DP)."""
+    full = Evaluator(graph, ev.cost, k, ev.bucket_mb, ev.overlap, ev.memory_limit, per_layer=True)
+    configs, _ = dp_chain(full.cands, full.segment_table())
+    dp = full.predict(configs, "dp")
+    plain, _ = dp_chain(ev.cands, ev.segment_table())  # the optimum with every split over all K
+    seeds = [presets["data"].configs, dp.configs, plain]
+    for s in split_degrees(k):
+        owt = tuple(c if c == DATA or s == k else f"{c}@{s}" for c in preset_configs(graph, "owt"))
+        p = full.predict(owt)
+        if p.feasible and math.isfinite(p.time):
+            seeds.append(owt)
+    result = mcmc(full.cands, full.objective, seeds, iters=iters, seed=seed, time_budget=time_budget,
+                  patience=max(50, iters // 4))
+    pool = list(presets.values()) + [dp, full.predict(result.configs, "auto")]
+    feasible = [p for p in pool if p.feasible and math.isfinite(p.time)]
+    best = replace(min(feasible or pool, key=lambda p: p.time), name="auto")
+    plan = plan_from(graph, best.configs, "auto", split_degree=best.split_degree)
+    return SearchResult(plan, best, presets, dp, time.perf_counter() - t0, ev.evaluations + full.evaluations, pool)
 
 
 def auto_plan(model: nn.Module, group=None, input_shape: Optional[Sequence[int]] = None, *,

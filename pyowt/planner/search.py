@@ -29,17 +29,21 @@ from .capture import ModelGraph
 Configs = Tuple[str, ...]
 
 
-def candidates(graph: ModelGraph, k: int) -> List[List[str]]:
+def candidates(graph: ModelGraph, k: int, degrees: Optional[Sequence[int]] = None) -> List[List[str]]:
     """Configs each weight layer (in order) can take when splits span ``k`` workers (the
-    split degree: all workers, or a hybrid's split group)."""
+    split degree: all workers, or a hybrid's split group). With ``degrees`` (divisors of
+    ``k``), every layer may also split over groups of each of them: ``"split_out@2"``
+    (degree ``k`` is written plainly)."""
     out = []
     for n in graph.weight_nodes:
         cin, cout = n.channels
         c = [DATA]
-        if k > 1 and cout >= k:
-            c.append(SPLIT_OUT)
-        if k > 1 and cin >= k:
-            c.append(SPLIT_IN)
+        for s in ([k] if degrees is None else sorted(degrees, reverse=True)):
+            tag = "" if (degrees is None or s == k) else f"@{s}"
+            if s > 1 and cout >= s:
+                c.append(SPLIT_OUT + tag)
+            if s > 1 and cin >= s:
+                c.append(SPLIT_IN + tag)
         out.append(c)
     return out
 

@@ -68,6 +68,24 @@ def test_searched_hybrid_plan_round_trips_and_passes_the_parity_check(run_worker
     assert all(l == losses[0] for l in losses)
 
 
+def test_per_layer_degree_plan_round_trips_and_passes_the_parity_check(run_workers, tmp_path):
+    """The per-layer search's DP plan at K = 4 (configs written 'split_out@2') runs under
+    parallelize from its JSON file exactly like one process."""
+    from pyowt.planner.auto import Evaluator
+    from pyowt.planner.search import dp_chain
+
+    model, size = make_model("small", 0)
+    graph = capture(model, (64, 3, size, size))
+    ev = Evaluator(graph, CostModel(make_cluster("h100", 4, "ethernet")), 4, per_layer=True)
+    configs, _ = dp_chain(ev.cands, ev.segment_table())
+    assert any(c.endswith("@2") for c in configs), configs
+    path = tmp_path / "per_layer.json"
+    plan_from(graph, configs, "dp per layer").save(str(path))
+    assert Plan.load(str(path)).layers == {n.name: c for n, c in zip(graph.weight_nodes, configs)}
+    losses = run_workers(4, _check_parity, "small", str(path), {}, 11, timeout=300)
+    assert all(l == losses[0] for l in losses)
+
+
 def test_plan_command_writes_table_plan_results_and_figure(tmp_path, capsys):
     out, results, fig = tmp_path / "plan.json", tmp_path / "results.json", tmp_path / "fig.png"
     rc = main(["plan", "--model", "small", "--workers", "4", "--device", "k20", "--interconnect", "pcie",

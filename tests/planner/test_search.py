@@ -59,6 +59,46 @@ def test_dp_equals_brute_force_on_hybrid_plans(device, link, k, split_degree):
     assert v == pytest.approx(bf_v, rel=1e-9) and ev.serial(path) == pytest.approx(bf_v, rel=1e-9)
 
 
+@pytest.mark.parametrize("device,link", CLUSTERS)
+def test_per_layer_degrees_dp_equals_brute_force_and_the_table_equals_segment_cost(device, link):
+    torch.manual_seed(0)
+    k = 4
+    graph = capture(tiny_chain(), (4 * k + 3, 3, 8, 8))
+    ev = Evaluator(graph, CostModel(make_cluster(device, k, link)), k, per_layer=True)
+    assert any("@2" in c for cs in ev.cands for c in cs)
+    table = ev.segment_table()
+    for i, cs in enumerate(ev.cands):
+        for prev in (ev.cands[i - 1] if i else [None]):
+            for cur in cs:
+                assert table(i, prev, cur) == pytest.approx(ev.segment_cost(i, prev, cur), rel=1e-12), (i, prev, cur)
+    path, v = dp_chain(ev.cands, table)
+    _, bf_v = brute_force(ev.cands, ev.serial)
+    assert v == pytest.approx(bf_v, rel=1e-9) and ev.serial(path) == pytest.approx(bf_v, rel=1e-9)
+
+
+def test_auto_with_per_layer_degrees_beats_every_plan_wide_degree():
+    """2 nodes x 8 H100 (NVLink + IB), AlexNet bf16: the searched plan is at least as fast
+    as the best plan of every single split degree (each degree's own DP optimum and OWT)."""
+    import torchvision
+
+    from pyowt.planner.auto import split_degrees
+
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet(weights=None)
+    k = 16
+    graph = capture(model, (128 * k, 3, 224, 224))
+    cost = CostModel(make_cluster("h100", k, "nvlink", nodes=2, dtype="bf16"))
+    res = search(graph, cost, k, iters=300)
+    ev = Evaluator(graph, cost, k)
+    for s in split_degrees(k):
+        sub = ev.for_split(s)
+        dp, _ = dp_chain(sub.cands, sub.segment_table())
+        for configs in (dp, preset_configs(graph, "owt")):
+            assert res.best.time <= sub.predict(configs).time * (1 + 1e-12), (s, configs)
+    assert res.best.time < res.presets["data"].time * 0.95  # hybrids pay across nodes
+    assert any("@" in c for c in res.plan.layers.values()), res.plan.layers
+
+
 @pytest.mark.parametrize("device,link", [("h100", "nvlink"), ("k20", "ethernet")])
 def test_auto_is_never_worse_than_a_hybrid_preset_and_names_its_degree(device, link):
     import torchvision
