@@ -339,17 +339,22 @@ def search(graph: ModelGraph, cost: CostModel, k: int, memory_limit: Optional[fl
 
 def _search_per_layer(graph, ev, presets, k, iters, time_budget, seed, t0) -> SearchResult:
     """Chains: one search over per-layer configs with every split degree (DP exact for the
-    serialized objective, then MCMC seeded with data, OWT at every degree and the DP)."""
+    serialized objective, then MCMC seeded with data, the DP's plan, and OWT and the DP
+    optimum of every single degree)."""
     full = Evaluator(graph, ev.cost, k, ev.bucket_mb, ev.overlap, ev.memory_limit, per_layer=True)
     configs, _ = dp_chain(full.cands, full.segment_table())
     dp = full.predict(configs, "dp")
-    plain, _ = dp_chain(ev.cands, ev.segment_table())  # the optimum with every split over all K
-    seeds = [presets["data"].configs, dp.configs, plain]
+    seeds = [presets["data"].configs, dp.configs]
+    tag = (lambda c, s: c if c == DATA or s == k else f"{c}@{s}")
     for s in split_degrees(k):
-        owt = tuple(c if c == DATA or s == k else f"{c}@{s}" for c in preset_configs(graph, "owt"))
-        p = full.predict(owt)
-        if p.feasible and math.isfinite(p.time):
-            seeds.append(owt)
+        # Each single degree's serialized optimum and OWT: the search starts from every
+        # plan-wide hybrid, so its result is never worse than theirs.
+        sub = ev.for_split(s)
+        best_s, _ = dp_chain(sub.cands, sub.segment_table())
+        for configs in (best_s, preset_configs(graph, "owt")):
+            configs = tuple(tag(c, s) for c in configs)
+            if full.valid(configs) and math.isfinite(full.predict(configs).time):
+                seeds.append(configs)
     result = mcmc(full.cands, full.objective, seeds, iters=iters, seed=seed, time_budget=time_budget,
                   patience=max(50, iters // 4))
     pool = list(presets.values()) + [dp, full.predict(result.configs, "auto")]

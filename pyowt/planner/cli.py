@@ -79,8 +79,12 @@ def _table(rows, out=print):
     for r in rows:
         t = r["step_time_s"]
         note = "" if r["feasible"] else "over memory limit"
+        degrees = sorted({int(c.partition("@")[2]) for c in r.get("configs", ()) if "@" in c})
         if r.get("split_degree"):
-            note = f"split layers over groups of {r['split_degree']}" + (f"; {note}" if note else "")
+            degrees = [r["split_degree"]]
+        if degrees:
+            groups = "/".join(map(str, degrees))
+            note = f"split layers in groups of {groups}" + (f"; {note}" if note else "")
         if not math.isfinite(t):
             out(f"{r['strategy']:<10} {'-':>13} {'-':>8} {'-':>13} {'-':>10}  cannot split a layer over the workers")
             continue
