@@ -96,6 +96,7 @@ class Evaluator:
         self.overlap = cost.cluster.overlap if overlap is None else overlap
         self.memory_limit = memory_limit
         self.sim = Simulator(self.overlap)
+        self.per_layer = per_layer
         self.cands = candidates(graph, self.s, split_degrees(k) if per_layer else None)
         self.evaluations = 0
         self._others: Dict[int, "Evaluator"] = {self.s: self}
@@ -142,6 +143,20 @@ class Evaluator:
         of any layer's config). Chains only: the DAG tasks model scheme a."""
         configs = tuple(plan.layers[n.name] for n in self.graph.weight_nodes)
         name = name or plan.name or "plan"
+        if self.graph.is_chain and any("@" in c for c in configs) and not self.per_layer:
+            # Layers with their own degrees: cost them in the per-layer space, with the
+            # plan's split_degree written into every split layer that lacks one.
+            default = plan.split_degree
+            configs = tuple(c if (c == DATA or "@" in c or default in (None, self.k)) else f"{c}@{default}"
+                            for c in configs)
+            configs = tuple(c[: -len(f"@{self.k}")] if c.endswith(f"@{self.k}") else c for c in configs)  # K: plain
+            per_layer = self._others.get("per_layer")
+            if per_layer is None:
+                per_layer = self._others["per_layer"] = Evaluator(self.graph, self.cost, self.k, self.bucket_mb,
+                                                                  self.overlap, self.memory_limit, per_layer=True)
+            plan = replace(plan, layers={n.name: c for n, c in zip(self.graph.weight_nodes, configs)},
+                           split_degree=None)
+            return per_layer.predict_plan(plan, name)
         if check_split_degree(plan.split_degree, self.k) != self.s:
             return self.for_split(plan.split_degree).predict_plan(plan, name)
         if not self.graph.is_chain:
@@ -333,7 +348,7 @@ def search(graph: ModelGraph, cost: CostModel, k: int, memory_limit: Optional[fl
     if all(c == DATA for c in best.configs):  # nothing is split: no subgroups needed
         best = replace(best, split_degree=None)
     plan = plan_from(graph, best.configs, "auto", split_degree=best.split_degree)
-    evaluations = sum(e.evaluations for e in ev._others.values())
+    evaluations = sum(e.evaluations for e in set(ev._others.values()))
     return SearchResult(plan, best, presets, dp, time.perf_counter() - t0, evaluations, pool)
 
 

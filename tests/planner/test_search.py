@@ -1,5 +1,6 @@
 """Search: the chain DP is exact (brute force), MCMC reaches it, auto never loses to a preset."""
 import itertools
+import math
 import random
 
 import pytest
@@ -74,6 +75,29 @@ def test_per_layer_degrees_dp_equals_brute_force_and_the_table_equals_segment_co
     path, v = dp_chain(ev.cands, table)
     _, bf_v = brute_force(ev.cands, ev.serial)
     assert v == pytest.approx(bf_v, rel=1e-9) and ev.serial(path) == pytest.approx(bf_v, rel=1e-9)
+
+
+def test_predict_plan_costs_per_layer_degrees():
+    from pyowt.parallel import Plan
+
+    from ..parallel.test_parity import MIXED_DEGREES
+
+    torch.manual_seed(0)
+    model = small_alexnet()
+    graph = capture(model, (23, 3, 16, 16))
+    cost = CostModel(make_cluster("h100", 4, "nvlink"))
+    ev = Evaluator(graph, cost, 4)
+    full = Evaluator(graph, cost, 4, per_layer=True)
+    for layers in MIXED_DEGREES.values():
+        configs = tuple(layers[n.name].replace("@4", "") for n in graph.weight_nodes)
+        got = ev.predict_plan(Plan(layers))
+        assert math.isfinite(got.time) and got.time == pytest.approx(full.predict(configs).time, rel=1e-12)
+    # a plan-wide degree fills in the split layers without their own
+    mixed = make_plan(model, "owt", split_degree=2)
+    mixed.layers["classifier.6"] = "split_out@4"
+    want = tuple(c if c in ("data", "split_out@4") else c + "@2" for c in (mixed.layers[n.name] for n in graph.weight_nodes))
+    want = tuple(c.replace("@4", "") for c in want)
+    assert ev.predict_plan(mixed).time == pytest.approx(full.predict(want).time, rel=1e-12)
 
 
 def test_auto_with_per_layer_degrees_beats_every_plan_wide_degree():
