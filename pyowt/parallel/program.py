@@ -125,9 +125,11 @@ class _Compiler:
         # The gradient reaching a point of the chain is Partial iff the next weight layer
         # is split_out: every layer between (pointwise, dropout, LRN, flatten) has a backward
         # linear in its gradient, so a Partial gradient stays Partial through it.
-        next_cfg: List[Optional[str]] = [None] * (len(steps) + 1)
+        # A degree change between goes through Shard(batch), whose transitions hand back an
+        # exact gradient: the gradient is then Partial only if the degrees match.
+        next_cfg: List[Optional[tuple]] = [None] * (len(steps) + 1)
         for i in reversed(range(len(steps))):
-            next_cfg[i] = self.config(steps[i].name)[0] if steps[i].has_weights else next_cfg[i + 1]
+            next_cfg[i] = self.config(steps[i].name) if steps[i].has_weights else next_cfg[i + 1]
         first_cfg, first_degree = next(self.config(s.name) for s in steps if s.has_weights)
         input_layout = Layout.SHARD_BATCH if INPUT_LAYOUT[first_cfg] == Layout.SHARD_BATCH else Layout.REPLICATE
         self.layout = input_layout
@@ -156,7 +158,9 @@ class _Compiler:
                 self.ops.append(Op(DROP, step=s, layout=self.layout, channels=self.channels, degree=self.degree))
             elif s.kind in (CROSS_CHANNEL, FLATTEN):
                 if self.layout == Layout.SHARD_CHANNEL:
-                    self.to_layout(Layout.REPLICATE, consumer=next_cfg[i], degree=self.degree)
+                    nxt_cfg, nxt_degree = next_cfg[i] if next_cfg[i] is not None else (None, None)
+                    self.to_layout(Layout.REPLICATE, consumer=nxt_cfg if nxt_degree == self.degree else None,
+                                   degree=self.degree)
                 self.ops.append(Op(MODULE, step=s))
             else:  # pragma: no cover - capture_chain yields only the kinds above
                 raise AssertionError(s.kind)

@@ -135,6 +135,16 @@ MIXED_DEGREES = {
     "trunk-pair-then-head": {"features.0": "data", "features.3": "data", "features.6": "data",
                              "features.8": "split_out@2", "features.10": "split_in@2",
                              "classifier.1": "split_out", "classifier.4": "split_in", "classifier.6": "split_out@2"},
+    # A channel-split conv trunk whose last layer's degree differs from the first FC's: the
+    # flatten's channel gather must not sum a gradient the degree change already made exact.
+    "flatten-across-degrees": {"features.0": "data", "features.3": "data", "features.6": "split_out",
+                               "features.8": "split_in", "features.10": "split_out@2",
+                               "classifier.1": "split_out", "classifier.4": "split_in@2",
+                               "classifier.6": "split_out@2"},
+    "flatten-across-degrees-2": {"features.0": "data", "features.3": "data", "features.6": "data",
+                                 "features.8": "split_out@2", "features.10": "split_out",
+                                 "classifier.1": "split_out@2", "classifier.4": "split_in",
+                                 "classifier.6": "split_out"},
     "alternating": {"features.0": "split_out@2", "features.3": "split_in@2", "features.6": "split_out",
                     "features.8": "split_in", "features.10": "split_out@2", "classifier.1": "split_out@2",
                     "classifier.4": "split_in@4", "classifier.6": "split_out@2"},
