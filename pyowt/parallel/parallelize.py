@@ -347,7 +347,9 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
             ``pmodel.parameters()`` leaves them alone; give it only the trunk if you prefer
             (``pmodel.trunk_parameters()``).
         input_shape: the global batch's input shape ``(B, C, H, W)``, for ``plan="auto"``.
-        plan_options: ``scheme``, ``fc_update`` for the ``"owt"`` preset.
+        plan_options: ``scheme``, ``fc_update`` for the ``"owt"`` preset; ``split_degree``
+            for ``"model"`` and ``"owt"`` (split layers in groups of that many workers,
+            data-parallel across the groups; see :mod:`pyowt.parallel.mesh`).
 
     Raises:
         ValueError: unsupported layers or plan entries (naming them), or ranks whose plans or

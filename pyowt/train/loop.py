@@ -337,7 +337,7 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
         progress.resume()
 
     # Images are loaded per shard, or per split group's block (every rank of it the same).
-    loaders = pmodel.group if pmodel.input_layout == Layout.SHARD_BATCH else pmodel.mesh.replica_group
+    loaders = pmodel.group if pmodel.input_layout == Layout.SHARD_BATCH else pmodel.input_mesh.replica_group
     if loaders is not None and pdist.get_world_size(loaders) > 1:
         bad_images = bad_images.to(device)
         dist.all_reduce(bad_images, group=loaders)
