@@ -23,7 +23,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 def _model():

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..distributed.accounting import all_gather_bytes, all_reduce_bytes, reduce_scatter_bytes
 from ..nn.functional import parallel_cross_entropy_comm
-from ..parallel.graph import CONV, CROSS_CHANNEL, DROPOUT, FLATTEN
+from ..parallel.graph import CROSS_CHANNEL, DROPOUT, FLATTEN
 from ..parallel.layout import DATA, INPUT_LAYOUT, OUTPUT_LAYOUT, SPLIT_IN, SPLIT_OUT, Layout
 from .capture import ADD, BATCHNORM, ModelGraph
 from .costs import CostModel, OpSig

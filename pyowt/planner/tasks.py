@@ -285,7 +285,6 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         return local_shape(shape, layout, b.k, b.rank)
 
     b.activations += math.prod(loc(shape, layout)) * isz
-    first = True
     replicated: List[Tuple[int, int, int]] = []  # (bytes, layer index, segment) in forward order
     sharded: dict = {}  # degree -> the same for split layers' local shards
     local_params = []  # (numel, segment)

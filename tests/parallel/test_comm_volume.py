@@ -1,6 +1,5 @@
 """Measured communication of a training step equals the plan's analytic volume, to the byte."""
 import pytest
-import torch
 
 import pyowt.distributed as pdist
 from pyowt.parallel import parallelize

@@ -18,7 +18,7 @@ from pyowt.planner.specs import LINKS, make_cluster
 from pyowt.planner.tasks import chain_tasks
 
 from ..parallel._models import small_alexnet
-from ._models import TinyResNet, tiny_chain
+from ._models import TinyResNet
 
 PLANS = [("data", {}), ("model", {}), ("owt", {}), ("owt", {"scheme": "b"}), ("owt", {"scheme": "c"}),
          ("owt", {"scheme": "b", "fc_update": "per_pass"}), ("owt", {"scheme": "c", "fc_update": "per_pass"})]

@@ -1,7 +1,6 @@
 """Plans the search writes run under pyowt.parallelize and train exactly like one process;
 the ``pyowt plan`` command; the auto plan on a live group."""
 import json
-import math
 
 import pytest
 import torch
