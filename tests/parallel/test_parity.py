@@ -161,3 +161,17 @@ def test_parity_per_layer_degrees(run_workers, k, name):
         layers = {n: c.replace("@4", "@2") for n, c in layers.items()}
     losses = run_workers(k, _check_parity, "small", Plan(layers, name=name), {}, 11, timeout=300)
     assert all(l == losses[0] for l in losses), f"ranks report different losses: {losses}"
+
+
+@pytest.mark.slow
+def test_parity_torchvision_alexnet_mixed_degrees(run_workers):
+    """torchvision's AlexNet at K = 4: conv5 split in groups of 2, the head column/row over
+    groups of 2 then the last layer over all 4 (degree changes at the flatten and in the head)."""
+    from pyowt.parallel import Plan, make_plan
+
+    model, _ = make_model("torchvision", 0)
+    layers = make_plan(model, "data").layers
+    layers.update({"features.10": "split_out@2", "classifier.1": "split_out@2", "classifier.4": "split_in@2",
+                   "classifier.6": "split_out"})
+    losses = run_workers(4, _check_parity, "torchvision", Plan(layers, name="tv-mixed"), {}, 5, timeout=600)
+    assert all(l == losses[0] for l in losses)
