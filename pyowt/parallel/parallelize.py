@@ -40,8 +40,8 @@ from .dropout import SeededDropout, _salt
 from .grad_sync import GradSync
 from .graph import CONV, capture_chain
 from .layers import ShardedConv2d, ShardedLayer, ShardedLinear, shard_range
-from .layout import DATA, Layout, parse_config
-from .mesh import Mesh, check_split_degree
+from .layout import DATA, Layout
+from .mesh import Mesh
 from .plan import Plan, resolve_plan, validate_plan
 from .passes import run_head_passes
 from .program import ALL_GATHER, COPY_TO_GROUP, DROP, LAYER, MODULE, SPLIT, Program, compile_plan
@@ -366,19 +366,11 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
     plan = resolve_plan(model, plan, **plan_options)
     validate_plan(plan, model)
     k = pdist.get_world_size(group)
-    s = check_split_degree(plan.split_degree, k)
-    for name, cfg in plan.layers.items():
-        degree = parse_config(cfg)[1]
-        if degree is not None:
-            try:
-                check_split_degree(degree, k)
-            except ValueError as e:
-                raise ValueError(f"plan {plan.name!r} entry {name!r} ({cfg!r}): {e}") from None
-    program = compile_plan(plan, capture_chain(model), k)
+    program = compile_plan(plan, steps, k)  # also checks every degree against k
     if plan.scheme != "a" and any(op.degree is not None for op in program.ops):
         raise ValueError(f"plan {plan.name!r}: scheme {plan.scheme!r} runs the head over all {k} workers; "
-                         f"split layers in groups of fewer workers (split_degree {s}, or '@degree' configs) "
-                         "need scheme 'a'")
+                         f"split layers in groups of fewer workers (split_degree {plan.split_degree}, "
+                         "or '@degree' configs) need scheme 'a'")
     fingerprint = _structure_fingerprint(plan, steps)
     if k > 1:
         everyone = [None] * k

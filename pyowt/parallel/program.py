@@ -27,6 +27,7 @@ from torch import nn
 
 from .graph import CONV, CROSS_CHANNEL, DROPOUT, FLATTEN, POINTWISE, Step
 from .layout import DATA, INPUT_LAYOUT, OUTPUT_LAYOUT, SPLIT_IN, SPLIT_OUT, Layout, parse_config
+from .mesh import check_split_degree
 from .plan import Plan
 
 # Op kinds of a program.
@@ -76,6 +77,15 @@ def _out_channels(step: Step) -> int:
 class _Compiler:
     def __init__(self, plan: Plan, k: Optional[int]):
         self.plan, self.k = plan, k
+        if k is not None:  # every degree the plan names must divide K
+            check_split_degree(plan.split_degree, k)
+            for name, cfg in plan.layers.items():
+                degree = parse_config(cfg)[1]
+                if degree is not None:
+                    try:
+                        check_split_degree(degree, k)
+                    except ValueError as e:
+                        raise ValueError(f"plan {plan.name!r} entry {name!r} ({cfg!r}): {e}") from None
         self.ops: List[Op] = []
         self.layout: Optional[Layout] = None
         self.degree: Optional[int] = None  # of the current layout (unless Shard(batch))
@@ -170,6 +180,6 @@ class _Compiler:
 
 def compile_plan(plan: Plan, steps: List[Step], k: Optional[int] = None) -> Program:
     """The program that runs ``steps`` (from :func:`capture_chain`) under ``plan`` on ``k``
-    workers (``k`` lets a degree equal to K mean "all"; without it only the plan's own
-    degrees are compared)."""
+    workers (``k`` lets a degree equal to K mean "all", and every degree is checked to
+    divide it; without it only the plan's own degrees are compared)."""
     return _Compiler(plan, k).compile(steps)

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from ..parallel.graph import CONV, LINEAR
-from ..parallel.layout import DATA, SPLIT_IN, SPLIT_OUT
+from ..parallel.layout import DATA, SPLIT_IN, SPLIT_OUT, format_config, parse_config
 from ..parallel.mesh import check_split_degree
 from ..parallel.plan import Plan
 from .capture import ModelGraph, capture
@@ -99,7 +99,9 @@ class Evaluator:
         self.per_layer = per_layer
         self.cands = candidates(graph, self.s, split_degrees(k) if per_layer else None)
         self.evaluations = 0
-        self._others: Dict[int, "Evaluator"] = {self.s: self}
+        # Evaluators of the same graph and costs, shared: one per split degree, and the
+        # per-layer one under the key "per_layer".
+        self._others: Dict[object, "Evaluator"] = {"per_layer" if per_layer else self.s: self}
 
     def for_split(self, split_degree: Optional[int]) -> "Evaluator":
         """The evaluator of the same graph and costs for another split degree (cached)."""
@@ -109,6 +111,24 @@ class Evaluator:
             ev._others = self._others
             self._others[s] = ev
         return self._others[s]
+
+    def for_per_layer(self) -> "Evaluator":
+        """The evaluator in which every layer picks its own degree (cached; chains)."""
+        if "per_layer" not in self._others:
+            ev = Evaluator(self.graph, self.cost, self.k, self.bucket_mb, self.overlap, self.memory_limit,
+                           per_layer=True)
+            ev._others = self._others
+            self._others["per_layer"] = ev
+        return self._others["per_layer"]
+
+    def degree_config(self, config: str, default: Optional[int] = None) -> str:
+        """``config`` as the per-layer candidates write it: its own degree, else
+        ``default``; degree K written plainly."""
+        base, degree = parse_config(config)
+        if base == DATA:
+            return base
+        degree = default if degree is None else degree
+        return format_config(base, None if degree in (None, self.k) else degree)
 
     def valid(self, configs: Configs) -> bool:
         return all(c in cs for c, cs in zip(configs, self.cands))
@@ -146,17 +166,10 @@ class Evaluator:
         if self.graph.is_chain and any("@" in c for c in configs) and not self.per_layer:
             # Layers with their own degrees: cost them in the per-layer space, with the
             # plan's split_degree written into every split layer that lacks one.
-            default = plan.split_degree
-            configs = tuple(c if (c == DATA or "@" in c or default in (None, self.k)) else f"{c}@{default}"
-                            for c in configs)
-            configs = tuple(c[: -len(f"@{self.k}")] if c.endswith(f"@{self.k}") else c for c in configs)  # K: plain
-            per_layer = self._others.get("per_layer")
-            if per_layer is None:
-                per_layer = self._others["per_layer"] = Evaluator(self.graph, self.cost, self.k, self.bucket_mb,
-                                                                  self.overlap, self.memory_limit, per_layer=True)
+            configs = tuple(self.degree_config(c, plan.split_degree) for c in configs)
             plan = replace(plan, layers={n.name: c for n, c in zip(self.graph.weight_nodes, configs)},
                            split_degree=None)
-            return per_layer.predict_plan(plan, name)
+            return self.for_per_layer().predict_plan(plan, name)
         if check_split_degree(plan.split_degree, self.k) != self.s:
             return self.for_split(plan.split_degree).predict_plan(plan, name)
         if not self.graph.is_chain:
@@ -342,41 +355,43 @@ def search(graph: ModelGraph, cost: CostModel, k: int, memory_limit: Optional[fl
         result = mcmc(sub.cands, sub.objective, [p.configs for p in seeds], iters=iters if k > 1 else 0, seed=seed,
                       time_budget=time_budget, patience=max(50, iters // 4))
         pool.append(sub.predict(result.configs, "auto"))
-    feasible = [p for p in pool if p.feasible and math.isfinite(p.time)]
-    best = min(feasible or pool, key=lambda p: p.time)
-    best = replace(best, name="auto")
-    if all(c == DATA for c in best.configs):  # nothing is split: no subgroups needed
-        best = replace(best, split_degree=None)
-    plan = plan_from(graph, best.configs, "auto", split_degree=best.split_degree)
+    best, plan = _pick_auto(graph, pool)
     evaluations = sum(e.evaluations for e in set(ev._others.values()))
     return SearchResult(plan, best, presets, dp, time.perf_counter() - t0, evaluations, pool)
+
+
+def _pick_auto(graph: ModelGraph, pool: List[Prediction]) -> Tuple[Prediction, Plan]:
+    """The fastest feasible prediction of ``pool``, renamed "auto", and its plan."""
+    feasible = [p for p in pool if p.feasible and math.isfinite(p.time)]
+    best = replace(min(feasible or pool, key=lambda p: p.time), name="auto")
+    if all(c == DATA for c in best.configs):  # nothing is split: no subgroups needed
+        best = replace(best, split_degree=None)
+    return best, plan_from(graph, best.configs, "auto", split_degree=best.split_degree)
 
 
 def _search_per_layer(graph, ev, presets, k, iters, time_budget, seed, t0) -> SearchResult:
     """Chains: one search over per-layer configs with every split degree (DP exact for the
     serialized objective, then MCMC seeded with data, the DP's plan, and OWT and the DP
     optimum of every single degree)."""
-    full = Evaluator(graph, ev.cost, k, ev.bucket_mb, ev.overlap, ev.memory_limit, per_layer=True)
+    full = ev.for_per_layer()
     configs, _ = dp_chain(full.cands, full.segment_table())
     dp = full.predict(configs, "dp")
     seeds = [presets["data"].configs, dp.configs]
-    tag = (lambda c, s: c if c == DATA or s == k else f"{c}@{s}")
     for s in split_degrees(k):
         # Each single degree's serialized optimum and OWT: the search starts from every
         # plan-wide hybrid, so its result is never worse than theirs.
         sub = ev.for_split(s)
         best_s, _ = dp_chain(sub.cands, sub.segment_table())
         for configs in (best_s, preset_configs(graph, "owt")):
-            configs = tuple(tag(c, s) for c in configs)
+            configs = tuple(full.degree_config(c, s) for c in configs)
             if full.valid(configs) and math.isfinite(full.predict(configs).time):
                 seeds.append(configs)
     result = mcmc(full.cands, full.objective, seeds, iters=iters, seed=seed, time_budget=time_budget,
                   patience=max(50, iters // 4))
     pool = list(presets.values()) + [dp, full.predict(result.configs, "auto")]
-    feasible = [p for p in pool if p.feasible and math.isfinite(p.time)]
-    best = replace(min(feasible or pool, key=lambda p: p.time), name="auto")
-    plan = plan_from(graph, best.configs, "auto", split_degree=best.split_degree)
-    return SearchResult(plan, best, presets, dp, time.perf_counter() - t0, ev.evaluations + full.evaluations, pool)
+    best, plan = _pick_auto(graph, pool)
+    evaluations = sum(e.evaluations for e in set(ev._others.values()))
+    return SearchResult(plan, best, presets, dp, time.perf_counter() - t0, evaluations, pool)
 
 
 def auto_plan(model: nn.Module, group=None, input_shape: Optional[Sequence[int]] = None, *,

@@ -235,23 +235,14 @@ def dag_tasks(graph: ModelGraph, configs, cost: CostModel, k: int, rank: int = 0
         b.last = b.add(name, stream, dur, "bwd", kind, sr)
         if stream == COMPUTE and lname in order:
             owner_bwd[order[lname]] = b.last
-        for bk in pending:
-            if bk["need"] and bk["need"] <= set(owner_bwd):
-                b.segment = bk["segment"]
-                t = bk["time"]
-                sync.append(b.add(bk["name"], COMM, t, "sync", "all_reduce", bk["bytes"],
-                                  deps=tuple(owner_bwd[x] for x in sorted(bk["need"]))))
-                bk["need"] = set()
+        sync += b.launch_ready(pending, owner_bwd)
     deps = tuple(sync) + ((b.last,) if b.last is not None else ())
     for n, seg in (local_params if granular else [(nparams, -1)]):
         b.segment = seg
         f, _ = cost.compute(OpSig("optimizer", (n,), ()))
         b.add("optimizer", COMPUTE, f, "opt", deps=deps)
     param_bytes = nparams * isz * (2 + opt_states)
-    bucket_peak = max((bk["numel"] * isz for bk in
-                       b.grad_sync([(nb, order[n], 0) for nb, n in replicated], "world", bucket_bytes)
-                       + b.grad_sync([(nb, order[n], 0) for nb, n in sharded], "replica", bucket_bytes)), default=0)
-    return StepTasks(b.tasks, param_bytes + b.activations + bucket_peak, param_bytes, b.activations)
+    return StepTasks(b.tasks, param_bytes + b.activations + b.bucket_peak(pending), param_bytes, b.activations)
 
 
 __all__ = ["dag_edges", "dag_tasks", "pair_key"]

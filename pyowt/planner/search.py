@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..parallel.layout import DATA, SPLIT_IN, SPLIT_OUT
+from ..parallel.layout import DATA, SPLIT_IN, SPLIT_OUT, format_config
 from ..parallel.plan import Plan
 from .capture import ModelGraph
 
@@ -39,11 +39,11 @@ def candidates(graph: ModelGraph, k: int, degrees: Optional[Sequence[int]] = Non
         cin, cout = n.channels
         c = [DATA]
         for s in ([k] if degrees is None else sorted(degrees, reverse=True)):
-            tag = "" if (degrees is None or s == k) else f"@{s}"
+            degree = None if (degrees is None or s == k) else s
             if s > 1 and cout >= s:
-                c.append(SPLIT_OUT + tag)
+                c.append(format_config(SPLIT_OUT, degree))
             if s > 1 and cin >= s:
-                c.append(SPLIT_IN + tag)
+                c.append(format_config(SPLIT_IN, degree))
         out.append(c)
     return out
 

@@ -147,7 +147,7 @@ class _Builder:
         the ``which`` group, as :class:`~pyowt.parallel.grad_sync.GradSync` groups them
         (one per layer when granular): per bucket the layers it waits for ("need"), its
         elements, segment, task name, group and (sent, received) bytes."""
-        n, r, _ = self.group(which)
+        n, r, nodes = self.group(which)
         if n <= 1 or not params:
             return []
         nbytes = [p[0] for p in params]
@@ -159,14 +159,30 @@ class _Builder:
         else:
             buckets = bucket_indices(nbytes, bucket_bytes)
         out = []
-        _, _, nodes = self.group(which)
         for bi, bk in enumerate(buckets):
             numel = sum(nbytes[i] for i in bk) // self.isz
             out.append({"need": set(params[i][1] for i in bk), "numel": numel, "segment": params[bk[0]][2],
                         "name": f"grad all_reduce{'' if which == 'world' else ' ' + which} bucket {bucket_start + bi}",
-                        "which": which, "bytes": all_reduce_bytes(numel, n, r, self.isz),
+                        "bytes": all_reduce_bytes(numel, n, r, self.isz),
                         "time": self.cost.collective("all_reduce", numel * self.isz, n, nodes)})
         return out
+
+    def launch_ready(self, buckets: list, done: dict) -> list:
+        """Emit the all-reduce of every bucket (from :meth:`grad_sync`) whose layers' backward
+        tasks are all in ``done`` (layer key -> task) and not launched yet; returns the new
+        tasks."""
+        launched = []
+        for bk in buckets:
+            if bk["need"] and bk["need"] <= done.keys():
+                self.segment = bk["segment"]
+                launched.append(self.add(bk["name"], COMM, bk["time"], "sync", "all_reduce", bk["bytes"],
+                                         deps=tuple(done[x] for x in sorted(bk["need"]))))
+                bk["need"] = set()
+        return launched
+
+    def bucket_peak(self, buckets: list) -> float:
+        """Bytes of the largest gradient bucket (it is alive while it is reduced)."""
+        return max((bk["numel"] * self.isz for bk in buckets), default=0)
 
 
 def _gather_rows(shape: Shape, dim: int, k: int, isz: int):
@@ -267,7 +283,6 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
     if not graph.is_chain:
         raise ValueError("chain_tasks needs a chain model; use pyowt.planner.dag.dag_tasks for DAGs")
     program = compile_plan(plan, graph.steps, k)
-    check_split_degree(plan.split_degree, k)
     b = _Builder(cost, k, rank, granular)
     if plan.scheme != "a" and any(op.degree is not None for op in program.ops):
         raise ValueError(f"scheme {plan.scheme!r} needs every split layer at degree {k}")
@@ -416,13 +431,7 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         if layer is None:
             continue
         done_layers[layer] = idx
-        for bk in pending:
-            if bk["need"] and bk["need"] <= set(done_layers):
-                b.segment = bk["segment"]
-                t = bk["time"]
-                sync_tasks.append(b.add(bk["name"], COMM, t, "sync", "all_reduce", bk["bytes"],
-                                        deps=tuple(done_layers[x] for x in sorted(bk["need"]))))
-                bk["need"] = set()
+        sync_tasks += b.launch_ready(pending, done_layers)
     deps = tuple(sync_tasks) + ((b.last,) if b.last is not None else ())
     if head_params:  # per_pass: the head stepped after each pass; the trunk steps here
         local_params = local_params[:len(local_params) - len(head_params)]  # the head's come last
@@ -433,11 +442,7 @@ def chain_tasks(graph: ModelGraph, plan: Plan, cost: CostModel, k: int, rank: in
         b.add("optimizer", COMPUTE, f, "opt", deps=deps)
     nparams = sum(n for n, _ in local_params) + sum(n for n, _ in head_params)
     param_bytes = nparams * isz * (2 + opt_states)
-    synced = b.grad_sync(replicated, "world", bucket_bytes)
-    for degree in sharded:
-        synced += b.at(degree).grad_sync(sharded[degree], "replica", bucket_bytes)
-    bucket_peak = max((bk["numel"] * isz for bk in synced), default=0)
-    memory = param_bytes + b.activations + bucket_peak
+    memory = param_bytes + b.activations + b.bucket_peak(pending)
     return StepTasks(b.tasks, memory, param_bytes, b.activations)
 
 
