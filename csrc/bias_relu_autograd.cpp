@@ -7,23 +7,29 @@
 
 #include <tuple>
 
+#include "autograd_skip.h"
+
 namespace pyowt {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+at::Tensor call_forward(const at::Tensor& x, const at::Tensor& bias, int64_t dim) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyowt::bias_relu", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(x, bias, dim);
+}
+
 class BiasRelu : public torch::autograd::Function<BiasRelu> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bias,
                             int64_t dim) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("pyowt::bias_relu", "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = op.call(x, bias, dim);
+      out = call_forward(x, bias, dim);
     }
     ctx->save_for_backward({out});  // the mask out > 0 is all the backward needs
     ctx->saved_data["dim"] = dim;
@@ -42,6 +48,10 @@ class BiasRelu : public torch::autograd::Function<BiasRelu> {
 };
 
 at::Tensor bias_relu_autograd(const at::Tensor& x, const at::Tensor& bias, int64_t dim) {
+  if (!any_requires_grad(x, bias, std::nullopt)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward(x, bias, dim);
+  }
   return BiasRelu::apply(x, bias, dim);
 }
 

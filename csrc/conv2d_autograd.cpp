@@ -14,6 +14,8 @@
 #include <tuple>
 #include <vector>
 
+#include "autograd_skip.h"
+
 namespace pyowt {
 namespace {
 
@@ -100,6 +102,10 @@ at::Tensor conv2d_bias_act_autograd(const at::Tensor& x, const at::Tensor& weigh
                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, c10::string_view activation) {
+  if (!any_requires_grad(x, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward(x, weight, bias, stride, padding, dilation, groups, activation);
+  }
   return Conv2dBiasAct::apply(x, weight, bias, stride, padding, dilation, groups, activation);
 }
 

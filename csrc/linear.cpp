@@ -28,6 +28,14 @@ int64_t linear_rows(const at::Tensor& x) {
   return rows;
 }
 
+at::Tensor as_matrix(const at::Tensor& t, int64_t cols) {
+  return t.dim() == 2 ? t.contiguous() : t.reshape({linear_rows(t), cols}).contiguous();
+}
+
+at::Tensor unflatten_rows(const at::Tensor& y, const at::Tensor& x, int64_t n) {
+  return x.dim() == 2 ? y : y.reshape(linear_out_shape(x, n));
+}
+
 std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(n);

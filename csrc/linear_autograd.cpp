@@ -15,6 +15,8 @@
 #include <string>
 #include <tuple>
 
+#include "autograd_skip.h"
+
 namespace pyowt {
 namespace {
 
@@ -74,6 +76,10 @@ class LinearBiasAct : public torch::autograd::Function<LinearBiasAct> {
 at::Tensor linear_bias_act_autograd(const at::Tensor& x, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias,
                                     c10::string_view activation) {
+  if (!any_requires_grad(x, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward(x, weight, bias, activation);
+  }
   return LinearBiasAct::apply(x, weight, bias, activation);
 }
 

@@ -63,7 +63,7 @@ at::Tensor linear_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight_
   check_linear_args(x_in, weight_in, bias_in);
   TORCH_CHECK(x_in.device().is_cpu(), "linear_bias_act (cpu) got x on ", x_in.device());
   const int64_t n = weight_in.size(0), k = weight_in.size(1);
-  const at::Tensor x = x_in.reshape({linear_rows(x_in), k}).contiguous();
+  const at::Tensor x = as_matrix(x_in, k);
   const at::Tensor weight = weight_in.contiguous();
   std::optional<at::Tensor> bias;
   if (bias_in.has_value()) bias = bias_in->contiguous();
@@ -76,7 +76,7 @@ at::Tensor linear_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight_
     y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
     if (relu) y.relu_();
   }
-  return y.reshape(linear_out_shape(x_in, n));
+  return unflatten_rows(y, x_in, n);
 }
 
 // G = grad * (out > 0) (or grad itself when out is undefined) and, if wanted, its sum over
@@ -135,10 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bias_act_backward_cpu(
   check_linear_backward_args(grad_in, x_in, weight_in, out_in, relu);
   TORCH_CHECK(x_in.device().is_cpu(), "linear_bias_act_backward (cpu) got x on ", x_in.device());
   const int64_t n = weight_in.size(0), k = weight_in.size(1);
-  const at::Tensor x = x_in.reshape({linear_rows(x_in), k}).contiguous();
+  const at::Tensor x = as_matrix(x_in, k);
   const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor grad = grad_in.reshape({linear_rows(x_in), n}).contiguous();
-  const at::Tensor out = relu ? out_in.reshape({linear_rows(x_in), n}).contiguous() : at::Tensor();
+  const at::Tensor grad = as_matrix(grad_in, n);
+  const at::Tensor out = relu ? as_matrix(out_in, n) : at::Tensor();
   const int64_t m = x.size(0);
 
   auto [g, grad_bias] = mask_and_colsum(grad, out, has_bias);
@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bias_act_backward_cpu(
                           ? onednn_linear(g, weight.t(), std::nullopt, /*relu=*/false)
                           : at::mm(g, weight);
   at::Tensor grad_w = at::mm(g.t(), x);
-  return {grad_x.reshape(x_in.sizes()), grad_w, grad_bias};
+  return {unflatten_rows(grad_x, x_in, k), grad_w, grad_bias};
 }
 
 }  // namespace

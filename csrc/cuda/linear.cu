@@ -9,8 +9,9 @@
 // our mask is on the GEMM's input, so it is a separate pass over M x N elements.)
 //
 // Compute is float32 for every dtype (CUBLAS_COMPUTE_32F: float32 inputs run in full
-// precision, never TF32). If cuBLASLt offers no algorithm for an epilogue on some
-// shape/arch, the GEMM runs without it and ATen adds the bias/ReLU/bias-gradient.
+// precision, never TF32), split-K reductions included. If cuBLASLt offers no algorithm for
+// an epilogue on some shape/arch, the GEMM runs without it and ATen adds the bias/ReLU/
+// bias-gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -18,7 +19,11 @@
 #include <cublasLt.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <memory>
 #include <optional>
+#include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "linear.h"
@@ -44,14 +49,23 @@ constexpr int kThreads = 256;
 // RAII owners of the cuBLASLt descriptors (destroyed even when a check throws).
 struct MatmulDesc {
   cublasLtMatmulDesc_t d = nullptr;
+  MatmulDesc() = default;
+  MatmulDesc(const MatmulDesc&) = delete;
+  MatmulDesc& operator=(const MatmulDesc&) = delete;
   ~MatmulDesc() { if (d) cublasLtMatmulDescDestroy(d); }
 };
 struct Layout {
   cublasLtMatrixLayout_t d = nullptr;
+  Layout() = default;
+  Layout(const Layout&) = delete;
+  Layout& operator=(const Layout&) = delete;
   ~Layout() { if (d) cublasLtMatrixLayoutDestroy(d); }
 };
 struct Preference {
   cublasLtMatmulPreference_t d = nullptr;
+  Preference() = default;
+  Preference(const Preference&) = delete;
+  Preference& operator=(const Preference&) = delete;
   ~Preference() { if (d) cublasLtMatmulPreferenceDestroy(d); }
 };
 
@@ -73,6 +87,103 @@ uint32_t alignment_of(const void* p) {
   return a;
 }
 
+// One cuBLASLt GEMM set up once: its descriptors and the algorithm the heuristic chose.
+struct LtPlan {
+  MatmulDesc desc;
+  Layout la, lb, ld;
+  cublasLtMatmulAlgo_t algo = {};
+  size_t workspace = 0;
+  bool found = false;  // false: no algorithm for this epilogue (the caller falls back)
+};
+
+// Everything the heuristic's answer depends on.
+struct LtKey {
+  int device;
+  int dtype;
+  int transa, transb;
+  int64_t m, n, k, lda, ldb, ldd;
+  int epilogue;
+  uint32_t align_a, align_b, align_d, align_bias;
+  uint32_t unused = 0;  // makes the size a multiple of 8 without padding
+  bool operator==(const LtKey& o) const {
+    return std::memcmp(this, &o, sizeof(LtKey)) == 0;
+  }
+};
+static_assert(std::has_unique_object_representations_v<LtKey>,
+              "LtKey is compared and hashed bytewise: it must have no padding");
+
+struct LtKeyHash {
+  size_t operator()(const LtKey& key) const {
+    // FNV-1a over the key's bytes (it has no padding, see the static_assert).
+    const auto* p = reinterpret_cast<const unsigned char*>(&key);
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < sizeof(LtKey); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+// Without this cache every call would create three layouts, a matmul descriptor and a
+// preference, and run cublasLtMatmulAlgoGetHeuristic: host work on each layer's hot path,
+// where AlexNet's FC GEMMs are host-bound (benchmarks/RESULTS.md). Per thread, so the
+// cached descriptors (whose bias pointer is set per call) are never shared; bounded, since
+// a data loader with ragged last batches or a sweep would otherwise grow it without end.
+constexpr size_t kMaxCachedPlans = 256;
+
+const LtPlan& lt_plan(const LtKey& key, cudaDataType_t dt) {
+  thread_local std::unordered_map<LtKey, std::unique_ptr<LtPlan>, LtKeyHash> plans;
+  auto it = plans.find(key);
+  if (it != plans.end()) return *it->second;
+  if (plans.size() >= kMaxCachedPlans) plans.clear();
+
+  auto plan = std::make_unique<LtPlan>();
+  const auto transa = static_cast<cublasOperation_t>(key.transa);
+  const auto transb = static_cast<cublasOperation_t>(key.transb);
+  const auto epilogue = static_cast<cublasLtEpilogue_t>(key.epilogue);
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&plan->desc.d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc.d, CUBLASLT_MATMUL_DESC_TRANSA, &transa, sizeof(transa)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc.d, CUBLASLT_MATMUL_DESC_TRANSB, &transb, sizeof(transb)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+  const bool ta = transa != CUBLAS_OP_N, tb = transb != CUBLAS_OP_N;
+  const int64_t m = key.m, n = key.n, k = key.k;
+  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->la.d, dt, ta ? k : m, ta ? m : k, key.lda));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->lb.d, dt, tb ? n : k, tb ? k : n, key.ldb));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->ld.d, dt, m, n, key.ldd));
+
+  Preference pref;
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref.d));
+  uint64_t ws = kWorkspaceBytes;
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  // Split-K partial sums are added in float32 (in the workspace), never in the output
+  // dtype: the INPLACE and OUTPUT_TYPE schemes round every partial sum to bf16/fp16, which
+  // costs accuracy and, in the forward, flips the sign (the ReLU mask) of small outputs.
+  uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reduction, sizeof(reduction)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_a, sizeof(key.align_a)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_b, sizeof(key.align_b)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_d, sizeof(key.align_d)));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_d, sizeof(key.align_d)));
+
+  cublasLtMatmulHeuristicResult_t heuristic = {};
+  int found = 0;
+  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(
+      at::cuda::getCurrentCUDABlasLtHandle(), plan->desc.d, plan->la.d, plan->lb.d, plan->ld.d,
+      plan->ld.d, pref.d, 1, &heuristic, &found);
+  if (hs != CUBLAS_STATUS_SUCCESS || found == 0) {
+    // An epilogue this cuBLASLt cannot fuse for this shape, dtype or alignment: remembered,
+    // and the caller retries without it. Without an epilogue there is nothing to fall back to.
+    if (epilogue == CUBLASLT_EPILOGUE_DEFAULT) {
+      PYOWT_CUBLASLT_CHECK(hs);
+      TORCH_CHECK(found > 0, "cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " GEMM in ",
+                  static_cast<at::ScalarType>(key.dtype));
+    }
+  } else {
+    plan->algo = heuristic.algo;
+    plan->workspace = heuristic.workspaceSize;
+    plan->found = true;
+  }
+  return *plans.emplace(key, std::move(plan)).first->second;
+}
+
 // Column-major D (m x n, leading dim ldd) = op(A) op(B) with `epilogue`, all in `dtype`.
 // `bias` is the BIAS input (length m) or the BGRADB output (length n). Returns false when
 // cuBLASLt has no algorithm for this epilogue here (the caller then falls back).
@@ -80,50 +191,21 @@ bool lt_matmul(cublasOperation_t transa, cublasOperation_t transb, int64_t m, in
                const void* a, int64_t lda, const void* b, int64_t ldb, void* d, int64_t ldd,
                at::ScalarType dtype, cublasLtEpilogue_t epilogue, void* bias,
                const at::TensorOptions& options) {
-  const cudaDataType_t dt = cuda_dtype(dtype);
-  MatmulDesc desc;
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&desc.d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_TRANSA, &transa, sizeof(transa)));
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_TRANSB, &transb, sizeof(transb)));
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+  const LtKey key{options.device().index(), static_cast<int>(dtype), static_cast<int>(transa),
+                  static_cast<int>(transb), m, n, k, lda, ldb, ldd, static_cast<int>(epilogue),
+                  alignment_of(a), alignment_of(b), alignment_of(d),
+                  bias != nullptr ? alignment_of(bias) : 0u};
+  const LtPlan& plan = lt_plan(key, cuda_dtype(dtype));
+  if (!plan.found) return false;
   if (bias != nullptr) {
-    PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   }
-  Layout la, lb, ld;
-  const bool ta = transa != CUBLAS_OP_N, tb = transb != CUBLAS_OP_N;
-  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&la.d, dt, ta ? k : m, ta ? m : k, lda));
-  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&lb.d, dt, tb ? n : k, tb ? k : n, ldb));
-  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&ld.d, dt, m, n, ldd));
-
-  Preference pref;
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref.d));
-  uint64_t ws = kWorkspaceBytes;
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-  const uint32_t align_a = alignment_of(a), align_b = alignment_of(b), align_d = alignment_of(d);
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.d, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
-
-  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
-  int found = 0;
-  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(handle, desc.d, la.d, lb.d, ld.d, ld.d,
-                                                           pref.d, 1, &heuristic, &found);
-  if (hs != CUBLAS_STATUS_SUCCESS || found == 0) {
-    // An epilogue this cuBLASLt cannot fuse for this shape, dtype or alignment: the caller
-    // retries without it. Without an epilogue there is nothing to fall back to.
-    if (epilogue != CUBLASLT_EPILOGUE_DEFAULT) return false;
-    PYOWT_CUBLASLT_CHECK(hs);
-    TORCH_CHECK(found > 0, "cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " GEMM in ", dtype);
-  }
-
-  at::Tensor workspace = at::empty({static_cast<int64_t>(heuristic.workspaceSize)},
-                                   options.dtype(at::kByte));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace)}, options.dtype(at::kByte));
   const float alpha = 1.0f, beta = 0.0f;
-  PYOWT_CUBLASLT_CHECK(cublasLtMatmul(handle, desc.d, &alpha, a, la.d, b, lb.d, &beta, d, ld.d, d,
-                                      ld.d, &heuristic.algo, workspace.data_ptr(),
-                                      heuristic.workspaceSize, at::cuda::getCurrentCUDAStream()));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), plan.desc.d, &alpha, a,
+                                      plan.la.d, b, plan.lb.d, &beta, d, plan.ld.d, d, plan.ld.d,
+                                      &plan.algo, workspace.data_ptr(), plan.workspace,
+                                      at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
@@ -158,7 +240,7 @@ at::Tensor linear_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& weight
   TORCH_CHECK(x_in.is_cuda(), "linear_bias_act (cuda) got x on ", x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t n = weight_in.size(0), k = weight_in.size(1);
-  const at::Tensor x = x_in.reshape({linear_rows(x_in), k}).contiguous();
+  const at::Tensor x = as_matrix(x_in, k);
   const at::Tensor weight = weight_in.contiguous();
   std::optional<at::Tensor> bias;
   if (bias_in.has_value()) bias = bias_in->contiguous();
@@ -169,7 +251,7 @@ at::Tensor linear_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& weight
     // Nothing for a GEMM to do; ATen handles the degenerate shapes.
     y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
     if (relu) y.relu_();
-    return y.reshape(linear_out_shape(x_in, n));
+    return unflatten_rows(y, x_in, n);
   }
   y = at::empty({m, n}, x.options());
   const cublasLtEpilogue_t epilogue =
@@ -185,7 +267,7 @@ at::Tensor linear_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& weight
     if (bias.has_value()) y.add_(*bias);
     if (relu) y.relu_();
   }
-  return y.reshape(linear_out_shape(x_in, n));
+  return unflatten_rows(y, x_in, n);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bias_act_backward_cuda(
@@ -196,18 +278,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bias_act_backward_cuda(
   TORCH_CHECK(x_in.is_cuda(), "linear_bias_act_backward (cuda) got x on ", x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t n = weight_in.size(0), k = weight_in.size(1);
-  const at::Tensor x = x_in.reshape({linear_rows(x_in), k}).contiguous();
+  const at::Tensor x = as_matrix(x_in, k);
   const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor grad = grad_in.reshape({linear_rows(x_in), n}).contiguous();
+  const at::Tensor grad = as_matrix(grad_in, n);
   const int64_t m = x.size(0);
-  const at::Tensor g = relu ? relu_grad_mask(grad, out_in.reshape({linear_rows(x_in), n}).contiguous()) : grad;
+  const at::Tensor g = relu ? relu_grad_mask(grad, as_matrix(out_in, n)) : grad;
 
   auto bias_sum = [&] {
     return has_bias ? g.sum(0, /*keepdim=*/false, at::kFloat).to(g.scalar_type())
                     : at::empty({0}, g.options());
   };
   if (m == 0 || n == 0 || k == 0) {
-    return {at::mm(g, weight).reshape(x_in.sizes()), at::mm(g.t(), x), bias_sum()};
+    return {unflatten_rows(at::mm(g, weight), x_in, k), at::mm(g.t(), x), bias_sum()};
   }
 
   at::Tensor grad_w = at::empty({n, k}, x.options());
@@ -224,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bias_act_backward_cuda(
   at::Tensor grad_x = at::empty({m, k}, x.options());
   lt_matmul(CUBLAS_OP_N, CUBLAS_OP_N, k, m, n, weight.const_data_ptr(), k, g.const_data_ptr(), n,
             grad_x.data_ptr(), k, x.scalar_type(), CUBLASLT_EPILOGUE_DEFAULT, nullptr, x.options());
-  return {grad_x.reshape(x_in.sizes()), grad_w, grad_bias};
+  return {unflatten_rows(grad_x, x_in, k), grad_w, grad_bias};
 }
 
 }  // namespace

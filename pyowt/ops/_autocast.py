@@ -15,6 +15,11 @@ from typing import Optional, Tuple
 import torch
 
 
+# One call answers "autocast is off everywhere", the common case, without building a device
+# (torch._C._is_any_autocast_enabled exists from torch 2.4; older ones ask per device).
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast runs lower-precision ops in on ``device_type``, or None when off."""
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
@@ -26,6 +31,8 @@ def autocast_inputs(*tensors) -> Tuple:
     """``tensors`` with every floating tensor cast to the autocast dtype of the first
     tensor's device when autocast is on there; unchanged otherwise (and non-tensors
     pass through, for the argument checks to report)."""
+    if not _any_autocast_enabled():
+        return tensors
     first = tensors[0]
     if not isinstance(first, torch.Tensor):
         return tensors

@@ -37,6 +37,20 @@ def check_same(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> No
         raise ValueError(f"{b_name} is on {b.device} but {a_name} is on {a.device}")
 
 
+def tensors_on_one_device(x: torch.Tensor, *others) -> bool:
+    """True when every one of ``others`` is None or a tensor on x's device.
+
+    The C++ ops check their arguments themselves, except across devices the dispatcher
+    resolves first: a meta weight with a CPU x would reach the fake kernel and "succeed".
+    The fused ops' fast paths call this before handing the checks to C++.
+    """
+    device = x.device
+    for t in others:
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device):
+            return False
+    return True
+
+
 def preferred_memory_format(x: torch.Tensor, dim: int) -> torch.memory_format:
     """The layout kernels keep: channels-last inputs stay channels-last (channel innermost).
 

@@ -37,6 +37,7 @@ class OpSpec:
 
 
 _OPS: Dict[str, OpSpec] = {}
+_OP_ENV_KEYS: Dict[str, object] = {}  # name -> its PYOWT_BACKEND_<OP> key for _getenv
 
 
 def register_op(name: str, implemented, prefer_cuda, prefer_cpu) -> OpSpec:
@@ -46,6 +47,8 @@ def register_op(name: str, implemented, prefer_cuda, prefer_cpu) -> OpSpec:
             raise ValueError(f"op {name!r}: unknown backend {b!r}; expected one of {BACKENDS}")
     spec = OpSpec(name, tuple(implemented), tuple(prefer_cuda), tuple(prefer_cpu))
     _OPS[name] = spec
+    _OP_ENV_KEYS[name] = _env_key(f"PYOWT_BACKEND_{name.upper()}")
+    _RESOLVED.clear()
     return spec
 
 
@@ -96,8 +99,46 @@ def resolve_backend(op: str, device: torch.device, backend: Optional[str] = None
     Raises ``ValueError`` when a forced backend is unknown, not implemented by the op, or
     not available for this device, naming what was asked and why it cannot run.
     """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if backend is not None and not isinstance(backend, str):
+        return _resolve(op, torch.device(device_type), backend)  # raises, naming the value
+    # Every input of the choice is in the key (the environment is read on every call, so
+    # setting a variable takes effect at once); only successful choices are cached. This
+    # runs on every call of every fused op, where host time matters (benchmarks/RESULTS.md).
+    key = (op, device_type, backend, _getenv(_OP_ENV_KEYS[op]), _getenv(_ENV_ALL), _getenv(_ENV_INTERPRET))
+    chosen = _RESOLVED.get(key)
+    if chosen is None:
+        chosen = _resolve(op, torch.device(device_type), backend)
+        _RESOLVED[key] = chosen
+    return chosen
+
+
+# (op, device type, backend=, env values) -> backend; the extension and Triton availability
+# are fixed for the process, so they need no place in the key.
+_RESOLVED: Dict[tuple, str] = {}
+
+# os.environ.get costs ~0.7 us for a missing variable (a KeyError raised inside); its
+# backing dict, which every os.environ write updates, answers in ~0.05 us. POSIX CPython
+# keys it by bytes; elsewhere fall back to os.environ.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENV_DATA, dict):
+    _ENV_DATA = None
+
+
+def _env_key(name: str):
+    return os.fsencode(name) if _ENV_DATA is not None else name
+
+
+_ENV_ALL = _env_key("PYOWT_BACKEND")
+_ENV_INTERPRET = _env_key("TRITON_INTERPRET")
+
+
+def _getenv(key):
+    return _ENV_DATA.get(key) if _ENV_DATA is not None else os.environ.get(key)
+
+
+def _resolve(op: str, device: torch.device, backend: Optional[str]) -> str:
     spec = _OPS[op]
-    device = torch.device(device)
     requested, source = _requested(op, backend)
     if requested is not None:
         if not isinstance(requested, str) or requested not in BACKENDS:

@@ -76,6 +76,12 @@ def _pair(value, name: str, minimum: int) -> Tuple[int, int]:
     return pair
 
 
+def _groups(groups) -> int:
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    return groups
+
+
 def _activation(activation) -> str:
     if activation is None:
         return "none"
@@ -142,6 +148,7 @@ if _extension.STATUS.loaded:
         _check_output_mask(output_mask, "conv2d_bias_act_backward")
         return _backward_fake(x, weight, has_bias, output_mask)
 
+    _conv_cpp = torch.ops.pyowt.conv2d_bias_act.default
     # The C++ op's autograd is registered in C++ (csrc/conv2d_autograd.cpp: host cost); it
     # passes needs_input_grad as output_mask, so a first layer skips its input gradient.
 
@@ -240,8 +247,7 @@ def _validate(x, weight, bias, stride, padding, dilation, groups, activation):
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise TypeError(f"groups must be an int, got {groups!r}")
+    _groups(groups)
     c_in, c_out = x.shape[1], weight.shape[0]
     if groups < 1 or c_in % groups or c_out % groups:
         raise ValueError(f"groups={groups} must be >= 1 and divide C_in={c_in} and C_out={c_out}")
@@ -305,11 +311,22 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     convolutions; ``torch.backends.cudnn.conv.fp32_precision = "ieee"`` for full fp32).
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
-    shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
+    if not isinstance(x, torch.Tensor) or not _checks.tensors_on_one_device(x, weight, bias):
+        _validate(x, weight, bias, stride, padding, dilation, groups, activation)  # raises
     chosen = resolve_backend(OP, x.device, backend)
+    if chosen in ("cpu", "cuda"):
+        # The C++ op checks the tensors itself (csrc/cpu/conv2d.cpp, csrc/cuda/conv2d.cu,
+        # same wording); the full Python checks run only when it refuses, to raise the
+        # TypeError/ValueError the other backends raise (they cost ~5 us per call).
+        args = (list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
+                list(_pair(dilation, "dilation", 1)), _groups(groups), _activation(activation))
+        try:
+            return _conv_cpp(x, weight, bias, *args)
+        except (RuntimeError, TypeError):
+            _validate(x, weight, bias, stride, padding, dilation, groups, activation)
+            raise
+    shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
     args = (list(shape.stride), list(shape.padding), list(shape.dilation), shape.groups, act)
     if chosen == "aten":
         return conv2d_bias_act_reference(x, weight, bias, *args)
-    if chosen == "triton":
-        return torch.ops.pyowt.conv2d_bias_act_triton(x, weight, bias, *args)
-    return torch.ops.pyowt.conv2d_bias_act(x, weight, bias, *args)
+    return torch.ops.pyowt.conv2d_bias_act_triton(x, weight, bias, *args)

@@ -117,6 +117,44 @@ def test_gpu_alexnet_shape_bf16(backend):
         assert_close_rel(a, r, torch.bfloat16, f"{backend} {name}")
 
 
+def _check_rounded_once(backend, dtype, device, k):
+    """Each output element must be the exact product rounded once to ``dtype``, within the
+    float32 accumulation's error bound. A GEMM that adds split-K partial sums in the output
+    dtype (cuBLASLt's INPLACE / OUTPUT_TYPE reduction schemes) rounds every partial sum and
+    misses this by several ulps wherever the partial sums cancel; on an H200 such rounding
+    ahead of the ReLU made the (130, 257)->300 bf16 case fail its relative-error test.
+    """
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(130, k, generator=g).to(dtype)
+    w = (torch.randn(300, k, generator=g) / k ** 0.5).to(dtype)
+    exact = x.double() @ w.double().T
+    out = linear_bias_act(x.to(device), w.to(device), None, None, backend=backend).double().cpu()
+    # float32 accumulation in any order: |error| <= k * 2^-24 * sum |x w| (before rounding).
+    accumulation = k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+    largest = exact.abs() + accumulation
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(largest.clamp_min(1e-30))))
+    excess = (out - exact).abs() - (ulp / 2 + accumulation)
+    worst = excess.max().item()
+    assert worst <= 0, (f"{backend} {dtype}: {int((excess > 0).sum())} of {excess.numel()} outputs "
+                        f"are not rounded once (worst by {worst:.3g} beyond half an ulp)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cpu", "aten"])
+def test_cpu_low_precision_output_rounded_once(backend, dtype):
+    if backend == "cpu" and not _extension.STATUS.loaded:
+        pytest.skip("extension not built")
+    _check_rounded_once(backend, dtype, "cpu", 257)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [257, 1024])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_low_precision_output_rounded_once(backend, dtype, k):
+    _check_rounded_once(backend, dtype, "cuda", k)
+
+
 def test_fresh_seeds_fp32_cpu():
     backend = "cpu" if _extension.STATUS.loaded else "aten"
     for seed in range(3):
