@@ -117,6 +117,25 @@ def test_gpu_alexnet_shape_bf16(backend):
         assert_close_rel(a, r, torch.bfloat16, f"{backend} {name}")
 
 
+@pytest.mark.gpu
+def test_gpu_cuda_cached_plans_see_each_calls_tensors():
+    # The cuda backend caches one cuBLASLt plan per shape, epilogue and alignment and sets
+    # the bias pointer per call: repeated shapes with fresh tensors, alternating epilogues,
+    # strided inputs and a bias view one element off its allocation must all stay exact.
+    for seed in range(3):
+        for layout in ("contiguous", "sliced"):
+            _check_backend("cuda", torch.bfloat16, "cuda", ((130, 257), 300, True, "relu", layout), seed=seed)
+            _check_backend("cuda", torch.bfloat16, "cuda", ((130, 257), 300, False, None, layout), seed=seed)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 96, generator=g).to("cuda", torch.float16)
+    w = (torch.randn(40, 96, generator=g) / 10).to("cuda", torch.float16)
+    for offset in (0, 1, 3):
+        bias = torch.randn(40 + offset, generator=g).to("cuda", torch.float16)[offset:]
+        out = linear_bias_act(x, w, bias, backend="cuda")
+        ref = linear_bias_act_reference(x.double(), w.double(), bias.double())
+        assert_close_rel(out, ref, torch.float16, f"bias at offset {offset}")
+
+
 def _check_rounded_once(backend, dtype, device, k):
     """Each output element must be the exact product rounded once to ``dtype``, within the
     float32 accumulation's error bound. A GEMM that adds split-K partial sums in the output
