@@ -82,6 +82,11 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
+def is_forced(op: str, backend: Optional[str] = None) -> bool:
+    """True when ``backend=`` or the environment names ``op``'s backend (no default applies)."""
+    return _requested(op, backend)[0] is not None
+
+
 def _requested(op: str, backend: Optional[str]) -> Tuple[Optional[str], str]:
     if backend is not None:
         return backend, "backend="

@@ -18,7 +18,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import register_op, resolve_backend
+from .backend import is_forced, register_op, resolve_backend, unavailable_reason
 
 OP = "conv2d_bias_act"
 # The default is the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, batch
@@ -33,6 +33,23 @@ register_op(
 )
 
 ACTIVATIONS = ("relu", "none")
+
+
+def cuda_kernel_preferred(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """True for the CUDA tensors on which the default backend is our CUDA kernel, not cuDNN.
+
+    That is where it measured faster (H200, bf16, batch 128, channels_last,
+    benchmarks/RESULTS.md): a network's first layer, few input channels and a large
+    kernel, where cuDNN's tensor-core tiles are mostly channel padding. AlexNet conv1 (3 ->
+    64, 11x11, stride 4) forward 0.495 vs 0.749 ms, ResNet-50 conv1 (3 -> 64, 7x7, stride 2)
+    0.670 vs 1.323 ms. The backward runs cuDNN either way (the first layer's input gradient
+    is not computed). Other layers measured 0.40-0.74x of cuDNN and keep it. Small kernels
+    (a 3x3 first layer) and float32 were not measured and keep cuDNN too.
+    """
+    return (groups == 1 and x.dim() == 4 and weight.dim() == 4
+            and x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] <= 4
+            and weight.shape[2] * weight.shape[3] >= 25
+            and _checks.preferred_memory_format(x, 1) == torch.channels_last)
 
 
 class ConvShape(NamedTuple):
@@ -290,8 +307,9 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             other groups to cuDNN.
         activation: ``"relu"`` (default) or ``None``/``"none"``.
         backend: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"aten"``; default: ``"cpu"`` on
-            CPU tensors, ``"aten"`` (cuDNN) on CUDA tensors, the fastest measured so far
-            (see benchmarks/RESULTS.md), then the others; see :mod:`pyowt.ops.backend`.
+            CPU tensors, ``"aten"`` (cuDNN) on CUDA tensors except the 16-bit RGB first
+            layers where our CUDA kernel measured faster (:func:`cuda_kernel_preferred`),
+            then the others; see :mod:`pyowt.ops.backend`.
 
     Returns:
         ``(N, C_out, H_out, W_out)`` in x's memory format (channels_last in, channels_last
@@ -314,6 +332,9 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if not isinstance(x, torch.Tensor) or not _checks.tensors_on_one_device(x, weight, bias):
         _validate(x, weight, bias, stride, padding, dilation, groups, activation)  # raises
     chosen = resolve_backend(OP, x.device, backend)
+    if (chosen == "aten" and x.is_cuda and cuda_kernel_preferred(x, weight, groups)
+            and not is_forced(OP, backend) and unavailable_reason("cuda", x.device) is None):
+        chosen = "cuda"
     if chosen in ("cpu", "cuda"):
         # The C++ op checks the tensors itself (csrc/cpu/conv2d.cpp, csrc/cuda/conv2d.cu,
         # same wording); the full Python checks run only when it refuses, to raise the

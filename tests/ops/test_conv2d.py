@@ -500,3 +500,52 @@ def test_weight_gradients_without_input_gradient(backend):
     rw, rb = torch.autograd.grad(ref, [w64, b64], gout.cpu().double())
     assert_close_rel(gw, rw, torch.float32, "grad weight")
     assert_close_rel(gb, rb, torch.float32, "grad bias")
+
+
+def test_cuda_kernel_preferred_only_where_measured_faster():
+    from pyowt.ops.conv2d import cuda_kernel_preferred
+
+    def x_(c, dtype=torch.bfloat16, cl=True):
+        x = torch.empty(2, c, 32, 32, dtype=dtype)
+        return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+    w11, w7, w3 = (torch.empty(64, 3, k, k) for k in (11, 7, 3))
+    assert cuda_kernel_preferred(x_(3), w11, 1)                      # AlexNet conv1
+    assert cuda_kernel_preferred(x_(3, torch.float16), w7, 1)        # ResNet-50 conv1
+    assert not cuda_kernel_preferred(x_(3), w3, 1)                   # 3x3: not measured
+    assert not cuda_kernel_preferred(x_(3, torch.float32), w11, 1)   # fp32: not measured
+    assert not cuda_kernel_preferred(x_(3, cl=False), w11, 1)        # NCHW: not measured
+    assert not cuda_kernel_preferred(x_(64), torch.empty(64, 64, 5, 5), 1)  # inner layer
+    assert not cuda_kernel_preferred(x_(4), torch.empty(64, 2, 11, 11), 2)  # grouped
+    assert not cuda_kernel_preferred(torch.empty(3, 32, 32), w11, 1)  # bad rank: no crash
+
+
+@pytest.mark.gpu
+def test_default_backend_first_layer_gpu(monkeypatch):
+    # The default runs our CUDA kernel on a bf16 channels_last RGB layer; forcing aten
+    # (argument or environment) still gets cuDNN. Both match the float64 reference.
+    if unavailable_reason_cuda() is not None:
+        pytest.skip(unavailable_reason_cuda())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 64, 64, generator=g).to("cuda", torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(16, 3, 11, 11, generator=g) / 19).to("cuda", torch.bfloat16)
+    b = torch.randn(16, generator=g).to("cuda", torch.bfloat16)
+    ref = conv2d_bias_act_reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), 4, 2)
+    calls = []
+    real = torch.ops.pyowt.conv2d_bias_act.default
+    monkeypatch.setattr("pyowt.ops.conv2d._conv_cpp", lambda *a: calls.append(1) or real(*a))
+    out = conv2d_bias_act(x, w, b, 4, 2)
+    assert calls, "the default did not run the CUDA kernel on a bf16 RGB first layer"
+    assert_close_rel(out, ref, torch.bfloat16, "default first layer")
+    calls.clear()
+    conv2d_bias_act(x, w, b, 4, 2, backend="aten")
+    monkeypatch.setenv("PYOWT_BACKEND_CONV2D_BIAS_ACT", "aten")
+    conv2d_bias_act(x, w, b, 4, 2)
+    assert not calls, "a forced aten backend ran the CUDA kernel"
+
+
+def unavailable_reason_cuda():
+    from pyowt.ops.backend import unavailable_reason
+
+    return unavailable_reason("cuda", torch.device("cuda"))
