@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import socket
 import traceback
+import warnings
 from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable, List, Optional, Sequence
@@ -42,6 +44,30 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn):
         conn.send(("ok", result))
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("err", traceback.format_exc()))
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _warn_unclean_exits(procs) -> None:
+    """Every rank returned its result; say so if one then died while shutting down.
+
+    The results are complete (they were sent before the exit), so this warns rather than
+    raises; without it a crash at interpreter exit shows only as a bare line on stderr
+    (e.g. "terminate called without an active exception", seen about once in ten
+    ``pyowt compare`` runs on a loaded 2-core machine) that no one can attribute.
+    """
+    for rank, p in enumerate(procs):
+        if p.exitcode not in (0, None):
+            warnings.warn(f"pyowt.launch.spawn: rank {rank} (pid {p.pid}) returned its result, then "
+                          f"exited with {_exit_description(p.exitcode)} while shutting down; the "
+                          f"result is kept", RuntimeWarning, stacklevel=3)
 
 
 def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str = "gloo",
@@ -95,6 +121,8 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         if pending or errors:
             p.kill() if p.is_alive() else None
         p.join(timeout=30)
+    if not errors and not pending:
+        _warn_unclean_exits(procs)
     if errors or pending:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         if pending:

@@ -1,0 +1,45 @@
+"""pyowt.launch.spawn: results by rank, failures reported, unclean exits named."""
+import atexit
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pyowt.launch import WorkerFailed, spawn
+
+
+def _rank_sum():
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return dist.get_rank(), t.item()
+
+
+def _abort_at_exit_on_rank1():
+    if dist.get_rank() == 1:
+        atexit.register(os.abort)  # dies with SIGABRT after its result is sent
+    return dist.get_rank()
+
+
+def _raise_on_rank0():
+    if dist.get_rank() == 0:
+        raise ValueError("rank 0 refuses")
+    return dist.get_rank()
+
+
+def test_results_by_rank_and_a_clean_exit_warns_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert spawn(_rank_sum, 2, threads=1) == [(0, 3.0), (1, 3.0)]
+
+
+def test_a_rank_dying_after_its_result_is_named():
+    with pytest.warns(RuntimeWarning, match=r"rank 1 \(pid \d+\) returned its result, then exited with "
+                                            r"signal SIGABRT"):
+        assert spawn(_abort_at_exit_on_rank1, 2, threads=1) == [0, 1]
+
+
+def test_a_failing_rank_raises_with_its_traceback():
+    with pytest.raises(WorkerFailed, match="(?s)rank 0.*ValueError: rank 0 refuses"):
+        spawn(_raise_on_rank0, 2, threads=1, timeout_s=60)
