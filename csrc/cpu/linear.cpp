@@ -88,8 +88,9 @@ std::tuple<at::Tensor, at::Tensor> mask_and_colsum(const at::Tensor& grad, const
   const int64_t m = grad.size(0), n = grad.size(1);
   const bool relu = out.defined();
   at::Tensor g = relu ? at::empty_like(grad) : grad;
-  at::Tensor colsum = at::zeros({want_sum ? n : 0}, grad.options());
-  if ((!relu && !want_sum) || m == 0 || n == 0) return {g, colsum};
+  // Every element is written below; only the no-rows case needs zeros (host time per call).
+  at::Tensor colsum = at::empty({want_sum ? n : 0}, grad.options());
+  if ((!relu && !want_sum) || m == 0 || n == 0) return {g, colsum.zero_()};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "linear_mask_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;

@@ -200,12 +200,16 @@ bool lt_matmul(cublasOperation_t transa, cublasOperation_t transb, int64_t m, in
   if (bias != nullptr) {
     PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   }
-  at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace)}, options.dtype(at::kByte));
+  // Most algorithms need no workspace: then no allocation either (host time per call).
+  at::Tensor workspace;
+  if (plan.workspace > 0) {
+    workspace = at::empty({static_cast<int64_t>(plan.workspace)}, options.dtype(at::kByte));
+  }
   const float alpha = 1.0f, beta = 0.0f;
   PYOWT_CUBLASLT_CHECK(cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), plan.desc.d, &alpha, a,
                                       plan.la.d, b, plan.lb.d, &beta, d, plan.ld.d, d, plan.ld.d,
-                                      &plan.algo, workspace.data_ptr(), plan.workspace,
-                                      at::cuda::getCurrentCUDAStream()));
+                                      &plan.algo, plan.workspace > 0 ? workspace.data_ptr() : nullptr,
+                                      plan.workspace, at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
