@@ -7,8 +7,8 @@
 # the next one's budget (seconds, overridable): build (BUILD_S=200), the GPU-side tests
 # (TESTS_S=240: tests/ops on the GPU, every backend, plus NCCL on one GPU; pytest-xdist
 # spreads Triton's compiles over the cores when it is installed), the conv benchmark
-# (CONV_S=130), the linear benchmark (LINEAR_S=80), the ops' per-call host cost (HOST_S=60),
-# a host/device time profile of a linear forward+backward (PROFILE_S=45), a bf16/NCCL
+# (CONV_S=130), the linear benchmark (LINEAR_S=80), a host/device time profile of a linear
+# forward+backward (PROFILE_S=45), the ops' per-call host cost (HOST_S=60), a bf16/NCCL
 # training smoke run
 # (TRAIN_S=60). Everything lands in <folder> as it happens (at most 8 files: summary.txt,
 # build.log, tests.log, failures.log, bench_conv.json, bench_linear.json, bench.log,
@@ -23,7 +23,7 @@ OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
-STAGES=${STAGES-"tests conv linear host profile train"}
+STAGES=${STAGES-"tests conv linear profile host train"}
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 S="$OUT/summary.txt"
@@ -84,14 +84,14 @@ bench() {  # name, time limit, extra env...
 }
 want conv && bench conv "${CONV_S:-130}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}"
 want linear && bench linear "${LINEAR_S:-80}"
-if want host; then  # per-call host cost of the fused ops vs ATen (benchmarks/host_overhead.py)
-  log "host overhead ..."
-  timeout "${HOST_S:-60}" $PY -m benchmarks.host_overhead --device cuda --calls 2000 2>&1 | tee -a "$S"
-fi
 if want profile; then  # where a linear forward+backward spends host and device time
   log "linear profile ..."
   timeout "${PROFILE_S:-45}" $PY -m benchmarks.profile_linear --device cuda --calls 50 2>&1 \
       | grep -v -E '^(USDT|ERROR|WARNING):' | tee -a "$S"
+fi
+if want host; then  # per-call host cost of the fused ops vs ATen (benchmarks/host_overhead.py)
+  log "host overhead ..."
+  timeout "${HOST_S:-60}" $PY -m benchmarks.host_overhead --device cuda --calls 2000 2>&1 | tee -a "$S"
 fi
 # The benchmark tables (the reply shows the tail of the output).
 grep -E 'x$|x +\||geomean|vs aten|^[a-z0-9_.]+ *\|' "$OUT/bench.log" 2>/dev/null | grep -v '^-' | tail -60 >> "$S"
