@@ -105,8 +105,10 @@ def resolve_backend(op: str, device: torch.device, backend: Optional[str] = None
     not available for this device, naming what was asked and why it cannot run.
     """
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    if backend is not None and not isinstance(backend, str):
-        return _resolve(op, torch.device(device_type), backend)  # raises, naming the value
+    if (backend is not None and not isinstance(backend, str)) or _is_compiling():
+        # A bad backend= raises, naming the value. Under torch.compile the plain lookup is
+        # traced instead of the cache (dynamo should not guard on the whole environment).
+        return _resolve(op, torch.device(device_type), backend)
     # Every input of the choice is in the key (the environment is read on every call, so
     # setting a variable takes effect at once); only successful choices are cached. This
     # runs on every call of every fused op, where host time matters (benchmarks/RESULTS.md).
@@ -117,6 +119,8 @@ def resolve_backend(op: str, device: torch.device, backend: Optional[str] = None
         _RESOLVED[key] = chosen
     return chosen
 
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 # (op, device type, backend=, env values) -> backend; the extension and Triton availability
 # are fixed for the process, so they need no place in the key.
