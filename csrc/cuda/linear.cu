@@ -129,7 +129,9 @@ struct LtKeyHash {
 // a data loader with ragged last batches or a sweep would otherwise grow it without end.
 constexpr size_t kMaxCachedPlans = 256;
 
-const LtPlan& lt_plan(const LtKey& key, cudaDataType_t dt) {
+// `bias` is set on the descriptor before the heuristic runs (as every call sets it before
+// its matmul), so the heuristic sees the epilogue's operands as they will be.
+const LtPlan& lt_plan(const LtKey& key, cudaDataType_t dt, void* bias) {
   thread_local std::unordered_map<LtKey, std::unique_ptr<LtPlan>, LtKeyHash> plans;
   auto it = plans.find(key);
   if (it != plans.end()) return *it->second;
@@ -143,6 +145,9 @@ const LtPlan& lt_plan(const LtKey& key, cudaDataType_t dt) {
   PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc.d, CUBLASLT_MATMUL_DESC_TRANSA, &transa, sizeof(transa)));
   PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc.d, CUBLASLT_MATMUL_DESC_TRANSB, &transb, sizeof(transb)));
   PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+  if (bias != nullptr) {
+    PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  }
   const bool ta = transa != CUBLAS_OP_N, tb = transb != CUBLAS_OP_N;
   const int64_t m = key.m, n = key.n, k = key.k;
   PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->la.d, dt, ta ? k : m, ta ? m : k, key.lda));
@@ -195,7 +200,7 @@ bool lt_matmul(cublasOperation_t transa, cublasOperation_t transb, int64_t m, in
                   static_cast<int>(transb), m, n, k, lda, ldb, ldd, static_cast<int>(epilogue),
                   alignment_of(a), alignment_of(b), alignment_of(d),
                   bias != nullptr ? alignment_of(bias) : 0u};
-  const LtPlan& plan = lt_plan(key, cuda_dtype(dtype));
+  const LtPlan& plan = lt_plan(key, cuda_dtype(dtype), bias);
   if (!plan.found) return false;
   if (bias != nullptr) {
     PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
