@@ -1,11 +1,14 @@
 // The pyowt operator library and the Python module pyowt._C.
 //
 // Layout of csrc/: each op's schemas live in csrc/<op>.cpp (a TORCH_LIBRARY_FRAGMENT),
-// its kernels in cpu/<op>.cpp and cuda/<op>.cu (TORCH_LIBRARY_IMPL per device). Autograd
-// and fake (meta) kernels are registered from Python (pyowt/ops), which keeps one place
-// for the backend choice and lets torch.compile trace every op.
+// its kernels in cpu/<op>.cpp and cuda/<op>.cu (TORCH_LIBRARY_IMPL per device), their
+// autograd in csrc/<op>_autograd.cpp, unboxed Python entries in direct_calls.cpp. Fake
+// (meta) kernels are registered from Python (pyowt/ops), which keeps one place for the
+// backend choice and lets torch.compile trace every op.
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include "direct_calls.h"
 
 #ifndef PYOWT_WITH_CUDA
 #define PYOWT_WITH_CUDA 0
@@ -46,4 +49,5 @@ pybind11::dict build_config() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyowt compiled extension: registers the pyowt:: operators on import";
   m.def("build_config", &build_config, "What this extension was compiled with");
+  pyowt::register_direct_calls(m);
 }

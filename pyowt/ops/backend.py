@@ -82,6 +82,16 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
+def direct_call_ok(tensors) -> bool:
+    """Whether an op may be called through its unboxed pybind entry instead of ``torch.ops``:
+    eager mode, and no ``__torch_function__`` override or mode that ``torch.ops`` would
+    honour. (Dispatch-level modes, fake tensors and autograd work either way.)"""
+    return not _is_compiling() and not _has_torch_function(tensors)
+
+
+_has_torch_function = torch.overrides.has_torch_function
+
+
 def is_forced(op: str, backend: Optional[str] = None) -> bool:
     """True when ``backend=`` or the environment names ``op``'s backend (no default applies)."""
     return _requested(op, backend)[0] is not None

@@ -18,7 +18,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import is_forced, register_op, resolve_backend, unavailable_reason
+from .backend import direct_call_ok, is_forced, register_op, resolve_backend, unavailable_reason
 
 OP = "conv2d_bias_act"
 # The default is the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, batch
@@ -166,6 +166,8 @@ if _extension.STATUS.loaded:
         return _backward_fake(x, weight, has_bias, output_mask)
 
     _conv_cpp = torch.ops.pyowt.conv2d_bias_act.default
+    # The unboxed entry (csrc/direct_calls.cpp); None with an extension built before it.
+    _conv_direct = getattr(_extension.STATUS.module, "conv2d_bias_act_direct", None)
     # The C++ op's autograd is registered in C++ (csrc/conv2d_autograd.cpp: host cost); it
     # passes needs_input_grad as output_mask, so a first layer skips its input gradient.
 
@@ -342,6 +344,8 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         args = (list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
                 list(_pair(dilation, "dilation", 1)), _groups(groups), _activation(activation))
         try:
+            if _conv_direct is not None and direct_call_ok((x, weight, bias)):
+                return _conv_direct(x, weight, bias, *args)
             return _conv_cpp(x, weight, bias, *args)
         except (RuntimeError, TypeError):
             _validate(x, weight, bias, stride, padding, dilation, groups, activation)

@@ -17,7 +17,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import register_op, resolve_backend
+from .backend import direct_call_ok, register_op, resolve_backend
 
 OP = "linear_bias_act"
 # CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
@@ -86,6 +86,8 @@ if _extension.STATUS.loaded:
     torch.library.register_fake("pyowt::linear_bias_act")(_fake_forward)
     torch.library.register_fake("pyowt::linear_bias_act_backward")(_fake_backward)
     _linear_cpp = torch.ops.pyowt.linear_bias_act.default
+    # The unboxed entry (csrc/direct_calls.cpp); None with an extension built before it.
+    _linear_direct = getattr(_extension.STATUS.module, "linear_bias_act_direct", None)
     # The C++ op's autograd is registered in C++ (csrc/linear_autograd.cpp): a Python one
     # costs more host time per call than the GPU work at AlexNet's FC sizes.
 
@@ -205,6 +207,8 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         # only when it refuses, to raise the TypeError/ValueError the other backends raise.
         # Checking twice on every call cost ~1.5 us of host time on the hot path.
         try:
+            if _linear_direct is not None and direct_call_ok((x, weight, bias)):
+                return _linear_direct(x, weight, bias, act)
             return _linear_cpp(x, weight, bias, act)
         except (RuntimeError, TypeError):
             check_linear_args(x, weight, bias)

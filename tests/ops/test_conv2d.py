@@ -549,3 +549,31 @@ def unavailable_reason_cuda():
     from pyowt.ops.backend import unavailable_reason
 
     return unavailable_reason("cuda", torch.device("cuda"))
+
+
+@needs_ext
+def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypatch):
+    from torch.overrides import TorchFunctionMode
+
+    import pyowt.ops.conv2d as conv
+
+    calls = []
+    real = conv._conv_direct
+    assert real is not None, "the extension lacks conv2d_bias_act_direct"
+    monkeypatch.setattr(conv, "_conv_direct", lambda *a: calls.append(1) or real(*a))
+    x, w, b = torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3), torch.randn(4)
+    ref = conv2d_bias_act_reference(x, w, b, 2, 1)
+    assert torch.allclose(conv2d_bias_act(x, w, b, 2, 1, backend="cpu"), ref, atol=1e-5) and calls
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    calls.clear()
+    with Record():
+        out = conv2d_bias_act(x, w, b, 2, 1, backend="cpu")
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert not calls and torch.ops.pyowt.conv2d_bias_act.default in seen

@@ -310,3 +310,31 @@ def test_matches_torch_functional():
     x, w, b = torch.randn(4, 5, 6), torch.randn(3, 6), torch.randn(3)
     torch.testing.assert_close(linear_bias_act(x, w, b), F.relu(F.linear(x, w, b)))
     torch.testing.assert_close(linear_bias_act(x, w, None, None), F.linear(x, w))
+
+
+@needs_ext
+def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypatch):
+    from torch.overrides import TorchFunctionMode
+
+    import pyowt.ops.linear as lin
+
+    calls = []
+    real = lin._linear_direct
+    assert real is not None, "the extension lacks linear_bias_act_direct"
+    monkeypatch.setattr(lin, "_linear_direct", lambda *a: calls.append(1) or real(*a))
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    ref = linear_bias_act_reference(x, w, b)
+    assert torch.allclose(linear_bias_act(x, w, b, backend="cpu"), ref, atol=1e-6) and calls
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    calls.clear()
+    with Record():
+        out = linear_bias_act(x, w, b, backend="cpu")
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert not calls and torch.ops.pyowt.linear_bias_act.default in seen
