@@ -1,11 +1,11 @@
 // CPU kernels of pyowt::conv2d_bias_act and its backward.
 //
 // Forward: oneDNN's convolution with a fused ReLU post-op (mkldnn::_convolution_pointwise,
-// found through the dispatcher because ATen exposes no C++ header for it), else
-// at::conv2d followed by an in-place relu_. Measured on a 2-core AMD EPYC (AlexNet layers,
-// batch 8, fp32): both are within noise of each other and both beat
-// relu(conv2d(...)) because the activation needs no second output buffer; the fused
-// post-op is kept because it saves one pass over the output.
+// found through the dispatcher because ATen exposes no C++ header for it), else (and for
+// convolutions too small to amortize its set-up) at::conv2d followed by an in-place relu_.
+// Measured on a 2-core AMD EPYC (AlexNet layers, batch 8, fp32): both are within noise of
+// each other and both beat relu(conv2d(...)) because the activation needs no second output
+// buffer; the fused post-op is kept because it saves one pass over the output.
 // Backward: the ReLU mask (out > 0) applied to grad_out, then at::convolution_backward for
 // the gradients output_mask asks for.
 #include <ATen/ATen.h>
@@ -110,6 +110,12 @@ const c10::OperatorHandle* fused_conv_op() {
   return op.has_value() ? &*op : nullptr;
 }
 
+// Below this many multiply-adds the fused primitive's per-call set-up outweighs the saved
+// output pass: 45 us against 7 us for conv2d + relu_ at (1,2,5,5) * (3,2,3,3), 85 vs 78 us
+// at 2.7M, 110 vs 106 us at 5.3M, even from 10M (2-core EPYC, fp32, one thread each side);
+// at::conv2d also picks ATen's own kernel for the tiniest shapes.
+constexpr int64_t kFusedMinMacs = int64_t(1) << 23;
+
 // oneDNN runs float32 everywhere, but float16/bfloat16 only on CPUs with the matching ISA
 // (it raises otherwise). Learn that once per dtype: 0 unknown, 1 works, -1 refused.
 std::atomic<int>& low_precision_state(at::ScalarType st) {
@@ -150,7 +156,8 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight,
 
   const c10::OperatorHandle* op = fused_conv_op();
   const bool nonempty = x.numel() > 0 && g.c_out > 0;
-  if (op != nullptr && nonempty) {
+  const int64_t macs = g.n * g.c_out * g.h_out * g.w_out * (g.c_in / groups) * g.r * g.s;
+  if (op != nullptr && nonempty && macs >= kFusedMinMacs) {
     const at::ScalarType st = x.scalar_type();
     if (st == at::kFloat) {
       return in_format(call_fused(*op, x, weight, bias, stride, padding, dilation, groups, relu), fmt);
