@@ -63,12 +63,12 @@ class Conv2dBiasAct : public torch::autograd::Function<Conv2dBiasAct> {
     }
     const bool relu = activation == "relu";
     ctx->save_for_backward({x, weight, relu ? out : at::Tensor()});  // out: the ReLU mask only
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    // One packed entry instead of six: each saved_data insert hashes a string key and
+    // allocates (host time per call). Layout: stride, padding, dilation (2 each), groups,
+    // relu, has_bias.
+    const bool has_bias = bias.has_value() && bias->defined();
+    ctx->saved_data["conv"] = std::vector<int64_t>{stride[0], stride[1], padding[0], padding[1],
+                                                   dilation[0], dilation[1], groups, relu, has_bias};
     return out;
   }
 
@@ -77,12 +77,12 @@ class Conv2dBiasAct : public torch::autograd::Function<Conv2dBiasAct> {
     const at::Tensor& x = saved[0];
     const at::Tensor& weight = saved[1];
     const at::Tensor& out = saved[2];
-    const std::vector<int64_t> stride = ctx->saved_data["stride"].toIntVector();
-    const std::vector<int64_t> padding = ctx->saved_data["padding"].toIntVector();
-    const std::vector<int64_t> dilation = ctx->saved_data["dilation"].toIntVector();
-    const int64_t groups = ctx->saved_data["groups"].toInt();
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::vector<int64_t> conv = ctx->saved_data["conv"].toIntVector();
+    const std::vector<int64_t> stride{conv[0], conv[1]}, padding{conv[2], conv[3]},
+        dilation{conv[4], conv[5]};
+    const int64_t groups = conv[6];
+    const char* activation = conv[7] ? "relu" : "none";
+    const bool has_bias = conv[8] != 0;
     const at::Tensor& grad = grads[0];
     const bool want_x = ctx->needs_input_grad(0);
     const bool want_w = ctx->needs_input_grad(1);

@@ -56,15 +56,17 @@ class LinearBiasAct : public torch::autograd::Function<LinearBiasAct> {
     const bool relu = activation == "relu";
     // The output is kept only for the ReLU mask.
     ctx->save_for_backward({x, weight, relu ? out : at::Tensor()});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    // One packed entry (relu, has_bias): each saved_data insert hashes a string key and
+    // allocates (host time per call).
+    ctx->saved_data["flags"] = int64_t(relu) | (int64_t(bias.has_value() && bias->defined()) << 1);
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const char* activation = (flags & 1) ? "relu" : "none";
+    const bool has_bias = (flags & 2) != 0;
     const at::Tensor& grad = grads[0];
     // With "none" the kernels never read `out`.
     const at::Tensor out = saved[2].defined() ? saved[2] : at::empty({0}, grad.options());
