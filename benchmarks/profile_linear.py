@@ -11,10 +11,11 @@ which op to make cheaper. On an H200 most of AlexNet's FC calls were host-bound
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+
+from .host_overhead import _per_call_us
 
 # (name, batch, in_features, out_features): a host-bound and a device-bound AlexNet shape.
 SHAPES = [("fc7 b128", 128, 4096, 4096), ("fc6 b1024", 1024, 9216, 4096)]
@@ -39,14 +40,7 @@ def _make_call(impl, x, w, b, gy):
 
 def profile_one(call, device, calls: int, top: int):
     """(wall us per call, device-busy us per call, [(op, self host us per call)])."""
-    for _ in range(5):
-        call()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        call()
-    _sync(device)
-    wall = (time.perf_counter() - t0) / calls * 1e6
+    wall = _per_call_us(call, calls, device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

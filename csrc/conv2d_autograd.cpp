@@ -10,30 +10,17 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <string>
 #include <tuple>
 #include <vector>
 
 #include "autograd_skip.h"
+#include "op_calls.h"
 
 namespace pyowt {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor call_forward(const at::Tensor& x, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                        c10::string_view activation) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pyowt::conv2d_bias_act", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                            c10::string_view)>();
-  return op.call(x, weight, bias, stride, padding, dilation, groups, activation);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
@@ -59,7 +46,7 @@ class Conv2dBiasAct : public torch::autograd::Function<Conv2dBiasAct> {
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = call_forward(x, weight, bias, stride, padding, dilation, groups, activation);
+      out = call_conv2d_bias_act(x, weight, bias, stride, padding, dilation, groups, activation);
     }
     const bool relu = activation == "relu";
     ctx->save_for_backward({x, weight, relu ? out : at::Tensor()});  // out: the ReLU mask only
@@ -104,7 +91,7 @@ at::Tensor conv2d_bias_act_autograd(const at::Tensor& x, const at::Tensor& weigh
                                     int64_t groups, c10::string_view activation) {
   if (!any_requires_grad(x, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_forward(x, weight, bias, stride, padding, dilation, groups, activation);
+    return call_conv2d_bias_act(x, weight, bias, stride, padding, dilation, groups, activation);
   }
   return Conv2dBiasAct::apply(x, weight, bias, stride, padding, dilation, groups, activation);
 }

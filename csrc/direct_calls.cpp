@@ -6,37 +6,27 @@
 // which costs what ATen's own bindings cost. pyowt/ops uses them only for plain tensors
 // outside torch.compile (dynamo traces torch.ops) and without __torch_function__ overrides.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #include <optional>
 #include <vector>
 
 #include "direct_calls.h"
+#include "op_calls.h"
 
 namespace pyowt {
 namespace {
 
 at::Tensor linear_bias_act_direct(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const std::string& activation) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyowt::linear_bias_act", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, c10::string_view)>();
-  return op.call(x, weight, bias, activation);
+  return call_linear_bias_act(x, weight, bias, activation);
 }
 
 at::Tensor conv2d_bias_act_direct(const at::Tensor& x, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
                                   const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                                   int64_t groups, const std::string& activation) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pyowt::conv2d_bias_act", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                            c10::string_view)>();
-  return op.call(x, weight, bias, stride, padding, dilation, groups, activation);
+  return call_conv2d_bias_act(x, weight, bias, stride, padding, dilation, groups, activation);
 }
 
 }  // namespace

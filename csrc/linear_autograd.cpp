@@ -12,25 +12,16 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "autograd_skip.h"
+#include "op_calls.h"
 
 namespace pyowt {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor call_forward(const at::Tensor& x, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, c10::string_view activation) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("pyowt::linear_bias_act", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, c10::string_view)>();
-  return op.call(x, weight, bias, activation);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
@@ -51,7 +42,7 @@ class LinearBiasAct : public torch::autograd::Function<LinearBiasAct> {
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      out = call_forward(x, weight, bias, activation);
+      out = call_linear_bias_act(x, weight, bias, activation);
     }
     const bool relu = activation == "relu";
     // The output is kept only for the ReLU mask.
@@ -80,7 +71,7 @@ at::Tensor linear_bias_act_autograd(const at::Tensor& x, const at::Tensor& weigh
                                     c10::string_view activation) {
   if (!any_requires_grad(x, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_forward(x, weight, bias, activation);
+    return call_linear_bias_act(x, weight, bias, activation);
   }
   return LinearBiasAct::apply(x, weight, bias, activation);
 }

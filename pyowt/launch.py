@@ -121,11 +121,10 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         if pending or errors:
             p.kill() if p.is_alive() else None
         p.join(timeout=30)
-    if not errors and not pending:
-        _warn_unclean_exits(procs)
     if errors or pending:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         if pending:
             msg += f"\nranks {sorted(pending.values())} were stopped after another rank failed"
         raise WorkerFailed(msg)
+    _warn_unclean_exits(procs)
     return results

@@ -54,3 +54,19 @@ def fp32_precision(tf32: bool):
             yield
         finally:
             cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def recorded_torch_functions():
+    """A ``__torch_function__`` mode for the block; yields the list of functions it saw."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        yield seen

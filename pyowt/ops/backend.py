@@ -82,11 +82,23 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
-def direct_call_ok(tensors) -> bool:
-    """Whether an op may be called through its unboxed pybind entry instead of ``torch.ops``:
-    eager mode, and no ``__torch_function__`` override or mode that ``torch.ops`` would
-    honour. (Dispatch-level modes, fake tensors and autograd work either way.)"""
-    return not _is_compiling() and not _has_torch_function(tensors)
+def call_cpp_op(direct, boxed, args, explain_refusal):
+    """``op(*args)`` for a C++ op, leaving the argument checks to its kernels.
+
+    ``direct`` is the op's unboxed pybind entry (csrc/direct_calls.cpp; None if the
+    extension lacks it), used in eager mode when no argument has a ``__torch_function__``
+    override and no such mode is on, which ``torch.ops`` (``boxed``) would honour;
+    dispatch-level modes, fake tensors and autograd work either way. When the kernel
+    refuses, ``explain_refusal()`` re-checks the arguments in Python to raise the
+    TypeError/ValueError the other backends raise; if they pass, the kernel's error stands.
+    """
+    try:
+        if direct is not None and not _is_compiling() and not _has_torch_function(args):
+            return direct(*args)
+        return boxed(*args)
+    except (RuntimeError, TypeError):
+        explain_refusal()
+        raise
 
 
 _has_torch_function = torch.overrides.has_torch_function

@@ -18,7 +18,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import direct_call_ok, is_forced, register_op, resolve_backend, unavailable_reason
+from .backend import call_cpp_op, is_forced, register_op, resolve_backend, unavailable_reason
 
 OP = "conv2d_bias_act"
 # The default is the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, batch
@@ -339,17 +339,11 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         chosen = "cuda"
     if chosen in ("cpu", "cuda"):
         # The C++ op checks the tensors itself (csrc/cpu/conv2d.cpp, csrc/cuda/conv2d.cu,
-        # same wording); the full Python checks run only when it refuses, to raise the
-        # TypeError/ValueError the other backends raise (they cost ~5 us per call).
-        args = (list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
+        # same wording); the full Python checks cost ~5 us per call.
+        args = (x, weight, bias, list(_pair(stride, "stride", 1)), list(_pair(padding, "padding", 0)),
                 list(_pair(dilation, "dilation", 1)), _groups(groups), _activation(activation))
-        try:
-            if _conv_direct is not None and direct_call_ok((x, weight, bias)):
-                return _conv_direct(x, weight, bias, *args)
-            return _conv_cpp(x, weight, bias, *args)
-        except (RuntimeError, TypeError):
-            _validate(x, weight, bias, stride, padding, dilation, groups, activation)
-            raise
+        return call_cpp_op(_conv_direct, _conv_cpp, args,
+                           lambda: _validate(x, weight, bias, stride, padding, dilation, groups, activation))
     shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
     args = (list(shape.stride), list(shape.padding), list(shape.dilation), shape.groups, act)
     if chosen == "aten":

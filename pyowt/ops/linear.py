@@ -17,7 +17,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import direct_call_ok, register_op, resolve_backend
+from .backend import call_cpp_op, register_op, resolve_backend
 
 OP = "linear_bias_act"
 # CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
@@ -203,16 +203,10 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         check_linear_args(x, weight, bias)  # raises, naming the argument
     chosen = resolve_backend(OP, x.device, backend)
     if chosen in ("cpu", "cuda"):
-        # The C++ op checks every argument itself (csrc/linear.cpp); the Python checks run
-        # only when it refuses, to raise the TypeError/ValueError the other backends raise.
-        # Checking twice on every call cost ~1.5 us of host time on the hot path.
-        try:
-            if _linear_direct is not None and direct_call_ok((x, weight, bias)):
-                return _linear_direct(x, weight, bias, act)
-            return _linear_cpp(x, weight, bias, act)
-        except (RuntimeError, TypeError):
-            check_linear_args(x, weight, bias)
-            raise
+        # The C++ op checks every argument itself (csrc/linear.cpp); checking twice on
+        # every call cost ~1.5 us of host time on the hot path.
+        return call_cpp_op(_linear_direct, _linear_cpp, (x, weight, bias, act),
+                           lambda: check_linear_args(x, weight, bias))
     check_linear_args(x, weight, bias)
     if chosen == "aten":
         return linear_bias_act_reference(x, weight, bias, act)

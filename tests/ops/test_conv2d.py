@@ -17,7 +17,7 @@ from pyowt.kernels import HAS_TRITON
 from pyowt.ops import conv2d_bias_act, resolve_backend
 from pyowt.ops.conv2d import conv2d_bias_act_reference
 
-from ..utils import assert_close_rel, fp32_precision
+from ..utils import assert_close_rel, fp32_precision, recorded_torch_functions
 
 needs_ext = pytest.mark.skipif(not _extension.STATUS.loaded, reason="extension not built")
 
@@ -553,8 +553,6 @@ def unavailable_reason_cuda():
 
 @needs_ext
 def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypatch):
-    from torch.overrides import TorchFunctionMode
-
     import pyowt.ops.conv2d as conv
 
     calls = []
@@ -565,15 +563,8 @@ def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypat
     ref = conv2d_bias_act_reference(x, w, b, 2, 1)
     assert torch.allclose(conv2d_bias_act(x, w, b, 2, 1, backend="cpu"), ref, atol=1e-5) and calls
 
-    seen = []
-
-    class Record(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
     calls.clear()
-    with Record():
+    with recorded_torch_functions() as seen:
         out = conv2d_bias_act(x, w, b, 2, 1, backend="cpu")
     assert torch.allclose(out, ref, atol=1e-5)
     assert not calls and torch.ops.pyowt.conv2d_bias_act.default in seen

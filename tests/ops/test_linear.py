@@ -8,7 +8,7 @@ from pyowt import _extension
 from pyowt.ops import linear_bias_act
 from pyowt.ops.linear import linear_bias_act_reference
 
-from ..utils import assert_close_rel
+from ..utils import assert_close_rel, recorded_torch_functions
 
 needs_ext = pytest.mark.skipif(not _extension.STATUS.loaded, reason="extension not built")
 
@@ -314,8 +314,6 @@ def test_matches_torch_functional():
 
 @needs_ext
 def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypatch):
-    from torch.overrides import TorchFunctionMode
-
     import pyowt.ops.linear as lin
 
     calls = []
@@ -326,15 +324,8 @@ def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypat
     ref = linear_bias_act_reference(x, w, b)
     assert torch.allclose(linear_bias_act(x, w, b, backend="cpu"), ref, atol=1e-6) and calls
 
-    seen = []
-
-    class Record(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            seen.append(func)
-            return func(*args, **(kwargs or {}))
-
     calls.clear()
-    with Record():
+    with recorded_torch_functions() as seen:
         out = linear_bias_act(x, w, b, backend="cpu")
     assert torch.allclose(out, ref, atol=1e-6)
     assert not calls and torch.ops.pyowt.linear_bias_act.default in seen
