@@ -17,7 +17,8 @@
 #
 # build_C.tgz holds the compiled extension: put it at .gpubuild/build_C.tgz and a later
 # run on the same image (same torch) reuses it instead of compiling (STAGES=... picks
-# stages, e.g. STAGES="tests conv").
+# stages, e.g. STAGES="tests conv"; CONV_SELECT="conv1" narrows the conv benchmark to the
+# layers whose pytest ids match that -k expression).
 set -uo pipefail
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -79,10 +80,10 @@ bench() {  # name, time limit, extra env...
   local t0=$SECONDS
   env PYOWT_BENCH_JSON="$OUT/bench_${name}.json" "$@" timeout "$limit" $PY -m pytest \
       "benchmarks/test_bench_${name}.py" -q -p no:cacheprovider -o addopts="" --benchmark-enable -s \
-      -k gpu >> "$OUT/bench.log" 2>&1 || bench_rc=1
+      -k "gpu${SELECT:+ and ($SELECT)}" >> "$OUT/bench.log" 2>&1 || bench_rc=1
   log "benchmark $name done ($((SECONDS - t0)) s)"
 }
-want conv && bench conv "${CONV_S:-130}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}"
+want conv && SELECT="${CONV_SELECT:-}" bench conv "${CONV_S:-130}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}"
 want linear && bench linear "${LINEAR_S:-80}"
 if want profile; then  # where a linear forward+backward spends host and device time
   log "linear profile ..."
