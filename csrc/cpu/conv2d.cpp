@@ -224,16 +224,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cpu(
 
   std::optional<std::vector<int64_t>> bias_sizes;
   if (want_b) bias_sizes = std::vector<int64_t>{g.c_out};
+  // oneDNN's 16-bit weight gradient on AMX CPUs returned non-finite values for a kernel
+  // window larger than the input (seen on a Xeon with amx_bf16, torch 2.11: a (1,1,9,1)
+  // bf16 input, an 11x3 kernel, padding 1, even with a zero grad_out; ATen's own
+  // convolution_backward did the same). Such convolutions, and small ones, whose cost the
+  // conversions do not change, run the backward in float32 and round its results once.
+  const at::ScalarType st = x.scalar_type();
+  const int64_t window_h = (g.r - 1) * dilation[0] + 1, window_w = (g.s - 1) * dilation[1] + 1;
+  const int64_t macs = g.n * g.c_out * g.h_out * g.w_out * (g.c_in / groups) * g.r * g.s;
+  const bool via_float =
+      st != at::kFloat && (window_h > g.h || window_w > g.w || macs < kFusedMinMacs);
+  const at::ScalarType compute_type = via_float ? at::kFloat : st;
   // oneDNN (through ATen) computes only what the mask asks for; the rest comes back
   // undefined and keeps its (0,) placeholder.
   at::Tensor gx, gw, gb;
   std::tie(gx, gw, gb) = at::convolution_backward(
-      g_masked, x, weight, bias_sizes.has_value() ? at::OptionalIntArrayRef(*bias_sizes) : std::nullopt,
+      g_masked.to(compute_type), x.to(compute_type), weight.to(compute_type),
+      bias_sizes.has_value() ? at::OptionalIntArrayRef(*bias_sizes) : std::nullopt,
       stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
       {want_x, want_w, want_b});
-  if (want_x) grad_x = in_format(gx, fmt);
-  if (want_w) grad_w = in_format(gw, w_fmt);
-  if (want_b) grad_b = gb;
+  if (want_x) grad_x = in_format(gx.to(st), fmt);
+  if (want_w) grad_w = in_format(gw.to(st), w_fmt);
+  if (want_b) grad_b = gb.to(st);
   return {grad_x, grad_w, grad_b};
 }
 

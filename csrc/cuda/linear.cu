@@ -12,6 +12,16 @@
 // precision, never TF32), split-K reductions included. If cuBLASLt offers no algorithm for
 // an epilogue on some shape/arch, the GEMM runs without it and ATen adds the bias/ReLU/
 // bias-gradient.
+//
+// Rounding: a 16-bit output must be act(x W^T + b) rounded once. cuBLASLt's split-K
+// algorithms do not do that with a BIAS epilogue: measured on an H100 (cuBLASLt of CUDA
+// 13.0, (130 x 257) -> 300 in bf16, 4-way split-K with float32 partial sums), 4927 of 39000
+// outputs were off by more than the single rounding allows, the bias having been added
+// after the sum was rounded to bf16, and 17 ReLU masks flipped (the gradients' error was
+// 0.036 against 0.002). So when the heuristic picks a split-K algorithm for a 16-bit GEMM
+// with a bias, the GEMM writes float32 instead and one small kernel adds the bias, applies
+// the activation and rounds (split-K is picked for small outputs, where the extra pass over
+// M x N float32 values is cheap).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -93,18 +103,19 @@ struct LtPlan {
   Layout la, lb, ld;
   cublasLtMatmulAlgo_t algo = {};
   size_t workspace = 0;
-  bool found = false;  // false: no algorithm for this epilogue (the caller falls back)
+  bool found = false;    // false: no algorithm for this epilogue (the caller falls back)
+  bool split_k = false;  // the algorithm sums K in parts (see "Rounding" above)
 };
 
-// Everything the heuristic's answer depends on.
+// Everything the heuristic's answer depends on (ints first: no padding before the int64s).
 struct LtKey {
   int device;
-  int dtype;
+  int dtype;      // A and B
+  int out_dtype;  // C and D
   int transa, transb;
-  int64_t m, n, k, lda, ldb, ldd;
   int epilogue;
+  int64_t m, n, k, lda, ldb, ldd;
   uint32_t align_a, align_b, align_d, align_bias;
-  uint32_t unused = 0;  // makes the size a multiple of 8 without padding
   bool operator==(const LtKey& o) const {
     return std::memcmp(this, &o, sizeof(LtKey)) == 0;
   }
@@ -131,7 +142,7 @@ constexpr size_t kMaxCachedPlans = 256;
 
 // `bias` is set on the descriptor before the heuristic runs (as every call sets it before
 // its matmul), so the heuristic sees the epilogue's operands as they will be.
-const LtPlan& lt_plan(const LtKey& key, cudaDataType_t dt, void* bias) {
+const LtPlan& lt_plan(const LtKey& key, cudaDataType_t dt, cudaDataType_t out_dt, void* bias) {
   thread_local std::unordered_map<LtKey, std::unique_ptr<LtPlan>, LtKeyHash> plans;
   auto it = plans.find(key);
   if (it != plans.end()) return *it->second;
@@ -152,7 +163,7 @@ const LtPlan& lt_plan(const LtKey& key, cudaDataType_t dt, void* bias) {
   const int64_t m = key.m, n = key.n, k = key.k;
   PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->la.d, dt, ta ? k : m, ta ? m : k, key.lda));
   PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->lb.d, dt, tb ? n : k, tb ? k : n, key.ldb));
-  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->ld.d, dt, m, n, key.ldd));
+  PYOWT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&plan->ld.d, out_dt, m, n, key.ldd));
 
   Preference pref;
   PYOWT_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref.d));
@@ -173,35 +184,37 @@ const LtPlan& lt_plan(const LtKey& key, cudaDataType_t dt, void* bias) {
   const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(
       at::cuda::getCurrentCUDABlasLtHandle(), plan->desc.d, plan->la.d, plan->lb.d, plan->ld.d,
       plan->ld.d, pref.d, 1, &heuristic, &found);
-  if (hs != CUBLAS_STATUS_SUCCESS || found == 0) {
-    // An epilogue this cuBLASLt cannot fuse for this shape, dtype or alignment: remembered,
-    // and the caller retries without it. Without an epilogue there is nothing to fall back to.
-    if (epilogue == CUBLASLT_EPILOGUE_DEFAULT) {
-      PYOWT_CUBLASLT_CHECK(hs);
-      TORCH_CHECK(found > 0, "cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " GEMM in ",
-                  static_cast<at::ScalarType>(key.dtype));
-    }
-  } else {
+  // No algorithm (an epilogue this cuBLASLt cannot fuse for this shape, dtype or
+  // alignment, or an output dtype it does not pair with these inputs) is remembered too:
+  // the caller then takes another route.
+  if (hs == CUBLAS_STATUS_SUCCESS && found > 0) {
     plan->algo = heuristic.algo;
     plan->workspace = heuristic.workspaceSize;
     plan->found = true;
+    uint32_t splits = 1, scheme = CUBLASLT_REDUCTION_SCHEME_NONE;
+    size_t written = 0;
+    PYOWT_CUBLASLT_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&plan->algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits), &written));
+    PYOWT_CUBLASLT_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&plan->algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme), &written));
+    plan->split_k = splits > 1 || scheme != CUBLASLT_REDUCTION_SCHEME_NONE;
   }
   return *plans.emplace(key, std::move(plan)).first->second;
 }
 
-// Column-major D (m x n, leading dim ldd) = op(A) op(B) with `epilogue`, all in `dtype`.
-// `bias` is the BIAS input (length m) or the BGRADB output (length n). Returns false when
-// cuBLASLt has no algorithm for this epilogue here (the caller then falls back).
+// Column-major D (m x n, leading dim ldd) = op(A) op(B) with `epilogue`; A and B in
+// `dtype`, D in `out_dtype`. `bias` is the BIAS input (length m) or the BGRADB output
+// (length n). Returns false, having done nothing, when cuBLASLt has no algorithm for this
+// epilogue here, or when `refuse_split_k` and its algorithm is a split-K one (the caller
+// then takes another route).
 bool lt_matmul(cublasOperation_t transa, cublasOperation_t transb, int64_t m, int64_t n, int64_t k,
                const void* a, int64_t lda, const void* b, int64_t ldb, void* d, int64_t ldd,
-               at::ScalarType dtype, cublasLtEpilogue_t epilogue, void* bias,
-               const at::TensorOptions& options) {
-  const LtKey key{options.device().index(), static_cast<int>(dtype), static_cast<int>(transa),
-                  static_cast<int>(transb), m, n, k, lda, ldb, ldd, static_cast<int>(epilogue),
-                  alignment_of(a), alignment_of(b), alignment_of(d),
+               at::ScalarType dtype, at::ScalarType out_dtype, cublasLtEpilogue_t epilogue,
+               void* bias, const at::TensorOptions& options, bool refuse_split_k = false) {
+  const LtKey key{options.device().index(), static_cast<int>(dtype), static_cast<int>(out_dtype),
+                  static_cast<int>(transa), static_cast<int>(transb), static_cast<int>(epilogue),
+                  m, n, k, lda, ldb, ldd, alignment_of(a), alignment_of(b), alignment_of(d),
                   bias != nullptr ? alignment_of(bias) : 0u};
-  const LtPlan& plan = lt_plan(key, cuda_dtype(dtype), bias);
-  if (!plan.found) return false;
+  const LtPlan& plan = lt_plan(key, cuda_dtype(dtype), cuda_dtype(out_dtype), bias);
+  if (!plan.found || (refuse_split_k && plan.split_k)) return false;
   if (bias != nullptr) {
     PYOWT_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   }
@@ -218,6 +231,45 @@ bool lt_matmul(cublasOperation_t transa, cublasOperation_t transb, int64_t m, in
   return true;
 }
 
+// lt_matmul without an epilogue, for callers with no other route: a GEMM cuBLASLt cannot
+// run at all is an error.
+void lt_matmul_plain(cublasOperation_t transa, cublasOperation_t transb, int64_t m, int64_t n,
+                     int64_t k, const void* a, int64_t lda, const void* b, int64_t ldb, void* d,
+                     int64_t ldd, at::ScalarType dtype, at::ScalarType out_dtype,
+                     const at::TensorOptions& options) {
+  TORCH_CHECK(lt_matmul(transa, transb, m, n, k, a, lda, b, ldb, d, ldd, dtype, out_dtype,
+                        CUBLASLT_EPILOGUE_DEFAULT, nullptr, options),
+              "cuBLASLt has no algorithm for a ", m, "x", n, "x", k, " GEMM from ", dtype, " to ",
+              out_dtype);
+}
+
+// y = act(acc + bias) rounded once to y's dtype; acc is float32 (m x n, row-major).
+template <typename scalar_t>
+__global__ void bias_act_round_kernel(const float* __restrict__ acc, const scalar_t* __restrict__ bias,
+                                      scalar_t* __restrict__ y, int64_t total, int64_t n, bool relu) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total; i += stride) {
+    float v = acc[i] + static_cast<float>(bias[i % n]);
+    if (relu && v <= 0.0f) v = 0.0f;  // NaN stays NaN, as in cuBLASLt's ReLU and torch.relu
+    y[i] = static_cast<scalar_t>(v);
+  }
+}
+
+int64_t grid_for(int64_t total) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, sms * 32));
+}
+
+void bias_act_round(const at::Tensor& acc, const at::Tensor& bias, bool relu, at::Tensor& y) {
+  const int64_t total = y.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "linear_bias_act_round_cuda", [&] {
+    bias_act_round_kernel<scalar_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        acc.const_data_ptr<float>(), bias.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+        total, y.size(1), relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 template <typename scalar_t>
 __global__ void relu_grad_mask_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
                                       scalar_t* __restrict__ masked, int64_t n) {
@@ -231,10 +283,8 @@ at::Tensor relu_grad_mask(const at::Tensor& grad, const at::Tensor& out) {
   at::Tensor masked = at::empty_like(grad);
   const int64_t n = grad.numel();
   if (n == 0) return masked;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "linear_relu_mask_cuda", [&] {
-    relu_grad_mask_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    relu_grad_mask_kernel<scalar_t><<<grid_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), masked.mutable_data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -267,12 +317,20 @@ at::Tensor linear_bias_act_cuda(const at::Tensor& x_in, const at::Tensor& weight
       relu ? (bias.has_value() ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
            : (bias.has_value() ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
   void* bias_ptr = bias.has_value() ? bias->data_ptr() : nullptr;
+  const at::ScalarType dtype = x.scalar_type();
+  // A 16-bit output with a bias must not come from a split-K epilogue (see "Rounding").
+  const bool round_once_apart = dtype != at::kFloat && bias.has_value();
   const bool fused = lt_matmul(CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, weight.const_data_ptr(), k,
-                               x.const_data_ptr(), k, y.data_ptr(), n, x.scalar_type(), epilogue,
-                               bias_ptr, x.options());
-  if (!fused) {
-    lt_matmul(CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, weight.const_data_ptr(), k, x.const_data_ptr(), k,
-              y.data_ptr(), n, x.scalar_type(), CUBLASLT_EPILOGUE_DEFAULT, nullptr, x.options());
+                               x.const_data_ptr(), k, y.data_ptr(), n, dtype, dtype, epilogue,
+                               bias_ptr, x.options(), /*refuse_split_k=*/round_once_apart);
+  if (!fused && round_once_apart) {
+    at::Tensor acc = at::empty({m, n}, x.options().dtype(at::kFloat));
+    lt_matmul_plain(CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, weight.const_data_ptr(), k,
+                    x.const_data_ptr(), k, acc.data_ptr(), n, dtype, at::kFloat, x.options());
+    bias_act_round(acc, *bias, relu, y);
+  } else if (!fused) {
+    lt_matmul_plain(CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, weight.const_data_ptr(), k,
+                    x.const_data_ptr(), k, y.data_ptr(), n, dtype, dtype, x.options());
     if (bias.has_value()) y.add_(*bias);
     if (relu) y.relu_();
   }
@@ -303,18 +361,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_bias_act_backward_cuda(
 
   at::Tensor grad_w = at::empty({n, k}, x.options());
   at::Tensor grad_bias = at::empty({has_bias ? n : 0}, x.options());
+  const at::ScalarType dtype = x.scalar_type();
   const bool fused = lt_matmul(CUBLAS_OP_N, CUBLAS_OP_T, k, n, m, x.const_data_ptr(), k,
-                               g.const_data_ptr(), n, grad_w.data_ptr(), k, x.scalar_type(),
+                               g.const_data_ptr(), n, grad_w.data_ptr(), k, dtype, dtype,
                                has_bias ? CUBLASLT_EPILOGUE_BGRADB : CUBLASLT_EPILOGUE_DEFAULT,
                                has_bias ? grad_bias.data_ptr() : nullptr, x.options());
   if (!fused) {
-    lt_matmul(CUBLAS_OP_N, CUBLAS_OP_T, k, n, m, x.const_data_ptr(), k, g.const_data_ptr(), n,
-              grad_w.data_ptr(), k, x.scalar_type(), CUBLASLT_EPILOGUE_DEFAULT, nullptr, x.options());
+    lt_matmul_plain(CUBLAS_OP_N, CUBLAS_OP_T, k, n, m, x.const_data_ptr(), k, g.const_data_ptr(), n,
+                    grad_w.data_ptr(), k, dtype, dtype, x.options());
     grad_bias = bias_sum();
   }
   at::Tensor grad_x = at::empty({m, k}, x.options());
-  lt_matmul(CUBLAS_OP_N, CUBLAS_OP_N, k, m, n, weight.const_data_ptr(), k, g.const_data_ptr(), n,
-            grad_x.data_ptr(), k, x.scalar_type(), CUBLASLT_EPILOGUE_DEFAULT, nullptr, x.options());
+  lt_matmul_plain(CUBLAS_OP_N, CUBLAS_OP_N, k, m, n, weight.const_data_ptr(), k, g.const_data_ptr(), n,
+                  grad_x.data_ptr(), k, dtype, dtype, x.options());
   return {unflatten_rows(grad_x, x_in, k), grad_w, grad_bias};
 }
 
