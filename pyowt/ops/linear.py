@@ -22,14 +22,17 @@ from .backend import call_cpp_op, register_op, resolve_backend
 OP = "linear_bias_act"
 # CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
 # forward and forward+backward; see benchmarks/test_bench_linear.py), so it comes first.
-# Default: the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, 2026-11-26):
-# cuBLAS through ATen beat our cuBLASLt-epilogue op (0.80x forward, 0.77x forward+backward
-# over AlexNet's FC shapes, the gap being mostly per-call host cost) and our Triton GEMM
-# (0.37x, 0.41x). PYOWT_BACKEND_LINEAR_BIAS_ACT=cuda|triton selects ours.
+# CUDA: the fastest backend measured (benchmarks/RESULTS.md, H100, bf16, 2026-11-26): our
+# cuBLASLt-epilogue op, once its plans were cached, ran AlexNet's FC shapes at 1.20-1.25x
+# `F.relu(F.linear(...))` forward and 1.20-1.22x forward+backward (geometric means of 18
+# shapes, two runs), and its 16-bit outputs are rounded once where ATen's are not always
+# (tests/ops/test_linear.py); our Triton GEMM ran at 0.4x. (On an H200 before the plan
+# cache: 0.80x / 0.77x, when ATen was the default.) PYOWT_BACKEND_LINEAR_BIAS_ACT=aten
+# selects cuBLAS through ATen.
 register_op(
     OP,
     implemented=("triton", "cuda", "cpu", "aten"),
-    prefer_cuda=("aten", "cuda", "triton"),
+    prefer_cuda=("cuda", "aten", "triton"),
     prefer_cpu=("cpu", "aten"),
 )
 
