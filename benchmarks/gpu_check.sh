@@ -65,7 +65,11 @@ if want tests; then
   $PY -c 'import xdist' 2>/dev/null && xdist=(-n "${TEST_PROCS:-14}")
   log "tests (tests/ops on the GPU + NCCL, ${xdist[*]:-no xdist}) ..."
   t0=$SECONDS
-  PYOWT_FAILURE_LOG="$OUT/failures.log" timeout "${TESTS_S:-240}" $PY -m pytest tests/ops tests/distributed/test_nccl_single_gpu.py "${xdist[@]}" \
+  # The quick files first, the Triton conv grid (the slow tail) last: a run cut by its
+  # time limit loses the fewest results.
+  files=(tests/ops/test_linear.py tests/ops/test_bias_relu.py tests/distributed/test_nccl_single_gpu.py)
+  for f in tests/ops/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
+  PYOWT_FAILURE_LOG="$OUT/failures.log" timeout "${TESTS_S:-240}" $PY -m pytest "${files[@]}" "${xdist[@]}" \
       -v -p no:cacheprovider -o addopts="-ra" --timeout 170 --durations=15 > "$OUT/tests.log" 2>&1
   tests_rc=$?
   log "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1) (exit $tests_rc, $((SECONDS - t0)) s)"
