@@ -8,7 +8,8 @@
 # (TESTS_S=240: tests/ops on the GPU, every backend, plus NCCL on one GPU; pytest-xdist
 # spreads Triton's compiles over the cores when it is installed), the conv benchmark
 # (CONV_S=130), the linear benchmark (LINEAR_S=80), a host/device time profile of a linear
-# forward+backward (PROFILE_S=45), the ops' per-call host cost (HOST_S=60), a bf16/NCCL
+# forward+backward (PROFILE_S=45), the ops' per-call host cost (HOST_S=60), on request
+# (STAGES=sweep) a block-config sweep of the Triton conv forward (SWEEP_S=150), a bf16/NCCL
 # training smoke run
 # (TRAIN_S=60). Everything lands in <folder> as it happens (at most 8 files: summary.txt,
 # build.log, tests.log, failures.log, bench_conv.json, bench_linear.json, bench.log,
@@ -93,6 +94,11 @@ if want profile; then  # where a linear forward+backward spends host and device 
   log "linear profile ..."
   timeout "${PROFILE_S:-45}" $PY -m benchmarks.profile_linear --device cuda --calls 50 2>&1 \
       | grep -v -E '^(USDT|ERROR|WARNING):' | tee -a "$S"
+fi
+if want sweep; then  # not in the default stages: Triton conv block configs vs cuDNN
+  log "Triton conv config sweep ..."
+  timeout "${SWEEP_S:-150}" $PY -m benchmarks.sweep_conv_triton --budget-s "$(( ${SWEEP_S:-150} * 2 / 3 ))" 2>&1 \
+      | grep -v -E '^(USDT|WARNING):' | tee -a "$S"
 fi
 if want host; then  # per-call host cost of the fused ops vs ATen (benchmarks/host_overhead.py)
   log "host overhead ..."

@@ -28,3 +28,20 @@ def test_profile_linear_runs(capsys):
     out = capsys.readouterr().out
     assert out.count("wall") == 4  # two shapes x (aten, ours)
     assert "linear_bias_act" in out
+
+
+def test_sweep_conv_triton_runs(capsys, tmp_path):
+    from pyowt.kernels import HAS_TRITON, interpreter_enabled
+
+    if not (HAS_TRITON and interpreter_enabled()):
+        pytest.skip("runs on CPU under TRITON_INTERPRET=1 (on a GPU the full sweep is the GPU check's)")
+    import json
+
+    from benchmarks import sweep_conv_triton
+
+    path = tmp_path / "sweep.json"
+    assert sweep_conv_triton.main(["--device", "cpu", "--reps", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("best") == 2  # one line per tiny layer
+    rows = [r for layer in json.loads(path.read_text())["layers"] for r in layer["rows"]]
+    assert rows and all(r["rel_err"] < 1e-5 for r in rows)  # every config computed the conv
