@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "autograd_skip.h"
 
@@ -42,7 +43,19 @@ class BiasRelu : public torch::autograd::Function<BiasRelu> {
             .findSchemaOrThrow("pyowt::bias_relu_backward", "")
             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>();
     const auto saved = ctx->get_saved_variables();
-    auto [grad_x, grad_bias] = op.call(grads[0], saved[0], ctx->saved_data["dim"].toInt());
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    if (at::GradMode::is_enabled()) {
+      // create_graph: the same gradients from differentiable ATen ops, so that gradients
+      // of gradients are exact (the fused backward op has no derivative of its own).
+      const at::Tensor g = at::threshold_backward(grads[0], saved[0], 0);
+      const int64_t channel = at::maybe_wrap_dim(dim, g.dim());
+      std::vector<int64_t> others;
+      for (int64_t d = 0; d < g.dim(); ++d) {
+        if (d != channel) others.push_back(d);
+      }
+      return {g, others.empty() ? g : g.sum(others), at::Tensor()};
+    }
+    auto [grad_x, grad_bias] = op.call(grads[0], saved[0], dim);
     return {grad_x, grad_bias, at::Tensor()};
   }
 };

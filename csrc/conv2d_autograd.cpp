@@ -74,6 +74,21 @@ class Conv2dBiasAct : public torch::autograd::Function<Conv2dBiasAct> {
     const bool want_x = ctx->needs_input_grad(0);
     const bool want_w = ctx->needs_input_grad(1);
     const bool want_b = has_bias && ctx->needs_input_grad(2);
+    if (at::GradMode::is_enabled()) {
+      // create_graph: the same gradients from differentiable ATen ops (convolution_backward
+      // has a derivative), so that gradients of gradients are exact; the fused backward op
+      // has none of its own.
+      const at::Tensor g = conv[7] ? at::threshold_backward(grad, out, 0) : grad;
+      at::Tensor gx, gw, unused;
+      if (want_x || want_w) {
+        std::tie(gx, gw, unused) = at::convolution_backward(
+            g, x, weight, std::nullopt, stride, padding, dilation, /*transposed=*/false,
+            /*output_padding=*/{0, 0}, groups, {want_x, want_w, false});
+      }
+      return {want_x ? gx : at::Tensor(), want_w ? gw : at::Tensor(),
+              want_b ? g.sum(at::IntArrayRef{0, 2, 3}) : at::Tensor(), at::Tensor(), at::Tensor(),
+              at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     // With "none" the op reads `out` for its shape only: pass the gradient instead.
     auto [grad_x, grad_w, grad_b] =
         call_backward(grad, x, weight, out.defined() ? out : grad, stride, padding, dilation,

@@ -59,6 +59,19 @@ class LinearBiasAct : public torch::autograd::Function<LinearBiasAct> {
     const char* activation = (flags & 1) ? "relu" : "none";
     const bool has_bias = (flags & 2) != 0;
     const at::Tensor& grad = grads[0];
+    if (at::GradMode::is_enabled()) {
+      // create_graph: the same gradients from differentiable ATen ops, so that gradients
+      // of gradients are exact (the fused backward op has no derivative of its own; through
+      // it autograd would silently drop terms).
+      const at::Tensor& x = saved[0];
+      const at::Tensor& weight = saved[1];
+      const int64_t n = weight.size(0), k = weight.size(1);
+      const at::Tensor g = (flags & 1) ? at::threshold_backward(grad, saved[2], 0) : grad;
+      const at::Tensor g2 = g.reshape({-1, n});
+      return {ctx->needs_input_grad(0) ? g.matmul(weight) : at::Tensor(),
+              ctx->needs_input_grad(1) ? g2.t().mm(x.reshape({-1, k})) : at::Tensor(),
+              has_bias && ctx->needs_input_grad(2) ? g2.sum(0) : at::Tensor(), at::Tensor()};
+    }
     // With "none" the kernels never read `out`.
     const at::Tensor out = saved[2].defined() ? saved[2] : at::empty({0}, grad.options());
     auto [grad_x, grad_w, grad_b] = call_backward(grad, saved[0], saved[1], out, activation, has_bias);

@@ -102,6 +102,12 @@ if HAS_TRITON:
 
     def _bias_relu_triton_backward(ctx, grad):
         (out,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph: differentiable ATen ops, so gradients of gradients are exact
+            # (the backward kernel has no derivative of its own).
+            g = torch.ops.aten.threshold_backward(grad, out, 0)
+            others = [d for d in range(g.dim()) if d != ctx.dim % g.dim()]
+            return g, (g.sum(others) if others else g), None
         grad_x, grad_bias = torch.ops.pyowt.bias_relu_backward_triton(grad, out, ctx.dim)
         return grad_x, grad_bias, None
 

@@ -243,6 +243,15 @@ if HAS_TRITON:
         x, weight, out = ctx.saved_tensors
         stride, padding, dilation, groups, activation = ctx.conv
         need = [bool(v) for v in ctx.needs_input_grad[:3]]
+        if torch.is_grad_enabled():
+            # create_graph: differentiable ATen ops (convolution_backward has a derivative),
+            # so gradients of gradients are exact; the backward kernels have none.
+            g = grad if out is None else torch.ops.aten.threshold_backward(grad, out, 0)
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                g, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [need[0], need[1], False])
+            grad_b = g.sum((0, 2, 3)) if (ctx.has_bias and need[2]) else None
+            return grad_x, grad_w, grad_b, None, None, None, None, None
         grad_x, grad_w, grad_b = torch.ops.pyowt.conv2d_bias_act_backward_triton(
             grad, x, weight, grad if out is None else out, stride, padding, dilation, groups,
             activation, ctx.has_bias, need)

@@ -147,6 +147,14 @@ if HAS_TRITON:
     linear_bias_act_backward_triton.register_fake(_fake_backward)
 
     def _linear_triton_backward(ctx, grad):
+        if torch.is_grad_enabled():
+            # create_graph: differentiable ATen ops, so gradients of gradients are exact
+            # (the backward kernels have no derivative of their own).
+            x, weight, out = ctx.saved_tensors
+            g = grad if out is None else torch.ops.aten.threshold_backward(grad, out, 0)
+            g2 = g.reshape(-1, weight.shape[0])
+            return (g.matmul(weight), g2.t().mm(x.reshape(-1, weight.shape[1])),
+                    g2.sum(0) if ctx.has_bias else None, None)
         gx, gw, gb = torch.ops.pyowt.linear_bias_act_backward_triton(*_saved(ctx, grad))
         return gx, gw, (gb if ctx.has_bias else None), None
 
