@@ -61,6 +61,11 @@ class BiasRelu : public torch::autograd::Function<BiasRelu> {
 };
 
 at::Tensor bias_relu_autograd(const at::Tensor& x, const at::Tensor& bias, int64_t dim) {
+  if (any_forward_grad(x, bias, std::nullopt) && bias.dim() == 1) {
+    std::vector<int64_t> shape(x.dim(), 1);
+    shape[at::maybe_wrap_dim(dim, x.dim())] = bias.size(0);
+    return at::relu(x + bias.view(shape));
+  }
   if (!any_requires_grad(x, bias, std::nullopt)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_forward(x, bias, dim);

@@ -104,6 +104,10 @@ at::Tensor conv2d_bias_act_autograd(const at::Tensor& x, const at::Tensor& weigh
                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                     at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, c10::string_view activation) {
+  if ((activation == "relu" || activation == "none") && any_forward_grad(x, weight, bias)) {
+    const at::Tensor y = at::conv2d(x, weight, bias, stride, padding, dilation, groups);
+    return activation == "relu" ? at::relu(y) : y;
+  }
   if (!any_requires_grad(x, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_conv2d_bias_act(x, weight, bias, stride, padding, dilation, groups, activation);

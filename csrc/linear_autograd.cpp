@@ -82,6 +82,10 @@ class LinearBiasAct : public torch::autograd::Function<LinearBiasAct> {
 at::Tensor linear_bias_act_autograd(const at::Tensor& x, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias,
                                     c10::string_view activation) {
+  if ((activation == "relu" || activation == "none") && any_forward_grad(x, weight, bias)) {
+    const at::Tensor y = at::linear(x, weight, bias);
+    return activation == "relu" ? at::relu(y) : y;
+  }
   if (!any_requires_grad(x, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_linear_bias_act(x, weight, bias, activation);

@@ -102,6 +102,17 @@ def call_cpp_op(direct, boxed, args, explain_refusal):
 
 
 _has_torch_function = torch.overrides.has_torch_function
+_forward_ad = torch.autograd.forward_ad
+
+
+def forward_ad_active() -> bool:
+    """True inside forward-mode AD (a ``forward_ad.dual_level``, ``torch.func.jvp``).
+
+    The Triton ops have no forward derivative and would silently drop a tangent, so the op
+    front ends run the ATen composition then (the C++ ops check their inputs' tangents
+    themselves: csrc/autograd_skip.h).
+    """
+    return getattr(_forward_ad, "_current_level", -1) >= 0
 
 
 def is_forced(op: str, backend: Optional[str] = None) -> bool:

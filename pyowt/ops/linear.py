@@ -17,7 +17,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import call_cpp_op, register_op, resolve_backend
+from .backend import call_cpp_op, forward_ad_active, register_op, resolve_backend
 
 OP = "linear_bias_act"
 # CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
@@ -219,6 +219,6 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return call_cpp_op(_linear_direct, _linear_cpp, (x, weight, bias, act),
                            lambda: check_linear_args(x, weight, bias))
     check_linear_args(x, weight, bias)
-    if chosen == "aten":
+    if chosen == "aten" or forward_ad_active():
         return linear_bias_act_reference(x, weight, bias, act)
     return torch.ops.pyowt.linear_bias_act_triton(x, weight, bias, act)

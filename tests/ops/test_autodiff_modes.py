@@ -1,12 +1,16 @@
-"""Gradients of gradients (``create_graph=True``) through the fused ops equal ATen's.
+"""Autodiff beyond one backward pass through the fused ops equals ATen's.
 
-The fused backward kernels have no derivative of their own: under ``create_graph`` every
-backend computes its first-order gradients with differentiable ATen ops instead, so that
-second-order gradients (gradient penalties, Hessian-vector products) are exact rather than
-silently missing terms, as they were before.
+* Gradients of gradients (``create_graph=True``): the fused backward kernels have no
+  derivative of their own, so under ``create_graph`` every backend computes its
+  first-order gradients with differentiable ATen ops; second-order gradients (gradient
+  penalties, Hessian-vector products) are exact instead of silently missing terms.
+* Forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``): the kernels have no
+  forward derivative, so calls carrying a tangent run the ATen composition; before, the
+  tangent silently came back as zero.
 """
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from pyowt import _extension
 from pyowt.kernels import HAS_TRITON, interpreter_enabled
@@ -77,3 +81,28 @@ def test_second_order_gradients_match_aten(backend, case):
             assert_close_rel(a, r, torch.float32, f"{case}, first-order gradient {i}", tol=1e-4)
         for i, (a, r) in enumerate(zip(second, ref_second)):
             assert_close_rel(a, r, torch.float32, f"{case}, second-order gradient {i}", tol=1e-4)
+
+
+def _tangents(call, backend, shapes, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    primals = [torch.randn(s, generator=g).to(device) for s in shapes]
+    tangents = [torch.randn(s, generator=g).to(device) for s in shapes]
+    _, jvp = torch.func.jvp(lambda *a: call(backend, *a), tuple(primals), tuple(tangents))
+    with fwAD.dual_level():
+        y = call(backend, *[fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+        dual = fwAD.unpack_dual(y).tangent
+    return jvp, dual
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_mode_tangents_match_aten(backend, case):
+    call, shapes, _ = CASES[case]
+    device = _device(backend)
+    with fp32_precision(tf32=False):
+        jvp, dual = _tangents(call, backend, shapes, device, seed=3)
+        ref_jvp, ref_dual = _tangents(call, "aten", shapes, device, seed=3)
+    assert dual is not None, f"{case}: the output carries no tangent"
+    assert ref_jvp.abs().sum() > 0, "degenerate case: the reference tangent is zero"
+    assert_close_rel(jvp, ref_jvp, torch.float32, f"{case}, torch.func.jvp tangent", tol=1e-4)
+    assert_close_rel(dual, ref_dual, torch.float32, f"{case}, forward_ad tangent", tol=1e-4)
