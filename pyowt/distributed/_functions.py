@@ -17,6 +17,7 @@ accounting happens (see ``accounting``).
 """
 from __future__ import annotations
 
+import torch
 from torch.autograd import Function
 
 from . import _compat
@@ -28,6 +29,18 @@ _c = _compat
 def _note(kind, nbytes):
     if not _c.is_compiling():
         record(kind, *nbytes)
+
+
+def _refuse_create_graph(transition, dual):
+    """Backward collectives are not differentiable: under ``create_graph`` (gradients of
+    gradients) their results would silently lack the second-order terms, so refuse. Every
+    rank runs the same backward, so every rank raises here and none waits on a collective.
+    """
+    if torch.is_grad_enabled() and not _c.is_compiling():
+        raise RuntimeError(
+            f"pyowt.distributed.{transition}: gradients of gradients (create_graph=True) are not "
+            f"supported across ranks; its backward ({dual}) is a collective without a derivative"
+        )
 
 
 
@@ -56,6 +69,7 @@ class AllGather(Function):
         _note("reduce_scatter", ctx.nbytes[::-1])
         if k == 1:
             return g, None, None, None, None, None, None
+        _refuse_create_graph("all_gather", "reduce-scatter")
         g = g.contiguous()
         if _c.is_compiling():
             return _c.traced_reduce_scatter(g, ctx.group), None, None, None, None, None, None
@@ -83,6 +97,7 @@ class ReduceScatter(Function):
         _note("all_gather", ctx.nbytes[::-1])
         if ctx.k == 1:
             return g, None, None, None, None, None
+        _refuse_create_graph("reduce_scatter", "all-gather")
         g = g.contiguous()
         if _c.is_compiling():
             return _c.traced_all_gather(g, ctx.group), None, None, None, None, None
@@ -124,6 +139,7 @@ class CopyToGroup(Function):
         _note("all_reduce", ctx.nbytes)
         if ctx.k == 1:
             return g, None, None, None
+        _refuse_create_graph("copy_to_group", "all-reduce")
         if _c.is_compiling():
             return _c.traced_all_reduce(g.contiguous(), ctx.group), None, None, None
         buf = _c.dense_clone(g)
@@ -159,6 +175,7 @@ class Broadcast(Function):
         none = (None,) * 7
         if ctx.k == 1:
             return (g,) + none
+        _refuse_create_graph("broadcast", "reduce")
         if _c.is_compiling():
             # No functional reduce: an all-reduce gives src the same sum. Elsewhere its
             # result must still be used, or the graph drops the collective on those ranks
@@ -195,6 +212,7 @@ class ReduceTo(Function):
         none = (None,) * 6
         if ctx.k == 1:
             return (g,) + none
+        _refuse_create_graph("reduce_to", "broadcast")
         if _c.is_compiling():
             return (_c.traced_broadcast(g.contiguous(), ctx.dst, ctx.group),) + none
         if ctx.rank == ctx.dst:
@@ -225,6 +243,7 @@ class Split(Function):
         none = (None,) * 6
         if ctx.k == 1:
             return (g,) + none
+        _refuse_create_graph("split", "all-gather")
         m = max(ctx.sizes)
         t, perm = pack_piece(g, ctx.dim, m)
         if _c.is_compiling():

@@ -24,6 +24,11 @@ Getting the backward wrong scales gradients by K: pick ``all_gather``'s ``grad``
 the consumer's gradient is (``"reduce_scatter"`` after a split-weight layer, whose gradient
 is a Partial sum; ``"split"`` when every rank computes the same, replicated gradient).
 
+Gradients of gradients (``create_graph=True``) across ranks: a backward that is itself a
+collective (every row above but ``all_reduce`` and ``all_gather(grad="split")``) has no
+derivative, so with K > 1 it raises a RuntimeError on every rank rather than return a
+gradient whose second-order terms would silently be missing.
+
 Every function validates its input (TypeError / ValueError naming the value), works on CPU
 (Gloo) and CUDA (NCCL) tensors of any memory layout (allocating on the input's device;
 channels-last stays channels-last), and records its traffic for

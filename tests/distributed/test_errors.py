@@ -152,3 +152,42 @@ def test_init_rejects_bad_timeout():
         import datetime
 
         pd.init(timeout=datetime.timedelta(seconds=0))
+
+
+def _create_graph_through_collectives():
+    """Gradients of gradients through a transition whose backward is a collective raise on
+    every rank (instead of silently lacking the second-order terms); the transitions whose
+    backward is local (all_reduce: identity, all_gather with grad="split": a slice) work."""
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    x = torch.randn(4, 3, requires_grad=True)
+    refused = {}
+    for name, fn in [("all_gather", lambda t: pd.all_gather(t, 0)),
+                     ("reduce_scatter", lambda t: pd.reduce_scatter(t, 0)),
+                     ("copy_to_group", pd.copy_to_group),
+                     ("split", lambda t: pd.split(t, 0)),
+                     ("broadcast", lambda t: pd.broadcast(t, 0)),
+                     ("reduce_to", lambda t: pd.reduce_to(t, 0))]:
+        y = fn(x)
+        msg = _expect(RuntimeError, rf"{name}: gradients of gradients \(create_graph=True\) are not supported",
+                      torch.autograd.grad, (y * y).sum(), x, create_graph=True)
+        refused[name] = msg
+        # Without create_graph the same graph still gives first-order gradients (none on
+        # broadcast's non-source ranks, whose x is not used).
+        y = fn(x)
+        torch.autograd.grad((y * y).sum(), x, allow_unused=True)
+    second = []
+    for fn in (pd.all_reduce, lambda t: pd.all_gather(t, 0, None, "split")):
+        y = fn(x)
+        (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), x)
+        second.append(h.sum().item())
+    return sorted(refused), second
+
+
+def test_create_graph_through_collectives_raises_on_every_rank(run_workers):
+    results = run_workers(2, _create_graph_through_collectives, timeout=60)
+    names = ["all_gather", "broadcast", "copy_to_group", "reduce_scatter", "reduce_to", "split"]
+    assert [r[0] for r in results] == [names, names]
+    for _, second in results:
+        assert all(v != 0 for v in second)  # the local backward stays differentiable
