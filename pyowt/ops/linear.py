@@ -112,10 +112,13 @@ if HAS_TRITON:
                                activation: str) -> torch.Tensor:
         k = weight.shape[1]
         x2 = x.reshape(_rows(x), k)
-        y = x.new_empty((x2.shape[0], weight.shape[0]))
-        _check_triton_size(x2, weight, y)
-        _kernels.launch_linear_fwd(wrap_triton, x2, weight, bias, y, activation == "relu")
-        return y.view(_out_shape(x, weight))
+        # The output is allocated in its final shape and the kernel writes a 2-d view of it:
+        # a returned view would be refused by autograd when modified in place later.
+        y = x.new_empty(_out_shape(x, weight))
+        y2 = y.view(x2.shape[0], weight.shape[0])
+        _check_triton_size(x2, weight, y2)
+        _kernels.launch_linear_fwd(wrap_triton, x2, weight, bias, y2, activation == "relu")
+        return y
 
     @triton_op("pyowt::linear_bias_act_backward_triton", mutates_args=())
     def linear_bias_act_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -126,7 +129,7 @@ if HAS_TRITON:
         g = grad_out.reshape(_rows(x), n)
         o = out.reshape(_rows(x), n) if activation == "relu" else None
         _check_triton_size(x2, weight, g)
-        dx = x.new_empty(x2.shape)
+        dx = x.new_empty(x.shape)  # returned whole, written through a 2-d view (see above)
         dw = weight.new_empty(weight.shape)
         db = weight.new_empty((n if has_bias else 0,))
         if g.shape[0] == 0 or k == 0:
@@ -138,8 +141,8 @@ if HAS_TRITON:
                 db.copy_(gm.sum(0, dtype=torch.float32))
         else:
             _kernels.launch_linear_dw(wrap_triton, g, o, x2, dw, db if has_bias else None)
-        _kernels.launch_linear_dx(wrap_triton, g, o, weight, dx)
-        return dx.view(x.shape), dw, db
+        _kernels.launch_linear_dx(wrap_triton, g, o, weight, dx.view(x2.shape))
+        return dx, dw, db
 
     # Explicit fake kernels: under the interpreter the triton_op has none of its own
     # (DESIGN.md: opcheck's fake-tensor test needs them).

@@ -7,6 +7,10 @@
 * Forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``): the kernels have no
   forward derivative, so calls carrying a tangent run the ATen composition; before, the
   tangent silently came back as zero.
+* In-place use of an output (an in-place ReLU or dropout after a layer without
+  activation): allowed where the backward does not need the output, refused by autograd's
+  version check where it does (the ReLU mask); the Triton linear returned a view, which
+  autograd refused to modify in place at all.
 """
 import pytest
 import torch
@@ -106,3 +110,38 @@ def test_forward_mode_tangents_match_aten(backend, case):
     assert ref_jvp.abs().sum() > 0, "degenerate case: the reference tangent is zero"
     assert_close_rel(jvp, ref_jvp, torch.float32, f"{case}, torch.func.jvp tangent", tol=1e-4)
     assert_close_rel(dual, ref_dual, torch.float32, f"{case}, forward_ad tangent", tol=1e-4)
+
+
+IN_PLACE = {
+    "linear 2-d": (lambda be, x, w: linear_bias_act(x, w, None, None, backend=be), [(4, 5), (3, 5)]),
+    "linear 3-d": (lambda be, x, w: linear_bias_act(x, w, None, None, backend=be), [(2, 4, 5), (3, 5)]),
+    "conv": (lambda be, x, w: conv2d_bias_act(x, w, None, 1, 1, 1, 1, None, backend=be),
+             [(1, 2, 5, 5), (3, 2, 3, 3)]),
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("case", list(IN_PLACE), ids=list(IN_PLACE))
+def test_outputs_can_be_modified_in_place(backend, case):
+    call, shapes = IN_PLACE[case]
+    device = _device(backend)
+    grads = {}
+    for be in (backend, "aten"):
+        g = torch.Generator().manual_seed(5)
+        leaves = [torch.randn(s, generator=g).to(device).requires_grad_(True) for s in shapes]
+        with fp32_precision(tf32=False):
+            y = call(be, *leaves)
+            y.mul_(2).relu_()  # activation "none": the backward does not need y
+            grads[be] = torch.autograd.grad(y.sum(), leaves)
+    for i, (a, r) in enumerate(zip(grads[backend], grads["aten"])):
+        assert_close_rel(a, r, torch.float32, f"{case}, gradient {i}", tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_in_place_change_of_a_saved_output_is_refused(backend):
+    device = _device(backend)
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    y = linear_bias_act(x, torch.randn(3, 5, device=device), None, "relu", backend=backend)
+    y.mul_(2)  # the ReLU mask is read from y
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
