@@ -98,6 +98,8 @@ def _tangents(call, backend, shapes, device, seed):
     return jvp, dual
 
 
+# torch.func's first use scripts a helper of torch's own (a FutureWarning from torch).
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_forward_mode_tangents_match_aten(backend, case):
