@@ -117,7 +117,9 @@ if HAS_TRITON:
         y = x.new_empty(_out_shape(x, weight))
         y2 = y.view(x2.shape[0], weight.shape[0])
         _check_triton_size(x2, weight, y2)
-        _kernels.launch_linear_fwd(wrap_triton, x2, weight, bias, y2, activation == "relu")
+        # The kernel reads the bias with unit stride: a strided view (bias[::2]) is copied.
+        _kernels.launch_linear_fwd(wrap_triton, x2, weight, None if bias is None else bias.contiguous(),
+                                   y2, activation == "relu")
         return y
 
     @triton_op("pyowt::linear_bias_act_backward_triton", mutates_args=())
