@@ -70,3 +70,14 @@ def recorded_torch_functions():
 
     with Record():
         yield seen
+
+
+def record_calls(monkeypatch, module, *names):
+    """Wrap each of ``module``'s callables ``names`` (those not None) so that every call
+    appends to the returned list, then runs the original."""
+    calls = []
+    for name in names:
+        real = getattr(module, name)
+        if real is not None:
+            monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    return calls

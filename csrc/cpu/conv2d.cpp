@@ -116,6 +116,10 @@ const c10::OperatorHandle* fused_conv_op() {
 // at::conv2d also picks ATen's own kernel for the tiniest shapes.
 constexpr int64_t kFusedMinMacs = int64_t(1) << 23;
 
+int64_t multiply_adds(const ConvGeometry& g, int64_t groups) {
+  return g.n * g.c_out * g.h_out * g.w_out * (g.c_in / groups) * g.r * g.s;
+}
+
 // oneDNN runs float32 everywhere, but float16/bfloat16 only on CPUs with the matching ISA
 // (it raises otherwise). Learn that once per dtype: 0 unknown, 1 works, -1 refused.
 std::atomic<int>& low_precision_state(at::ScalarType st) {
@@ -156,8 +160,7 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight,
 
   const c10::OperatorHandle* op = fused_conv_op();
   const bool nonempty = x.numel() > 0 && g.c_out > 0;
-  const int64_t macs = g.n * g.c_out * g.h_out * g.w_out * (g.c_in / groups) * g.r * g.s;
-  if (op != nullptr && nonempty && macs >= kFusedMinMacs) {
+  if (op != nullptr && nonempty && multiply_adds(g, groups) >= kFusedMinMacs) {
     const at::ScalarType st = x.scalar_type();
     if (st == at::kFloat) {
       return in_format(call_fused(*op, x, weight, bias, stride, padding, dilation, groups, relu), fmt);
@@ -231,9 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cpu(
   // conversions do not change, run the backward in float32 and round its results once.
   const at::ScalarType st = x.scalar_type();
   const int64_t window_h = (g.r - 1) * dilation[0] + 1, window_w = (g.s - 1) * dilation[1] + 1;
-  const int64_t macs = g.n * g.c_out * g.h_out * g.w_out * (g.c_in / groups) * g.r * g.s;
-  const bool via_float =
-      st != at::kFloat && (window_h > g.h || window_w > g.w || macs < kFusedMinMacs);
+  const bool via_float = st != at::kFloat &&
+                         (window_h > g.h || window_w > g.w || multiply_adds(g, groups) < kFusedMinMacs);
   const at::ScalarType compute_type = via_float ? at::kFloat : st;
   // oneDNN (through ATen) computes only what the mask asks for; the rest comes back
   // undefined and keeps its (0,) placeholder.

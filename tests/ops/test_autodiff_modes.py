@@ -17,7 +17,6 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from pyowt import _extension
-from pyowt.kernels import HAS_TRITON, interpreter_enabled
 from pyowt.ops import bias_relu, conv2d_bias_act, linear_bias_act
 
 from ..utils import assert_close_rel, fp32_precision
@@ -41,24 +40,18 @@ CASES = {
 }
 
 
-def _device(backend):
+def _device(backend, request):
+    if backend == "triton":
+        return request.getfixturevalue("triton_device")
     if backend == "cpu":
         if not _extension.STATUS.loaded:
             pytest.skip("extension not built")
         return torch.device("cpu")
-    if backend == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA GPU")
-        if not (_extension.STATUS.loaded and _extension.STATUS.with_cuda):
-            pytest.skip("the extension has no CUDA kernels here")
-        return torch.device("cuda")
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not interpreter_enabled():
-        pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not (_extension.STATUS.loaded and _extension.STATUS.with_cuda):
+        pytest.skip("the extension has no CUDA kernels here")
+    return torch.device("cuda")
 
 
 def _second_order(call, backend, shapes, wants, device, seed):
@@ -74,9 +67,9 @@ def _second_order(call, backend, shapes, wants, device, seed):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_second_order_gradients_match_aten(backend, case):
+def test_second_order_gradients_match_aten(backend, case, request):
     call, shapes, wants = CASES[case]
-    device = _device(backend)
+    device = _device(backend, request)
     for seed in (0, 1):
         with fp32_precision(tf32=False):  # a TF32 reference on GPUs would not be comparable
             first, second = _second_order(call, backend, shapes, wants, device, seed)
@@ -102,9 +95,9 @@ def _tangents(call, backend, shapes, device, seed):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_forward_mode_tangents_match_aten(backend, case):
+def test_forward_mode_tangents_match_aten(backend, case, request):
     call, shapes, _ = CASES[case]
-    device = _device(backend)
+    device = _device(backend, request)
     with fp32_precision(tf32=False):
         jvp, dual = _tangents(call, backend, shapes, device, seed=3)
         ref_jvp, ref_dual = _tangents(call, "aten", shapes, device, seed=3)
@@ -124,9 +117,9 @@ IN_PLACE = {
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", list(IN_PLACE), ids=list(IN_PLACE))
-def test_outputs_can_be_modified_in_place(backend, case):
+def test_outputs_can_be_modified_in_place(backend, case, request):
     call, shapes = IN_PLACE[case]
-    device = _device(backend)
+    device = _device(backend, request)
     grads = {}
     for be in (backend, "aten"):
         g = torch.Generator().manual_seed(5)
@@ -140,8 +133,8 @@ def test_outputs_can_be_modified_in_place(backend, case):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_in_place_change_of_a_saved_output_is_refused(backend):
-    device = _device(backend)
+def test_in_place_change_of_a_saved_output_is_refused(backend, request):
+    device = _device(backend, request)
     x = torch.randn(4, 5, device=device, requires_grad=True)
     y = linear_bias_act(x, torch.randn(3, 5, device=device), None, "relu", backend=backend)
     y.mul_(2)  # the ReLU mask is read from y

@@ -8,7 +8,7 @@ from pyowt import _extension
 from pyowt.ops import conv2d_bias_act, resolve_backend
 from pyowt.ops.conv2d import conv2d_bias_act_reference
 
-from ..utils import assert_close_rel, recorded_torch_functions
+from ..utils import assert_close_rel, record_calls, recorded_torch_functions
 
 needs_ext = pytest.mark.skipif(not _extension.STATUS.loaded, reason="extension not built")
 
@@ -58,12 +58,8 @@ def test_default_backend_first_layer_gpu(monkeypatch):
     ref = conv2d_bias_act_reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), 4, 2)
     import pyowt.ops.conv2d as conv
 
-    calls = []
     # Eager calls enter the C++ op through its unboxed entry, else through torch.ops: record both.
-    for name in ("_conv_cpp", "_conv_direct"):
-        real = getattr(conv, name)
-        if real is not None:
-            monkeypatch.setattr(conv, name, lambda *a, real=real: calls.append(1) or real(*a))
+    calls = record_calls(monkeypatch, conv, "_conv_cpp", "_conv_direct")
     out = conv2d_bias_act(x, w, b, 4, 2)
     assert calls, "the default did not run the CUDA kernel on a bf16 RGB first layer"
     assert_close_rel(out, ref, torch.bfloat16, "default first layer")
@@ -84,10 +80,8 @@ def unavailable_reason_cuda():
 def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypatch):
     import pyowt.ops.conv2d as conv
 
-    calls = []
-    real = conv._conv_direct
-    assert real is not None, "the extension lacks conv2d_bias_act_direct"
-    monkeypatch.setattr(conv, "_conv_direct", lambda *a: calls.append(1) or real(*a))
+    assert conv._conv_direct is not None, "the extension lacks conv2d_bias_act_direct"
+    calls = record_calls(monkeypatch, conv, "_conv_direct")
     x, w, b = torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3), torch.randn(4)
     ref = conv2d_bias_act_reference(x, w, b, 2, 1)
     assert torch.allclose(conv2d_bias_act(x, w, b, 2, 1, backend="cpu"), ref, atol=1e-5) and calls

@@ -8,7 +8,7 @@ from pyowt import _extension
 from pyowt.ops import linear_bias_act
 from pyowt.ops.linear import linear_bias_act_reference
 
-from ..utils import assert_close_rel, recorded_torch_functions
+from ..utils import assert_close_rel, record_calls, recorded_torch_functions
 
 needs_ext = pytest.mark.skipif(not _extension.STATUS.loaded, reason="extension not built")
 
@@ -361,10 +361,8 @@ def test_matches_torch_functional():
 def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypatch):
     import pyowt.ops.linear as lin
 
-    calls = []
-    real = lin._linear_direct
-    assert real is not None, "the extension lacks linear_bias_act_direct"
-    monkeypatch.setattr(lin, "_linear_direct", lambda *a: calls.append(1) or real(*a))
+    assert lin._linear_direct is not None, "the extension lacks linear_bias_act_direct"
+    calls = record_calls(monkeypatch, lin, "_linear_direct")
     x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     ref = linear_bias_act_reference(x, w, b)
     assert torch.allclose(linear_bias_act(x, w, b, backend="cpu"), ref, atol=1e-6) and calls
