@@ -168,6 +168,11 @@ if with_cuda:
 
 # torch.utils.cpp_extension picks the C++ standard its headers need (C++20 from torch 2.13).
 cxx_flags = ["-O3"]
+# at::parallel_for is a header template that runs serially unless the including file is
+# compiled with OpenMP. The runtime is torch's own libgomp.so.1 (loaded by libtorch_cpu,
+# which the extension links): no -fopenmp at link time, so no second thread pool.
+if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 define_macros = [("PYOWT_WITH_CUDA", "1" if with_cuda else "0")]
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))

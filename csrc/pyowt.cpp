@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/conv2d_cpu.h"
+#include "cpu/conv2d_winograd.h"
 #include "direct_calls.h"
 
 #ifndef PYOWT_WITH_CUDA
@@ -50,4 +52,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyowt compiled extension: registers the pyowt:: operators on import";
   m.def("build_config", &build_config, "What this extension was compiled with");
   pyowt::register_direct_calls(m);
+  m.def("cpu_conv2d_algorithm", &pyowt::cpu_conv2d_algorithm, pybind11::arg("x"),
+        pybind11::arg("weight"), pybind11::arg("stride"), pybind11::arg("padding"),
+        pybind11::arg("dilation"), pybind11::arg("groups"),
+        "The forward the cpu backend of conv2d_bias_act runs for these arguments: "
+        "'winograd', 'onednn' or 'aten'");
+  m.def("set_cpu_winograd_enabled", &pyowt::set_cpu_winograd_enabled, pybind11::arg("enabled"),
+        "Turns the cpu backend's Winograd 3x3 forward on or off (AVX-512 CPUs); returns the "
+        "previous setting");
+  m.def("cpu_winograd_enabled", &pyowt::cpu_winograd_enabled,
+        "Whether the cpu backend may run its Winograd 3x3 forward here (AVX-512F and switched on)");
 }

@@ -1,0 +1,167 @@
+"""The cpu backend's Winograd F(2x2, 3x3) forward (csrc/cpu/conv2d_winograd.cpp).
+
+Every numeric test first asserts that the backend really picks Winograd for its shape, so
+a change of the dispatch rules cannot turn these into tests of oneDNN. They need an
+AVX-512F CPU (the kernel's only target) and skip elsewhere.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyowt import _extension
+from pyowt.ops import conv2d_bias_act
+
+from ..utils import assert_close_rel
+
+if not _extension.STATUS.loaded:
+    pytest.skip("extension not built", allow_module_level=True)
+
+from pyowt import _C  # noqa: E402
+
+needs_avx512 = pytest.mark.skipif(not _C.cpu_winograd_enabled(),
+                                  reason="Winograd needs an AVX-512F CPU (or was switched off)")
+
+
+@pytest.fixture
+def two_threads():
+    """The dispatch rule counts tile blocks per thread: fix the thread count it sees."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def algorithm(x, w, stride=1, padding=1, dilation=1, groups=1):
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    return _C.cpu_conv2d_algorithm(x, w, pair(stride), pair(padding), pair(dilation), groups)
+
+
+def make_configs(seed=7, n=14):
+    """Shapes Winograd takes (>= 2^23 multiply-adds, >= 128 tiles), with channel counts
+    that are multiples of neither 8 nor 16, odd and unequal H and W, padding 0-3, several
+    images per tile block."""
+    rng = random.Random(seed)
+    configs = []
+    while len(configs) < n:
+        c_in, c_out = rng.randint(17, 47), rng.randint(17, 53)
+        h, w = rng.randint(9, 31), rng.randint(9, 31)
+        pad = (rng.randint(0, 3), rng.randint(0, 3)) if rng.random() < 0.3 else rng.choice([0, 1, 1, 2])
+        ph, pw = (pad, pad) if isinstance(pad, int) else pad
+        h_out, w_out = h + 2 * ph - 2, w + 2 * pw - 2
+        batch = rng.randint(1, 4)
+        while (batch * c_out * h_out * w_out * c_in * 9 < 2 ** 23
+               or batch * ((h_out + 1) // 2) * ((w_out + 1) // 2) < 128):
+            batch += 1
+        configs.append(dict(batch=batch, c_in=c_in, c_out=c_out, h=h, w=w, padding=(ph, pw),
+                            bias=len(configs) % 3 != 2,
+                            activation=None if len(configs) % 4 == 3 else "relu",
+                            sliced=len(configs) % 5 == 4, seed=100 + len(configs)))
+    return configs
+
+
+CONFIGS = make_configs()
+
+
+def _inputs(cfg):
+    g = torch.Generator().manual_seed(cfg["seed"])
+    width = cfg["w"] + (3 if cfg["sliced"] else 0)
+    x = torch.randn(cfg["batch"], cfg["c_in"], cfg["h"], width, generator=g)
+    if cfg["sliced"]:  # a strided view: the backend copies it to NCHW first
+        x = x[..., 1:1 + cfg["w"]]
+    w = torch.randn(cfg["c_out"], cfg["c_in"], 3, 3, generator=g) / (3 * cfg["c_in"] ** 0.5)
+    b = torch.randn(cfg["c_out"], generator=g) if cfg["bias"] else None
+    return x, w, b
+
+
+@needs_avx512
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[f"w{i}" for i in range(len(CONFIGS))])
+def test_matches_float64_reference(two_threads, cfg):
+    x, w, b = _inputs(cfg)
+    assert algorithm(x, w, padding=cfg["padding"]) == "winograd", cfg
+    leaves64 = [t.double().requires_grad_(True) for t in (x, w, b) if t is not None]
+    pre = F.conv2d(leaves64[0], leaves64[1], leaves64[2] if b is not None else None,
+                   padding=cfg["padding"])
+    ref = F.relu(pre) if cfg["activation"] == "relu" else pre
+    weight_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(cfg["seed"]),
+                             dtype=torch.float64)
+    # The ReLU has no derivative at 0: an output within float32 rounding of 0 may take
+    # either side in any float32 kernel (one such flip moves grad x by ~4e-3 relative
+    # here). The gradient test leaves those outputs out; the output test keeps them.
+    weight_out[pre.detach().abs() < 1e-4] = 0
+    ref_grads = torch.autograd.grad((ref * weight_out).sum(), leaves64)
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b) if t is not None]
+    out = conv2d_bias_act(leaves[0], leaves[1], leaves[2] if b is not None else None,
+                          padding=cfg["padding"], activation=cfg["activation"], backend="cpu")
+    assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert_close_rel(out, ref, torch.float32, "output")
+    grads = torch.autograd.grad((out.double() * weight_out).sum(), leaves)
+    for name, got, want in zip(("grad x", "grad weight", "grad bias"), grads, ref_grads):
+        assert_close_rel(got, want, torch.float32, name)
+
+
+def test_configs_cover_the_kernel_edges():
+    assert any(c["c_out"] % 8 for c in CONFIGS) and any(c["c_in"] % 16 for c in CONFIGS)
+    assert any((c["h"] + 2 * c["padding"][0]) % 2 == 1 for c in CONFIGS)  # odd H_out: half tiles
+    assert {p for c in CONFIGS for p in c["padding"]} == {0, 1, 2, 3}
+    assert {c["bias"] for c in CONFIGS} == {True, False}
+    assert {c["activation"] for c in CONFIGS} == {"relu", None}
+    assert any(c["sliced"] for c in CONFIGS)
+
+
+@needs_avx512
+def test_same_bits_on_one_and_two_threads():
+    """Each tile block is computed the same way whichever thread runs it."""
+    x, w, b = _inputs(CONFIGS[0])
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            assert algorithm(x, w, padding=CONFIGS[0]["padding"]) == "winograd"
+            outs.append(conv2d_bias_act(x, w, b, padding=CONFIGS[0]["padding"], backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_avx512
+def test_nan_is_never_swallowed(two_threads):
+    """A NaN input reaches every output the direct convolution makes NaN (and, through the
+    tile transforms, some neighbours): the fused ReLU must not turn it into 0."""
+    x, w, b = _inputs(CONFIGS[1])
+    x = x.clone()
+    x[0, 3, 4, 5] = float("nan")
+    x[-1, 0, -1, -1] = float("nan")
+    assert algorithm(x, w, padding=CONFIGS[1]["padding"]) == "winograd"
+    out = conv2d_bias_act(x, w, b, padding=CONFIGS[1]["padding"], backend="cpu")
+    ref = F.relu(F.conv2d(x, w, b, padding=CONFIGS[1]["padding"]))
+    assert ref.isnan().any()
+    assert out.isnan()[ref.isnan()].all()
+    # Outside the NaNs' tiles every value matches.
+    finite = ~out.isnan()
+    assert_close_rel(out[finite], ref[finite], torch.float32)
+
+
+@needs_avx512
+def test_dispatch_rules(two_threads):
+    x = torch.randn(8, 192, 13, 13)
+    w = torch.randn(384, 192, 3, 3)
+    assert algorithm(x, w) == "winograd"  # AlexNet conv3, batch 8
+    assert algorithm(x[:1], w) == "onednn"  # 49 tiles: too few for the weight transform
+    assert algorithm(x.contiguous(memory_format=torch.channels_last), w) == "onednn"
+    assert algorithm(x, w, stride=2) == "onednn"
+    assert algorithm(x, w, dilation=2, padding=2) == "onednn"
+    assert algorithm(x.half(), w.half()) != "winograd"
+    assert algorithm(x.bfloat16(), w.bfloat16()) != "winograd"
+    assert algorithm(torch.randn(8, 16, 56, 56), torch.randn(16, 16, 3, 3)) == "onednn"
+    assert algorithm(x, torch.randn(384, 192, 5, 5), padding=2) == "onednn"
+    assert algorithm(x[:, :, :3, :3], w, padding=0) == "aten"  # below the fused threshold
+    before = _C.set_cpu_winograd_enabled(False)
+    try:
+        assert algorithm(x, w) == "onednn"
+    finally:
+        _C.set_cpu_winograd_enabled(before)
+    assert algorithm(x, w) == "winograd"
