@@ -281,15 +281,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cpu(
   const bool via_float = st != at::kFloat &&
                          (window_h > g.h || window_w > g.w || multiply_adds(g, groups) < kFusedMinMacs);
   const at::ScalarType compute_type = via_float ? at::kFloat : st;
+  // The input gradient of a stride-1 3x3 convolution with padding p is the convolution of
+  // grad_out with the weight flipped and transposed, padding 2 - p: the Winograd forward
+  // computes it where it pays, as for the forward.
+  bool winograd_x = false;
+  if (want_x && st == at::kFloat && padding[0] <= 2 && padding[1] <= 2 && g.r == 3 && g.s == 3 &&
+      groups == 1) {
+    const std::array<int64_t, 2> pad_t{2 - padding[0], 2 - padding[1]};
+    const at::Tensor w_t = weight.flip({2, 3}).transpose(0, 1).contiguous();
+    const ConvGeometry gt = check_conv_args(g_masked, w_t, std::nullopt, stride, pad_t, dilation, 1);
+    if (winograd_pays(g_masked, w_t, gt, stride, pad_t, dilation, 1)) {
+      grad_x = winograd_conv2d_3x3(g_masked, w_t, std::nullopt, pad_t, /*relu=*/false);
+      winograd_x = true;
+    }
+  }
   // oneDNN (through ATen) computes only what the mask asks for; the rest comes back
   // undefined and keeps its (0,) placeholder.
+  if (!(want_w || want_b || (want_x && !winograd_x))) return {grad_x, grad_w, grad_b};
   at::Tensor gx, gw, gb;
   std::tie(gx, gw, gb) = at::convolution_backward(
       g_masked.to(compute_type), x.to(compute_type), weight.to(compute_type),
       bias_sizes.has_value() ? at::OptionalIntArrayRef(*bias_sizes) : std::nullopt,
       stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
-      {want_x, want_w, want_b});
-  if (want_x) grad_x = in_format(gx.to(st), fmt);
+      {want_x && !winograd_x, want_w, want_b});
+  if (want_x && !winograd_x) grad_x = in_format(gx.to(st), fmt);
   if (want_w) grad_w = in_format(gw.to(st), w_fmt);
   if (want_b) grad_b = gb.to(st);
   return {grad_x, grad_w, grad_b};

@@ -165,3 +165,25 @@ def test_dispatch_rules(two_threads):
     finally:
         _C.set_cpu_winograd_enabled(before)
     assert algorithm(x, w) == "winograd"
+
+
+@needs_avx512
+@pytest.mark.parametrize("padding", [1, 0, 2])
+def test_input_gradient_runs_the_winograd_forward(two_threads, padding):
+    """The backward's input gradient of a stride-1 3x3 layer is the convolution of the
+    masked grad_out with the flipped, transposed weight (padding 2 - p), computed by the
+    same Winograd kernel: bit for bit what that forward gives."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 40, 19, 23, generator=g, requires_grad=True)
+    w = torch.randn(36, 40, 3, 3, generator=g) / 20
+    b = torch.randn(36, generator=g)
+    out = conv2d_bias_act(x, w, b, padding=padding, backend="cpu")
+    grad_out = torch.randn(out.shape, generator=g)
+    (grad_x,) = torch.autograd.grad(out, x, grad_out)
+    masked = torch.where(out > 0, grad_out, torch.zeros(()))
+    w_t = w.flip(2, 3).transpose(0, 1).contiguous()
+    assert algorithm(masked, w_t, padding=2 - padding) == "winograd"
+    expected = conv2d_bias_act(masked, w_t, None, padding=2 - padding, activation=None, backend="cpu")
+    assert torch.equal(grad_x, expected)
+    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), masked.double(), padding=padding)
+    assert_close_rel(grad_x, ref, torch.float32, "grad x")
