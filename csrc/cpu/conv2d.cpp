@@ -285,8 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cpu(
   // grad_out with the weight flipped and transposed, padding 2 - p: the Winograd forward
   // computes it where it pays, as for the forward.
   bool winograd_x = false;
-  if (want_x && st == at::kFloat && padding[0] <= 2 && padding[1] <= 2 && g.r == 3 && g.s == 3 &&
-      groups == 1) {
+  const bool unit_steps = stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1;
+  if (want_x && st == at::kFloat && unit_steps && padding[0] <= 2 && padding[1] <= 2 &&
+      g.r == 3 && g.s == 3 && groups == 1) {
     const std::array<int64_t, 2> pad_t{2 - padding[0], 2 - padding[1]};
     const at::Tensor w_t = weight.flip({2, 3}).transpose(0, 1).contiguous();
     const ConvGeometry gt = check_conv_args(g_masked, w_t, std::nullopt, stride, pad_t, dilation, 1);
