@@ -13,9 +13,11 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
   ``PYOWT_BENCH_BUDGET_S`` seconds (default 100) have passed, to fit the GPU check).
   Ours: the ``triton`` and, when built, the ``cuda`` backend.
 * CPU: batch 8 (224x224 inputs: batch 128 would take minutes per layer on a small CPU),
-  float32, NCHW, fastest of the repeats; ours is the ``cpu`` backend (oneDNN fused
+  float32, NCHW, fastest of the repeats; ours is the ``cpu`` backend (the notes column
+  says which forward it ran: ``winograd``, our F(2x2, 3x3) kernel, or ``onednn``, the fused
   post-op), the reference ATen ``relu(conv2d(...))``. Target: geometric mean >= 1.1x
-  over the AlexNet layers, forward.
+  over the AlexNet layers, forward. TFLOP/s and the floor count a direct convolution's
+  FLOPs: Winograd does 2.25x fewer multiplies and can run under that floor.
 
 The first layer of each network runs its backward without an input gradient, as in
 training. The table is printed at the end of the module; ``PYOWT_BENCH_JSON=<path>`` also
@@ -175,6 +177,8 @@ def _callables(impls: dict, layer, xs, w, b, mode):
 
 
 def _record(layer, mode, dtype, device, batch, times: dict, ours: str, notes=""):
+    """Adds one row per implementation; ``notes``: one string for all rows, or a dict
+    from implementation to its own note."""
     rate, bw = peaks(device, dtype)
     mult = 1 if mode == "fwd" else (2 if layer.first else 3)
     elem = torch.finfo(dtype).bits // 8
@@ -186,7 +190,8 @@ def _record(layer, mode, dtype, device, batch, times: dict, ours: str, notes="")
             tflops=mult * layer.flops(batch) / t / 1e12, floor_ms=floor * 1e3,
             speedup_vs_aten=times["aten"] / t if "aten" in times else None,
             speedup_vs_compile=(times["compile"] / t if "compile" in times else None),
-            ours=impl == ours or impl.startswith("ours"), notes=notes,
+            ours=impl == ours or impl.startswith("ours"),
+            notes=notes.get(impl, "") if isinstance(notes, dict) else notes,
         ))
 
 
@@ -214,8 +219,14 @@ def test_conv_cpu(benchmark, layer, mode):
     # The minimum, not the median: a small shared CPU adds other processes' noise to some
     # repeats, and the fastest repeat is the reproducible cost of each implementation.
     times = measure(fns, device, reps=9 if mode == "fwd" else 5, warmup=1, stat=min)
-    _record(layer, mode, torch.float32, device, CPU_BATCH, times, "ours:cpu")
-    benchmark.extra_info.update(speedup_vs_aten=times["aten"] / times["ours:cpu"])
+    from pyowt import _C
+    pair = lambda v: [v, v]  # noqa: E731
+    algorithm = _C.cpu_conv2d_algorithm(xs[0], w, pair(layer.stride), pair(layer.padding),
+                                        pair(1), 1)
+    _record(layer, mode, torch.float32, device, CPU_BATCH, times, "ours:cpu",
+            notes={"ours:cpu": algorithm})
+    benchmark.extra_info.update(speedup_vs_aten=times["aten"] / times["ours:cpu"],
+                                algorithm=algorithm)
     benchmark.pedantic(fns["ours:cpu"], rounds=3, iterations=1)
 
 

@@ -1,13 +1,16 @@
 // CPU kernels of pyowt::conv2d_bias_act and its backward.
 //
-// Forward: oneDNN's convolution with a fused ReLU post-op (mkldnn::_convolution_pointwise,
-// found through the dispatcher because ATen exposes no C++ header for it), else (and for
-// convolutions too small to amortize its set-up) at::conv2d followed by an in-place relu_.
-// Measured on a 2-core AMD EPYC (AlexNet layers, batch 8, fp32): both are within noise of
-// each other and both beat relu(conv2d(...)) because the activation needs no second output
-// buffer; the fused post-op is kept because it saves one pass over the output.
-// Backward: the ReLU mask (out > 0) applied to grad_out, then at::convolution_backward for
-// the gradients output_mask asks for.
+// Forward, by shape (choose_algorithm):
+// - Winograd F(2x2, 3x3) (conv2d_winograd.cpp) for NCHW float32 3x3 stride-1 layers on
+//   AVX-512 CPUs where it measured faster than oneDNN (winograd_pays);
+// - else oneDNN's convolution with a fused ReLU post-op (mkldnn::_convolution_pointwise,
+//   found through the dispatcher because ATen exposes no C++ header for it): the same
+//   primitive as at::conv2d, one pass over the output fewer;
+// - else (and for convolutions too small to amortize oneDNN's set-up) at::conv2d followed
+//   by an in-place relu_.
+// Backward: the ReLU mask (out > 0) applied to grad_out; the input gradient of a stride-1
+// 3x3 layer through the Winograd forward where it pays, the rest through
+// at::convolution_backward for the gradients output_mask asks for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
