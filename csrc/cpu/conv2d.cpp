@@ -132,7 +132,10 @@ int64_t multiply_adds(const ConvGeometry& g, int64_t groups) {
 // layers 1.11x (64 ch, 56x56) and 1.64x (128 ch, 28x28), 24-48 channels 1.2-2.0x, 512 ch
 // at 7x7 1.04x. It lost where the per-call weight transform and the thread split have too
 // few tiles to spread over (one 13x13 image: 49 tiles, 0.6x; two images, 4 tile blocks:
-// 1.12x) and with 16 channels on both sides (0.97-1.06x).
+// 1.12x) and with 16 channels on both sides (0.97-1.06x). Odd small outputs waste part of
+// their last 2x2 tiles: 7x7 (49 of 64 outputs used) won 1.26x on one thread, 5x5 (25 of
+// 36) lost 0.77x, 3x3 (9 of 16; AlexNet on 64x64 images) 0.66-0.73x, so at least 72% of
+// the tiles' outputs must be real.
 bool winograd_pays(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                    int64_t groups) {
@@ -142,9 +145,10 @@ bool winograd_pays(const at::Tensor& x, const at::Tensor& weight, const ConvGeom
       !winograd_conv2d_3x3_accepts(x, weight, stride, padding, dilation, groups)) {
     return false;
   }
+  const int64_t tiles_per_image = ((g.h_out + 1) / 2) * ((g.w_out + 1) / 2);
+  if (g.h_out * g.w_out * 100 < 72 * 4 * tiles_per_image) return false;
   // At least two tile blocks per thread.
-  const int64_t tiles = g.n * ((g.h_out + 1) / 2) * ((g.w_out + 1) / 2);
-  return tiles >= 2 * winograd_tile_block() * at::get_num_threads();
+  return g.n * tiles_per_image >= 2 * winograd_tile_block() * at::get_num_threads();
 }
 
 // oneDNN runs float32 everywhere, but float16/bfloat16 only on CPUs with the matching ISA

@@ -159,6 +159,10 @@ def test_dispatch_rules(two_threads):
     assert algorithm(torch.randn(8, 16, 56, 56), torch.randn(16, 16, 3, 3)) == "onednn"
     assert algorithm(x, torch.randn(384, 192, 5, 5), padding=2) == "onednn"
     assert algorithm(x[:, :, :3, :3], w, padding=0) == "aten"  # below the fused threshold
+    # Outputs of 3x3 and 5x5 use 56% / 69% of their 2x2 tiles' outputs; 7x7 77%.
+    assert algorithm(torch.randn(32, 192, 3, 3), w) == "onednn"
+    assert algorithm(torch.randn(8, 192, 5, 5), w) == "onednn"
+    assert algorithm(torch.randn(8, 192, 7, 7), w) == "winograd"
     before = _C.set_cpu_winograd_enabled(False)
     try:
         assert algorithm(x, w) == "onednn"
