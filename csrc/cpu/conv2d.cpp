@@ -1,15 +1,15 @@
 // CPU kernels of pyowt::conv2d_bias_act and its backward.
 //
 // Forward, by shape (choose_algorithm):
-// - Winograd F(2x2, 3x3) (conv2d_winograd.cpp) for NCHW float32 3x3 stride-1 layers on
-//   AVX-512 CPUs where it measured faster than oneDNN (winograd_pays);
+// - Winograd F(2x2, 3x3) / F(2x2, 5x5) (conv2d_winograd.cpp) for NCHW float32 3x3 and 5x5
+//   stride-1 layers on AVX-512 CPUs where it measured faster than oneDNN (winograd_pays);
 // - else oneDNN's convolution with a fused ReLU post-op (mkldnn::_convolution_pointwise,
 //   found through the dispatcher because ATen exposes no C++ header for it): the same
 //   primitive as at::conv2d, one pass over the output fewer;
 // - else (and for convolutions too small to amortize oneDNN's set-up) at::conv2d followed
 //   by an in-place relu_.
 // Backward: the ReLU mask (out > 0) applied to grad_out; the input gradient of a stride-1
-// 3x3 layer through the Winograd forward where it pays, the rest through
+// 3x3 or 5x5 layer through the Winograd forward where it pays, the rest through
 // at::convolution_backward for the gradients output_mask asks for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -126,27 +126,44 @@ int64_t multiply_adds(const ConvGeometry& g, int64_t groups) {
   return g.n * g.c_out * g.h_out * g.w_out * (g.c_in / groups) * g.r * g.s;
 }
 
-// Winograd F(2x2, 3x3) (conv2d_winograd.cpp) instead of oneDNN's direct convolution for
-// NCHW float32 3x3 stride-1 layers where it measured faster (2-core EPYC, batch 8 unless
-// said, times vs oneDNN's fused primitive): AlexNet conv3-5 1.27-1.31x, ResNet-50 3x3
-// layers 1.11x (64 ch, 56x56) and 1.64x (128 ch, 28x28), 24-48 channels 1.2-2.0x, 512 ch
-// at 7x7 1.04x. It lost where the per-call weight transform and the thread split have too
-// few tiles to spread over (one 13x13 image: 49 tiles, 0.6x; two images, 4 tile blocks:
-// 1.12x) and with 16 channels on both sides (0.97-1.06x). Odd small outputs waste part of
-// their last 2x2 tiles: 7x7 (49 of 64 outputs used) won 1.26x on one thread, 5x5 (25 of
-// 36) lost 0.77x, 3x3 (9 of 16; AlexNet on 64x64 images) 0.66-0.73x, so at least 72% of
-// the tiles' outputs must be real.
+// Kernel taps that land inside the input, summed over the output positions of one axis
+// (stride and dilation 1): oneDNN's direct convolution skips the padded ones.
+int64_t taps_inside(int64_t size, int64_t pad, int64_t r, int64_t out) {
+  int64_t taps = 0;
+  for (int64_t o = 0; o < out; ++o) {
+    taps += std::min(o - pad + r, size) - std::max(o - pad, int64_t(0));
+  }
+  return taps;
+}
+
+// Winograd F(2x2, r x r) (conv2d_winograd.cpp) instead of oneDNN's direct convolution for
+// NCHW float32 3x3 / 5x5 stride-1 layers where it measured faster (2-core EPYC, batch 8
+// unless said, times vs oneDNN's fused primitive). The deciding quantity is `saving`, the
+// direct convolution's multiplies over the taps inside the input divided by Winograd's
+// (r + 1)^2 per 2x2 tile (odd outputs waste part of their last tiles):
+//   3x3: AlexNet conv3-5 (13x13, saving 1.75) 1.27-1.33x; ResNet-50 56x56 / 28x28 (2.2,
+//     2.1) 1.11x / 1.6x; 7x7 (1.41) 1.14-1.26x; 5x5 (1.17) 0.77x; 3x3, AlexNet on 64x64
+//     images (0.77), 0.66-0.73x. 24-48 channels 1.2-2.0x, 16 and 16 0.93-1.06x.
+//   5x5 (36 positions: costlier transforms): AlexNet conv2 (27x27, 2.36) 1.71x; 28x28 and
+//     14x14 (2.5, 2.3) 1.39-1.43x; 13x13 (1.97) 1.20-1.41x; 11x11 (1.85) 1.10x; 9x9
+//     (1.69) 0.83-0.87x; 16 -> 32 channels 1.06x.
+// It also lost where the per-call weight transform and the thread split have too few tiles
+// to spread over (one 13x13 image: 49 tiles, 0.6x; two images, 4 tile blocks: 1.12x).
 bool winograd_pays(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                    int64_t groups) {
-  if (g.c_in < 16 || g.c_out < 16 || g.c_in * g.c_out < 512) return false;
+  const bool five = g.r == 5;
+  if (g.c_in < 16 || g.c_out < 16 || g.c_in * g.c_out < (five ? 1024 : 512)) return false;
   if (multiply_adds(g, groups) < kFusedMinMacs) return false;
   if (!cpu_winograd_enabled() ||
-      !winograd_conv2d_3x3_accepts(x, weight, stride, padding, dilation, groups)) {
+      !winograd_conv2d_accepts(x, weight, stride, padding, dilation, groups)) {
     return false;
   }
   const int64_t tiles_per_image = ((g.h_out + 1) / 2) * ((g.w_out + 1) / 2);
-  if (g.h_out * g.w_out * 100 < 72 * 4 * tiles_per_image) return false;
+  const int64_t direct = taps_inside(g.h, padding[0], g.r, g.h_out) *
+                         taps_inside(g.w, padding[1], g.s, g.w_out);
+  const int64_t winograd = tiles_per_image * (g.r + 1) * (g.s + 1);
+  if (direct * 10 < winograd * (five ? 18 : 13)) return false;
   // At least two tile blocks per thread.
   return g.n * tiles_per_image >= 2 * winograd_tile_block() * at::get_num_threads();
 }
@@ -210,7 +227,7 @@ at::Tensor conv2d_bias_act_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   const CpuConvAlgorithm algorithm =
       choose_algorithm(x, weight, g, stride, padding, dilation, groups);
   if (algorithm == CpuConvAlgorithm::kWinograd) {
-    return winograd_conv2d_3x3(x, weight, bias, padding, relu);
+    return winograd_conv2d(x, weight, bias, padding, relu);
   }
   if (algorithm == CpuConvAlgorithm::kOneDnn) {
     const c10::OperatorHandle& op = *fused_conv_op();
@@ -288,18 +305,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cpu(
   const bool via_float = st != at::kFloat &&
                          (window_h > g.h || window_w > g.w || multiply_adds(g, groups) < kFusedMinMacs);
   const at::ScalarType compute_type = via_float ? at::kFloat : st;
-  // The input gradient of a stride-1 3x3 convolution with padding p is the convolution of
-  // grad_out with the weight flipped and transposed, padding 2 - p: the Winograd forward
-  // computes it where it pays, as for the forward.
+  // The input gradient of a stride-1 r x r convolution with padding p is the convolution
+  // of grad_out with the weight flipped and transposed, padding r - 1 - p: the Winograd
+  // forward computes it where it pays, as for the forward.
   bool winograd_x = false;
   const bool unit_steps = stride[0] == 1 && stride[1] == 1 && dilation[0] == 1 && dilation[1] == 1;
-  if (want_x && st == at::kFloat && unit_steps && padding[0] <= 2 && padding[1] <= 2 &&
-      g.r == 3 && g.s == 3 && groups == 1) {
-    const std::array<int64_t, 2> pad_t{2 - padding[0], 2 - padding[1]};
+  if (want_x && st == at::kFloat && unit_steps && (g.r == 3 || g.r == 5) && g.s == g.r &&
+      padding[0] <= g.r - 1 && padding[1] <= g.r - 1 && groups == 1) {
+    const std::array<int64_t, 2> pad_t{g.r - 1 - padding[0], g.r - 1 - padding[1]};
     const at::Tensor w_t = weight.flip({2, 3}).transpose(0, 1).contiguous();
     const ConvGeometry gt = check_conv_args(g_masked, w_t, std::nullopt, stride, pad_t, dilation, 1);
     if (winograd_pays(g_masked, w_t, gt, stride, pad_t, dilation, 1)) {
-      grad_x = winograd_conv2d_3x3(g_masked, w_t, std::nullopt, pad_t, /*relu=*/false);
+      grad_x = winograd_conv2d(g_masked, w_t, std::nullopt, pad_t, /*relu=*/false);
       winograd_x = true;
     }
   }

@@ -1,4 +1,4 @@
-// Winograd F(2x2, 3x3) forward for the CPU backend of pyowt::conv2d_bias_act.
+// Winograd F(2x2, 3x3) and F(2x2, 5x5) forward for the CPU backend of pyowt::conv2d_bias_act.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,21 +15,23 @@ bool cpu_winograd_enabled();
 // the previous setting. For A/B measurements and tests.
 bool set_cpu_winograd_enabled(bool enabled);
 
-// Whether winograd_conv2d_3x3 accepts these arguments: float32 NCHW x (N, C_in, H, W),
-// weight (C_out, C_in, 3, 3), stride 1, dilation 1, groups 1, and tensors small enough
-// for 32-bit element offsets. Says nothing about whether it is faster (the caller's choice).
-bool winograd_conv2d_3x3_accepts(const at::Tensor& x, const at::Tensor& weight,
-                                 at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, int64_t groups);
+// Whether winograd_conv2d accepts these arguments: float32 NCHW x (N, C_in, H, W),
+// weight (C_out, C_in, 3, 3) or (C_out, C_in, 5, 5), stride 1, dilation 1, groups 1, and
+// tensors small enough for 32-bit element offsets. Says nothing about whether it is
+// faster (the caller's choice).
+bool winograd_conv2d_accepts(const at::Tensor& x, const at::Tensor& weight,
+                             at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation, int64_t groups);
 
 // Output tiles (2x2 each) per block, the unit of work split across threads.
 int64_t winograd_tile_block();
 
 // act(conv2d(x, weight, bias, stride=1, padding)) as a contiguous (N, C_out, H_out, W_out)
-// float32 tensor, computed with Winograd F(2x2, 3x3); bias and ReLU in the output transform.
-// Requires winograd_conv2d_3x3_accepts(...) and cpu_winograd_enabled().
-at::Tensor winograd_conv2d_3x3(const at::Tensor& x, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
-                               bool relu);
+// float32 tensor, computed with Winograd F(2x2, r x r) for the weight's r in {3, 5}; bias
+// and ReLU in the output transform. Requires winograd_conv2d_accepts(...) and
+// cpu_winograd_enabled().
+at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
+                           bool relu);
 
 }  // namespace pyowt

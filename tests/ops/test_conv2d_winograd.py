@@ -38,24 +38,42 @@ def algorithm(x, w, stride=1, padding=1, dilation=1, groups=1):
     return _C.cpu_conv2d_algorithm(x, w, pair(stride), pair(padding), pair(dilation), groups)
 
 
-def make_configs(seed=7, n=14):
-    """Shapes Winograd takes (>= 2^23 multiply-adds, >= 128 tiles), with channel counts
-    that are multiples of neither 8 nor 16, odd and unequal H and W, padding 0-3, several
-    images per tile block."""
+def _taps_inside(size, pad, r, out):
+    return sum(min(o - pad + r, size) - max(o - pad, 0) for o in range(out))
+
+
+def winograd_expected(batch, c_in, c_out, h, w, r, ph, pw, threads=2):
+    """The dispatch rule of csrc/cpu/conv2d.cpp (winograd_pays), restated."""
+    h_out, w_out = h + 2 * ph - (r - 1), w + 2 * pw - (r - 1)
+    tiles = ((h_out + 1) // 2) * ((w_out + 1) // 2)
+    saving = (_taps_inside(h, ph, r, h_out) * _taps_inside(w, pw, r, w_out)
+              / (tiles * (r + 1) ** 2))
+    return (min(c_in, c_out) >= 16 and c_in * c_out >= (1024 if r == 5 else 512)
+            and batch * c_out * h_out * w_out * c_in * r * r >= 2 ** 23
+            and saving >= (1.8 if r == 5 else 1.3) and batch * tiles >= 2 * 32 * threads)
+
+
+def make_configs(seed=7, n=20):
+    """Shapes Winograd takes, 3x3 and 5x5, with channel counts that are multiples of
+    neither 8 nor 16, odd and unequal H and W, padding 0 to r - 1, several images per
+    tile block; padding up to r (a border of bias-only outputs)."""
     rng = random.Random(seed)
     configs = []
     while len(configs) < n:
+        r = 5 if len(configs) % 3 == 1 else 3
         c_in, c_out = rng.randint(17, 47), rng.randint(17, 53)
         h, w = rng.randint(9, 31), rng.randint(9, 31)
-        pad = (rng.randint(0, 3), rng.randint(0, 3)) if rng.random() < 0.3 else rng.choice([0, 1, 1, 2])
-        ph, pw = (pad, pad) if isinstance(pad, int) else pad
-        h_out, w_out = h + 2 * ph - 2, w + 2 * pw - 2
+        if rng.random() < 0.3:
+            ph, pw = rng.randint(0, r), rng.randint(0, r - 1)
+        else:
+            ph = pw = rng.choice([0, r // 2, r // 2, r - 1])
         batch = rng.randint(1, 4)
-        while (batch * c_out * h_out * w_out * c_in * 9 < 2 ** 23
-               or batch * ((h_out + 1) // 2) * ((w_out + 1) // 2) < 128):
+        while not winograd_expected(batch, c_in, c_out, h, w, r, ph, pw) and batch < 16:
             batch += 1
-        configs.append(dict(batch=batch, c_in=c_in, c_out=c_out, h=h, w=w, padding=(ph, pw),
-                            bias=len(configs) % 3 != 2,
+        if not winograd_expected(batch, c_in, c_out, h, w, r, ph, pw):
+            continue  # saving or channels too small for this draw
+        configs.append(dict(batch=batch, c_in=c_in, c_out=c_out, h=h, w=w, kernel=r,
+                            padding=(ph, pw), bias=len(configs) % 3 != 2,
                             activation=None if len(configs) % 4 == 3 else "relu",
                             sliced=len(configs) % 5 == 4, seed=100 + len(configs)))
     return configs
@@ -70,7 +88,8 @@ def _inputs(cfg):
     x = torch.randn(cfg["batch"], cfg["c_in"], cfg["h"], width, generator=g)
     if cfg["sliced"]:  # a strided view: the backend copies it to NCHW first
         x = x[..., 1:1 + cfg["w"]]
-    w = torch.randn(cfg["c_out"], cfg["c_in"], 3, 3, generator=g) / (3 * cfg["c_in"] ** 0.5)
+    r = cfg["kernel"]
+    w = torch.randn(cfg["c_out"], cfg["c_in"], r, r, generator=g) / (r * cfg["c_in"] ** 0.5)
     b = torch.randn(cfg["c_out"], generator=g) if cfg["bias"] else None
     return x, w, b
 
@@ -105,7 +124,9 @@ def test_matches_float64_reference(two_threads, cfg):
 def test_configs_cover_the_kernel_edges():
     assert any(c["c_out"] % 8 for c in CONFIGS) and any(c["c_in"] % 16 for c in CONFIGS)
     assert any((c["h"] + 2 * c["padding"][0]) % 2 == 1 for c in CONFIGS)  # odd H_out: half tiles
-    assert {p for c in CONFIGS for p in c["padding"]} == {0, 1, 2, 3}
+    assert {c["kernel"] for c in CONFIGS} == {3, 5}
+    assert {p for c in CONFIGS if c["kernel"] == 3 for p in c["padding"]} == {0, 1, 2, 3}
+    assert {p for c in CONFIGS if c["kernel"] == 5 for p in c["padding"]} >= {0, 2, 4}
     assert {c["bias"] for c in CONFIGS} == {True, False}
     assert {c["activation"] for c in CONFIGS} == {"relu", None}
     assert any(c["sliced"] for c in CONFIGS)
@@ -157,9 +178,14 @@ def test_dispatch_rules(two_threads):
     assert algorithm(x.half(), w.half()) != "winograd"
     assert algorithm(x.bfloat16(), w.bfloat16()) != "winograd"
     assert algorithm(torch.randn(8, 16, 56, 56), torch.randn(16, 16, 3, 3)) == "onednn"
-    assert algorithm(x, torch.randn(384, 192, 5, 5), padding=2) == "onednn"
+    assert algorithm(x, torch.randn(384, 192, 5, 5), padding=2) == "winograd"
+    assert algorithm(x, torch.randn(384, 192, 7, 7), padding=3) == "onednn"
+    assert algorithm(x, torch.randn(384, 192, 3, 5), padding=2) == "onednn"
+    # 5x5 on 9x9 with padding 2: the direct convolution skips a quarter of the taps.
+    assert algorithm(torch.randn(8, 64, 9, 9), torch.randn(64, 64, 5, 5), padding=2) == "onednn"
+    assert algorithm(torch.randn(8, 64, 27, 27), torch.randn(192, 64, 5, 5), padding=2) == "winograd"
     assert algorithm(x[:, :, :3, :3], w, padding=0) == "aten"  # below the fused threshold
-    # Outputs of 3x3 and 5x5 use 56% / 69% of their 2x2 tiles' outputs; 7x7 77%.
+    # 3x3 and 5x5 outputs waste 44% / 31% of their 2x2 tiles' outputs; 7x7 23%.
     assert algorithm(torch.randn(32, 192, 3, 3), w) == "onednn"
     assert algorithm(torch.randn(8, 192, 5, 5), w) == "onednn"
     assert algorithm(torch.randn(8, 192, 7, 7), w) == "winograd"
@@ -172,22 +198,23 @@ def test_dispatch_rules(two_threads):
 
 
 @needs_avx512
-@pytest.mark.parametrize("padding", [1, 0, 2])
-def test_input_gradient_runs_the_winograd_forward(two_threads, padding):
-    """The backward's input gradient of a stride-1 3x3 layer is the convolution of the
-    masked grad_out with the flipped, transposed weight (padding 2 - p), computed by the
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (3, 0), (3, 2), (5, 2), (5, 1), (5, 4)])
+def test_input_gradient_runs_the_winograd_forward(two_threads, kernel, padding):
+    """The backward's input gradient of a stride-1 r x r layer is the convolution of the
+    masked grad_out with the flipped, transposed weight (padding r - 1 - p), computed by the
     same Winograd kernel: bit for bit what that forward gives."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 40, 19, 23, generator=g, requires_grad=True)
-    w = torch.randn(36, 40, 3, 3, generator=g) / 20
+    w = torch.randn(36, 40, kernel, kernel, generator=g) / (4 * kernel)
     b = torch.randn(36, generator=g)
     out = conv2d_bias_act(x, w, b, padding=padding, backend="cpu")
     grad_out = torch.randn(out.shape, generator=g)
     (grad_x,) = torch.autograd.grad(out, x, grad_out)
     masked = torch.where(out > 0, grad_out, torch.zeros(()))
     w_t = w.flip(2, 3).transpose(0, 1).contiguous()
-    assert algorithm(masked, w_t, padding=2 - padding) == "winograd"
-    expected = conv2d_bias_act(masked, w_t, None, padding=2 - padding, activation=None, backend="cpu")
+    pad_t = kernel - 1 - padding
+    assert algorithm(masked, w_t, padding=pad_t) == "winograd"
+    expected = conv2d_bias_act(masked, w_t, None, padding=pad_t, activation=None, backend="cpu")
     assert torch.equal(grad_x, expected)
     ref = torch.nn.grad.conv2d_input(x.shape, w.double(), masked.double(), padding=padding)
     assert_close_rel(grad_x, ref, torch.float32, "grad x")
