@@ -1,9 +1,9 @@
 """``conv2d_bias_act``: out = act(conv2d(x, weight) + bias), act in {ReLU, identity}.
 
 The convolution of every conv layer with its bias and activation fused into the epilogue:
-C++ (``torch.ops.pyowt.conv2d_bias_act``: on CPU our Winograd F(2x2, 3x3) kernel for
-float32 NCHW 3x3 stride-1 layers on AVX-512 CPUs, else oneDNN's fused post-op; our kernel
-on CUDA), Triton (``torch.ops.pyowt.conv2d_bias_act_triton``, implicit-GEMM kernels in
+C++ (``torch.ops.pyowt.conv2d_bias_act``: on CPU our Winograd F(2x2, 3x3) / F(2x2, 5x5)
+kernel for float32 NCHW 3x3 and 5x5 stride-1 layers on AVX-512 CPUs where it pays, else
+oneDNN's fused post-op; our kernel on CUDA), Triton (``torch.ops.pyowt.conv2d_bias_act_triton``, implicit-GEMM kernels in
 pyowt.kernels.conv2d and pyowt.kernels.conv2d_backward) and ATen, each with a fake kernel
 and autograd. The backward recovers the ReLU mask from the saved output (out > 0), so the
 pre-activation is never stored.
