@@ -60,6 +60,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_winograd_enabled", &pyowt::set_cpu_winograd_enabled, pybind11::arg("enabled"),
         "Turns the cpu backend's Winograd 3x3 forward on or off (AVX-512 CPUs); returns the "
         "previous setting");
+  m.def("winograd_conv2d_weight_grad",
+        [](const at::Tensor& x, const at::Tensor& grad_out, int64_t r, std::vector<int64_t> padding) {
+          TORCH_CHECK(padding.size() == 2, "padding must have 2 elements, got ", padding.size());
+          return pyowt::winograd_conv2d_weight_grad(x, grad_out, r, padding);
+        },
+        pybind11::arg("x"), pybind11::arg("grad_out"), pybind11::arg("r"), pybind11::arg("padding"),
+        "Internal (tests): the cpu backend's Winograd weight gradient of a stride-1 r x r "
+        "convolution, (C_out, C_in, r, r)");
   m.def("cpu_winograd_enabled", &pyowt::cpu_winograd_enabled,
         "Whether the cpu backend may run its Winograd 3x3 forward here (AVX-512F and switched on)");
 }

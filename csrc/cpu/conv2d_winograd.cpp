@@ -25,10 +25,9 @@
 // every output of the 2x2 tiles whose patch holds it (the transforms mix the patch), a
 // superset of the direct convolution's NaN outputs; infinities can become NaN.
 #include "conv2d_winograd.h"
+#include "winograd_kernels.h"
 
 #include <ATen/Parallel.h>
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -39,22 +38,10 @@
 #include <string>
 #include <vector>
 
-#define PYOWT_AVX512 __attribute__((target("avx512f,avx2,fma")))
-
 namespace pyowt {
 namespace {
 
-constexpr int kRows = 8;           // output channels per microkernel call (8 x 2 accumulators)
-constexpr int kVecs = 2;           // tiles per microkernel call, in 16-float vectors
-constexpr int kTiles = 16 * kVecs; // tiles per block
-constexpr int kPad = 16;           // floats added to each xi plane of V: no 4K aliasing
-
-struct Geometry {
-  int n, c, h, w, k, r, ph, pw, h_out, w_out, tiles_h, tiles_w, tiles;
-};
-
-// Transform positions of F(2x2, r x r): (r + 1)^2.
-constexpr int positions(int r) { return (r + 1) * (r + 1); }
+using namespace winograd;
 
 std::atomic<bool>& winograd_switch() {
   static std::atomic<bool> on = [] {
@@ -171,31 +158,6 @@ LaneMap map_lanes(const Geometry& g, int64_t first_tile) {
   return m;
 }
 
-// v = B^T d along one axis. 3x3: B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0],
-// [0, 1, 0, -1]]. 5x5: B^T = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-// [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
-template <int R>
-PYOWT_AVX512 inline void transform_input_1d(const __m512* d, __m512* v) {
-  if constexpr (R == 3) {
-    v[0] = _mm512_sub_ps(d[0], d[2]);
-    v[1] = _mm512_add_ps(d[1], d[2]);
-    v[2] = _mm512_sub_ps(d[2], d[1]);
-    v[3] = _mm512_sub_ps(d[1], d[3]);
-  } else {
-    const __m512 four = _mm512_set1_ps(4.f), five = _mm512_set1_ps(5.f), two = _mm512_set1_ps(2.f);
-    const __m512 p = _mm512_fnmadd_ps(four, d[2], d[4]);  // d4 - 4 d2
-    const __m512 q = _mm512_fnmadd_ps(four, d[1], d[3]);  // d3 - 4 d1
-    const __m512 p2 = _mm512_sub_ps(d[4], d[2]);
-    const __m512 q2 = _mm512_mul_ps(two, _mm512_sub_ps(d[3], d[1]));
-    v[0] = _mm512_fmadd_ps(four, d[0], _mm512_fnmadd_ps(five, d[2], d[4]));
-    v[1] = _mm512_add_ps(p, q);
-    v[2] = _mm512_sub_ps(p, q);
-    v[3] = _mm512_add_ps(p2, q2);
-    v[4] = _mm512_sub_ps(p2, q2);
-    v[5] = _mm512_fmadd_ps(four, d[1], _mm512_fnmadd_ps(five, d[3], d[5]));
-  }
-}
-
 // V[xi][c][0..15] = (B^T d B)[xi] for the 16 tiles of `m`, d the (R+1)^2 input patch of
 // channel c: rows transformed into an L1 buffer, then its columns.
 template <int R>
@@ -223,27 +185,6 @@ PYOWT_AVX512 void transform_input(const float* x, const LaneMap& m, const Geomet
       transform_input_1d<R>(col, v);
       for (int i = 0; i < A; ++i) _mm512_storeu_ps(vc + (i * A + j) * xi_stride, v[i]);
     }
-  }
-}
-
-// M[r][tile] = sum_c U[c][r] * V[c][tile] for kRows rows and kTiles tiles, in registers.
-PYOWT_AVX512 void multiply_block(const float* __restrict U, const float* __restrict V,
-                                 float* __restrict M, int c_in) {
-  __m512 acc[kRows][kVecs];
-  for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  for (int c = 0; c < c_in; ++c) {
-    __m512 vv[kVecs];
-    for (int v = 0; v < kVecs; ++v) vv[v] = _mm512_loadu_ps(V + int64_t(c) * kTiles + v * 16);
-    const float* u = U + int64_t(c) * kRows;
-    for (int r = 0; r < kRows; ++r) {
-      const __m512 b = _mm512_set1_ps(u[r]);
-      for (int v = 0; v < kVecs; ++v) acc[r][v] = _mm512_fmadd_ps(b, vv[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVecs; ++v) _mm512_storeu_ps(M + r * kTiles + v * 16, acc[r][v]);
   }
 }
 

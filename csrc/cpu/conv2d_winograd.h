@@ -34,4 +34,11 @@ at::Tensor winograd_conv2d(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
                            bool relu);
 
+// The weight gradient of conv2d(x, weight, stride=1, padding) for grad_out (N, C_out,
+// H_out, W_out), contiguous float32 with any ReLU mask already applied, and an r x r
+// weight (r = 3 or 5): (C_out, C_in, r, r), computed with Winograd F(r x r, 2 x 2)
+// (conv2d_winograd_wgrad.cpp). Requires winograd_conv2d_accepts(...) for that weight.
+at::Tensor winograd_conv2d_weight_grad(const at::Tensor& x, const at::Tensor& grad_out,
+                                       int64_t r, at::IntArrayRef padding);
+
 }  // namespace pyowt

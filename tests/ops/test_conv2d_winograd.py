@@ -218,3 +218,24 @@ def test_input_gradient_runs_the_winograd_forward(two_threads, kernel, padding):
     assert torch.equal(grad_x, expected)
     ref = torch.nn.grad.conv2d_input(x.shape, w.double(), masked.double(), padding=padding)
     assert_close_rel(grad_x, ref, torch.float32, "grad x")
+
+
+@needs_avx512
+@pytest.mark.parametrize("kernel, padding, batch", [(3, 1, 4), (5, 2, 3), (3, 0, 9), (5, 4, 2)])
+def test_weight_gradient_runs_winograd(two_threads, kernel, padding, batch):
+    """The backward's weight gradient of a layer the forward runs by Winograd is the Winograd
+    weight gradient (bit for bit), accurate against float64, across several tile chunks
+    (31x29 images: 240 tiles each, chunks of ~400-1000 tiles at these channel counts)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(batch, 45, 31, 29, generator=g)
+    w = (torch.randn(51, 45, kernel, kernel, generator=g) / (kernel * 7)).requires_grad_(True)
+    b = torch.randn(51, generator=g).requires_grad_(True)
+    assert algorithm(x, w, padding=padding) == "winograd"
+    out = conv2d_bias_act(x, w, b, padding=padding, backend="cpu")
+    grad_out = torch.randn(out.shape, generator=g)
+    grad_w, grad_b = torch.autograd.grad(out, (w, b), grad_out)
+    masked = torch.where(out > 0, grad_out, torch.zeros(()))
+    assert torch.equal(grad_w, _C.winograd_conv2d_weight_grad(x, masked, kernel, [padding, padding]))
+    ref_w = torch.nn.grad.conv2d_weight(x.double(), w.shape, masked.double(), padding=padding)
+    assert_close_rel(grad_w, ref_w, torch.float32, "grad weight")
+    assert_close_rel(grad_b, masked.double().sum((0, 2, 3)), torch.float32, "grad bias")
