@@ -314,10 +314,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cpu(
   if (want_x && st == at::kFloat && unit_steps && (g.r == 3 || g.r == 5) && g.s == g.r &&
       padding[0] <= g.r - 1 && padding[1] <= g.r - 1 && groups == 1) {
     const std::array<int64_t, 2> pad_t{g.r - 1 - padding[0], g.r - 1 - padding[1]};
-    const at::Tensor w_t = weight.flip({2, 3}).transpose(0, 1).contiguous();
+    const at::Tensor w_t = weight.transpose(0, 1);  // a view: the choice reads only its sizes
     const ConvGeometry gt = check_conv_args(g_masked, w_t, std::nullopt, stride, pad_t, dilation, 1);
     if (winograd_pays(g_masked, w_t, gt, stride, pad_t, dilation, 1)) {
-      grad_x = winograd_conv2d(g_masked, w_t, std::nullopt, pad_t, /*relu=*/false);
+      grad_x = winograd_conv2d(g_masked, w_t.flip({2, 3}).contiguous(), std::nullopt, pad_t,
+                               /*relu=*/false);
       winograd_x = true;
     }
   }
