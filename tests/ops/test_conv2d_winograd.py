@@ -239,3 +239,22 @@ def test_weight_gradient_runs_winograd(two_threads, kernel, padding, batch):
     ref_w = torch.nn.grad.conv2d_weight(x.double(), w.shape, masked.double(), padding=padding)
     assert_close_rel(grad_w, ref_w, torch.float32, "grad weight")
     assert_close_rel(grad_b, masked.double().sum((0, 2, 3)), torch.float32, "grad bias")
+
+
+@needs_avx512
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_opcheck_on_winograd_shapes(two_threads, kernel):
+    """Schema, fake kernel (strides included), autograd registration and AOT dispatch of the
+    C++ ops on shapes whose forward and backward run the Winograd kernels."""
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 33, 24, 26, generator=g, requires_grad=True)
+    w = (torch.randn(40, 33, kernel, kernel, generator=g) / 30).requires_grad_(True)
+    b = torch.randn(40, generator=g, requires_grad=True)
+    pad = kernel // 2
+    assert algorithm(x.detach(), w.detach(), padding=pad) == "winograd"
+    args = (x, w, b, [1, 1], [pad, pad], [1, 1], 1, "relu")
+    torch.library.opcheck(torch.ops.pyowt.conv2d_bias_act.default, args)
+    out = torch.ops.pyowt.conv2d_bias_act(*args).detach()
+    bwd = (torch.randn(out.shape, generator=g), x.detach(), w.detach(), out, *args[3:], True)
+    for mask in ([True, True, True], [False, True, True], [True, False, False], [False, False, True]):
+        torch.library.opcheck(torch.ops.pyowt.conv2d_bias_act_backward.default, (*bwd, mask))
