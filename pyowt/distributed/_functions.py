@@ -31,22 +31,18 @@ def _note(kind, nbytes):
         record(kind, *nbytes)
 
 
-def _refuse_create_graph(transition, dual):
-    """Backward collectives are not differentiable: under ``create_graph`` (gradients of
-    gradients) their results would silently lack the second-order terms, so refuse. Every
-    rank runs the same backward, so every rank raises here and none waits on a collective.
-    """
-    if torch.is_grad_enabled() and not _c.is_compiling():
-        raise RuntimeError(
-            f"pyowt.distributed.{transition}: gradients of gradients (create_graph=True) are not "
-            f"supported across ranks; its backward ({dual}) is a collective without a derivative"
-        )
-
-
+def _differentiable() -> bool:
+    """True in a backward run under ``create_graph=True`` (gradients of gradients): the
+    backward collective must then be recorded as its dual Function, so that the second
+    derivative runs the dual's own backward collective. Every rank runs the same backward,
+    so every rank takes the same branch and the collective sequences stay aligned. Under
+    torch.compile the traced functional collectives are used as before."""
+    return torch.is_grad_enabled() and not _c.is_compiling()
 
 
 class AllGather(Function):
-    """(m, *rest) per rank -> (K*m, *rest); backward reduce-scatter or own-slice."""
+    """(m, *rest) per rank -> (K*m, *rest); backward reduce-scatter (grad "reduce_scatter")
+    or this rank's slice (grad "split")."""
 
     @staticmethod
     def forward(ctx, t, group, k, rank, grad, nbytes, done):
@@ -65,11 +61,18 @@ class AllGather(Function):
         k, rank = ctx.k, ctx.rank
         if ctx.grad == "split":
             m = g.shape[0] // k
+            if k > 1 and _differentiable():
+                # This rank's slice, recorded as a split: differentiated again, the slices'
+                # (Shard) gradients are all-gathered back into the Replicate one.
+                return (Split.apply(g, 0, (m,) * k, ctx.group, k, rank, ctx.nbytes),
+                        None, None, None, None, None, None)
             return g[rank * m:(rank + 1) * m], None, None, None, None, None, None
+        if k > 1 and _differentiable():
+            return (ReduceScatter.apply(g.contiguous(), ctx.group, k, rank, ctx.nbytes[::-1], None),
+                    None, None, None, None, None, None)
         _note("reduce_scatter", ctx.nbytes[::-1])
         if k == 1:
             return g, None, None, None, None, None, None
-        _refuse_create_graph("all_gather", "reduce-scatter")
         g = g.contiguous()
         if _c.is_compiling():
             return _c.traced_reduce_scatter(g, ctx.group), None, None, None, None, None, None
@@ -94,10 +97,12 @@ class ReduceScatter(Function):
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.k > 1 and _differentiable():
+            return (AllGather.apply(g.contiguous(), ctx.group, ctx.k, ctx.rank, "reduce_scatter",
+                                    ctx.nbytes[::-1], None), None, None, None, None, None)
         _note("all_gather", ctx.nbytes[::-1])
         if ctx.k == 1:
             return g, None, None, None, None, None
-        _refuse_create_graph("reduce_scatter", "all-gather")
         g = g.contiguous()
         if _c.is_compiling():
             return _c.traced_all_gather(g, ctx.group), None, None, None, None, None
@@ -110,6 +115,7 @@ class AllReduce(Function):
 
     @staticmethod
     def forward(ctx, x, group, k, nbytes, done):
+        ctx.group, ctx.k, ctx.nbytes = group, k, nbytes
         if done is not None:
             return done
         _note("all_reduce", nbytes)
@@ -123,6 +129,10 @@ class AllReduce(Function):
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.k > 1 and _differentiable():
+            # The identity, recorded as a copy to the group: differentiated again, the
+            # ranks' (Partial) gradients of g are summed into the Replicate one.
+            return CopyToGroup.apply(g, ctx.group, ctx.k, ctx.nbytes), None, None, None, None
         return g, None, None, None, None
 
 
@@ -136,10 +146,11 @@ class CopyToGroup(Function):
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.k > 1 and _differentiable():
+            return AllReduce.apply(g, ctx.group, ctx.k, ctx.nbytes, None), None, None, None
         _note("all_reduce", ctx.nbytes)
         if ctx.k == 1:
             return g, None, None, None
-        _refuse_create_graph("copy_to_group", "all-reduce")
         if _c.is_compiling():
             return _c.traced_all_reduce(g.contiguous(), ctx.group), None, None, None
         buf = _c.dense_clone(g)
@@ -171,11 +182,20 @@ class Broadcast(Function):
     @staticmethod
     def backward(ctx, g):
         sent, received = ctx.nbytes
-        _note("reduce", (received, sent))
         none = (None,) * 7
+        if ctx.k > 1 and _differentiable():
+            summed = ReduceTo.apply(g, ctx.src, ctx.src_global, ctx.group, ctx.k, ctx.rank,
+                                    (received, sent))
+            if ctx.rank == ctx.src:
+                return (summed,) + none
+            # This rank's x is unused (gradient zero), but its gradient must stay attached to
+            # the graph: differentiating it again runs ReduceTo's backward broadcast, which
+            # every rank has to join (with None here, only the source rank could). where()
+            # passes a zero derivative without reading the unspecified sum.
+            return (torch.where(torch.zeros((), dtype=torch.bool, device=g.device), summed, 0.0),) + none
+        _note("reduce", (received, sent))
         if ctx.k == 1:
             return (g,) + none
-        _refuse_create_graph("broadcast", "reduce")
         if _c.is_compiling():
             # No functional reduce: an all-reduce gives src the same sum. Elsewhere its
             # result must still be used, or the graph drops the collective on those ranks
@@ -208,11 +228,13 @@ class ReduceTo(Function):
     @staticmethod
     def backward(ctx, g):
         sent, received = ctx.nbytes
-        _note("broadcast", (received, sent))
         none = (None,) * 6
+        if ctx.k > 1 and _differentiable():
+            return (Broadcast.apply(g, ctx.dst, ctx.dst_global, ctx.group, ctx.k, ctx.rank,
+                                    (received, sent), None),) + none
+        _note("broadcast", (received, sent))
         if ctx.k == 1:
             return (g,) + none
-        _refuse_create_graph("reduce_to", "broadcast")
         if _c.is_compiling():
             return (_c.traced_broadcast(g.contiguous(), ctx.dst, ctx.group),) + none
         if ctx.rank == ctx.dst:
@@ -239,13 +261,17 @@ class Split(Function):
     def backward(ctx, g):
         from ._packing import pack_piece, unpack_gathered
 
-        _note("all_gather", ctx.nbytes)
         none = (None,) * 6
         if ctx.k == 1:
+            _note("all_gather", ctx.nbytes)
             return (g,) + none
-        _refuse_create_graph("split", "all-gather")
         m = max(ctx.sizes)
         t, perm = pack_piece(g, ctx.dim, m)
+        if _differentiable():
+            # The pieces' gathering, recorded: its own backward takes this rank's piece back.
+            buf = AllGather.apply(t, ctx.group, ctx.k, ctx.rank, "split", ctx.nbytes, None)
+            return (unpack_gathered(buf, ctx.sizes, m, perm, _c.memory_format(g)),) + none
+        _note("all_gather", ctx.nbytes)
         if _c.is_compiling():
             buf = _c.traced_all_gather(t, ctx.group)
         else:

@@ -24,10 +24,17 @@ Getting the backward wrong scales gradients by K: pick ``all_gather``'s ``grad``
 the consumer's gradient is (``"reduce_scatter"`` after a split-weight layer, whose gradient
 is a Partial sum; ``"split"`` when every rank computes the same, replicated gradient).
 
-Gradients of gradients (``create_graph=True``) across ranks: a backward that is itself a
-collective (every row above but ``all_reduce`` and ``all_gather(grad="split")``) has no
-derivative, so with K > 1 it raises a RuntimeError on every rank rather than return a
-gradient whose second-order terms would silently be missing.
+Gradients of gradients (``create_graph=True``) across ranks work: under create_graph each
+backward is recorded as its dual transition (``all_gather``'s reduce-scatter as a
+``reduce_scatter``, ``broadcast``'s reduce as a ``reduce_to``, ``all_reduce``'s identity as
+a ``copy_to_group``, ``all_gather(grad="split")``'s slice as a ``split``, ...), so
+differentiating the gradient runs the dual's own backward collective. (A plain identity or
+slice there would be differentiable but wrong: the second derivative of a gradient penalty
+through a column -> row parallel stack was 26-43% off that way.) As for first derivatives, every rank
+must differentiate the same graph (a Replicate gradient, e.g. after ``copy_to_group``,
+consumed identically on every rank); ``broadcast`` gives its non-source ranks a zero
+gradient attached to the graph (not None) so that they can join the second derivative's
+collective (torch.compile itself does not support double backward).
 
 Every function validates its input (TypeError / ValueError naming the value), works on CPU
 (Gloo) and CUDA (NCCL) tensors of any memory layout (allocating on the input's device;
