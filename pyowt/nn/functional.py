@@ -100,7 +100,8 @@ class _ParallelCrossEntropy(torch.autograd.Function):
         count = valid.sum()
         ctx.reduction = reduction
         ctx.out_dtype = logits.dtype
-        ctx.save_for_backward(logits, lse, idx, mine, valid, count)
+        ctx.pg = pg
+        ctx.save_for_backward(logits, lse, row_max, idx, mine, valid, count)
         if reduction == "none":
             return losses.to(logits.dtype)
         s = losses.sum()
@@ -110,11 +111,21 @@ class _ParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        logits, lse, idx, mine, valid, count = ctx.saved_tensors
+        logits, lse, row_max, idx, mine, valid, count = ctx.saved_tensors
         z = logits.to(lse.dtype)
+        if torch.is_grad_enabled():
+            # create_graph: the saved lse is a constant to autograd, and a second derivative
+            # would miss its dependence on every rank's logits (the -p p^T of the softmax
+            # Hessian). Recompute it differentiably; its sum over ranks is Partial in the
+            # gradient (each rank's consumer differs), hence copy_to_group(all_reduce(.)),
+            # whose backward sums the ranks' gradients.
+            local = torch.exp(z - row_max[:, None]).sum(dim=1)
+            total = pdist.copy_to_group(pdist.all_reduce(local, group=ctx.pg), group=ctx.pg)
+            lse = torch.log(total) + row_max
         p = torch.exp(z - lse[:, None])
         if z.shape[1] > 0:
-            p.scatter_add_(1, idx[:, None], -mine.to(p.dtype)[:, None])
+            # Out of place: under create_graph, exp's backward needs p as it was.
+            p = p.scatter_add(1, idx[:, None], -mine.to(p.dtype)[:, None])
         g = grad.to(lse.dtype)
         if ctx.reduction == "mean":
             g = g / count

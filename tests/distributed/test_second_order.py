@@ -178,3 +178,50 @@ def test_gradient_penalty_through_parallel_linear_stack(run_workers, k):
     for value_err, scale, grad_errs in run_workers(k, _gradient_penalty_worker, timeout=90):
         assert scale > 0 and value_err <= 1e-5 * scale
         assert max(grad_errs) < 1e-5, grad_errs
+
+
+def _loss_hessian_worker():
+    """Second derivatives of parallel_cross_entropy (logits sharded by class) against
+    F.cross_entropy on the full logits: a gradient penalty on the logits, per reduction."""
+    import torch.nn.functional as F
+
+    from pyowt.nn.functional import parallel_cross_entropy
+
+    rank, k = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(6, 11, generator=g)
+    target = torch.randint(0, 11, (6,), generator=g)
+    target[2] = -100  # ignored
+    sizes = [len(c) for c in torch.arange(11).tensor_split(k)]
+    offset = sum(sizes[:rank])
+    errors = []
+    for reduction in ("mean", "sum", "none"):
+        def penalty(logits, loss_fn):
+            logits = logits.clone().requires_grad_(True)
+            loss = loss_fn(logits)
+            weights = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+            (grad,) = torch.autograd.grad((loss * weights).sum(), logits, create_graph=True)
+            return logits, grad, grad.pow(2).sum()
+
+        ref_in, ref_grad, ref_pen = penalty(full.double(), lambda z: F.cross_entropy(
+            z, target, reduction=reduction))
+        (ref_h,) = torch.autograd.grad(ref_pen, ref_in)
+        shard = full[:, offset:offset + sizes[rank]]
+        ours_in, ours_grad, ours_pen_local = penalty(shard, lambda z: parallel_cross_entropy(
+            z, target, reduction=reduction))
+        # This rank's part of the penalty: the squared gradient of its own classes.
+        (ours_h,) = torch.autograd.grad(ours_pen_local, ours_in)
+        want_grad = ref_grad[:, offset:offset + sizes[rank]]
+        want_h = ref_h[:, offset:offset + sizes[rank]]
+        errors.append((reduction,
+                       float((ours_grad.double() - want_grad).norm() / want_grad.norm()),
+                       float((ours_h.double() - want_h).norm() / want_h.norm())))
+    return errors
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_parallel_cross_entropy_second_derivatives(run_workers, k):
+    for errors in run_workers(k, _loss_hessian_worker, timeout=90):
+        for reduction, grad_err, hess_err in errors:
+            assert grad_err < 1e-5, (reduction, grad_err)
+            assert hess_err < 1e-5, (reduction, hess_err)
