@@ -141,7 +141,6 @@ def _gradient_penalty_worker():
     in float64 in one process."""
     from pyowt.nn import ColumnParallelLinear, RowParallelLinear
 
-    rank, k = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same full layers and input on every rank
     fc1, fc2 = torch.nn.Linear(13, 17), torch.nn.Linear(17, 5)  # float32, as the fused ops
     x = torch.randn(7, 13)
