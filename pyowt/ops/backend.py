@@ -115,6 +115,22 @@ def forward_ad_active() -> bool:
     return getattr(_forward_ad, "_current_level", -1) >= 0
 
 
+_functorch_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack",
+                           lambda: None)
+
+
+def functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (grad, vjp, jacrev, hessian, vmap, jvp, ...).
+
+    The C++ ops' autograd is a C++ ``autograd::Function`` and the Triton ops' a registered
+    autograd without functorch rules: under these transforms torch refuses both ("cannot use
+    C++ torch::autograd::Function with functorch transforms"), so the op front ends run the
+    ATen composition there, which every transform supports (vmap then uses ATen's batching
+    rules instead of a per-sample loop). Not while torch.compile traces (nothing to peek).
+    """
+    return _functorch_stack() is not None and not _is_compiling()  # the cheap test first
+
+
 def is_forced(op: str, backend: Optional[str] = None) -> bool:
     """True when ``backend=`` or the environment names ``op``'s backend (no default applies)."""
     return _requested(op, backend)[0] is not None

@@ -19,8 +19,8 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import (call_cpp_op, forward_ad_active, is_forced, register_op, resolve_backend,
-                      unavailable_reason)
+from .backend import (call_cpp_op, forward_ad_active, functorch_active, is_forced, register_op,
+                      resolve_backend, unavailable_reason)
 
 OP = "conv2d_bias_act"
 # The default is the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, batch
@@ -348,6 +348,8 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if (chosen == "aten" and x.is_cuda and cuda_kernel_preferred(x, weight, groups)
             and not is_forced(OP, backend) and unavailable_reason("cuda", x.device) is None):
         chosen = "cuda"
+    if functorch_active():
+        chosen = "aten"
     if chosen in ("cpu", "cuda"):
         # The C++ op checks the tensors itself (csrc/cpu/conv2d.cpp, csrc/cuda/conv2d.cu,
         # same wording); the full Python checks cost ~5 us per call.

@@ -17,7 +17,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import call_cpp_op, forward_ad_active, register_op, resolve_backend
+from .backend import call_cpp_op, forward_ad_active, functorch_active, register_op, resolve_backend
 
 OP = "linear_bias_act"
 # CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
@@ -219,6 +219,8 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if not isinstance(x, torch.Tensor) or not _checks.tensors_on_one_device(x, weight, bias):
         check_linear_args(x, weight, bias)  # raises, naming the argument
     chosen = resolve_backend(OP, x.device, backend)
+    if functorch_active():
+        chosen = "aten"
     if chosen in ("cpu", "cuda"):
         # The C++ op checks every argument itself (csrc/linear.cpp); checking twice on
         # every call cost ~1.5 us of host time on the hot path.

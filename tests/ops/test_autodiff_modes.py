@@ -7,6 +7,9 @@
 * Forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``): the kernels have no
   forward derivative, so calls carrying a tangent run the ATen composition; before, the
   tangent silently came back as zero.
+* ``torch.func`` transforms (grad, hessian, vmap of grad): torch refuses the C++ ops'
+  autograd::Function and the Triton ops' registered autograd under them, so the ops run
+  the ATen composition inside a transform.
 * In-place use of an output (an in-place ReLU or dropout after a layer without
   activation): allowed where the backward does not need the output, refused by autograd's
   version check where it does (the ReLU mask); the Triton linear returned a view, which
@@ -105,6 +108,43 @@ def test_forward_mode_tangents_match_aten(backend, case, request):
     assert ref_jvp.abs().sum() > 0, "degenerate case: the reference tangent is zero"
     assert_close_rel(jvp, ref_jvp, torch.float32, f"{case}, torch.func.jvp tangent", tol=1e-4)
     assert_close_rel(dual, ref_dual, torch.float32, f"{case}, forward_ad tangent", tol=1e-4)
+
+
+def _func_transforms(call, backend, shapes, device, seed):
+    """torch.func: gradients, gradients of gradients, per-sample gradients (vmap of grad)."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = [(torch.randn(s, generator=g) / (s[-1] ** 0.5 if i else 1)).to(device)
+              for i, s in enumerate(shapes)]
+    argnums = tuple(range(len(leaves)))
+
+    def f(*a):
+        return call(backend, *a).pow(2).sum()
+
+    first = torch.func.grad(f, argnums=argnums)(*leaves)
+    second = torch.func.grad(
+        lambda *a: sum((d * d).sum() for d in torch.func.grad(f, argnums=argnums)(*a)),
+        argnums=argnums)(*leaves)
+    batch = torch.stack([leaves[0], 0.5 * leaves[0] + 1])
+    per_sample = torch.func.vmap(torch.func.grad(f, argnums=1),
+                                 in_dims=(0,) + (None,) * (len(leaves) - 1))(batch, *leaves[1:])
+    return list(first) + list(second) + [per_sample]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_torch_func_transforms_match_aten(backend, case, request):
+    """Under torch.func (grad, grad of grad, vmap of grad) the ops run the ATen composition:
+    torch refuses the C++ ops' autograd::Function and the Triton ops' registered autograd
+    there ("cannot use C++ torch::autograd::Function with functorch transforms")."""
+    call, shapes, _ = CASES[case]
+    device = _device(backend, request)
+    with fp32_precision(tf32=False):
+        ours = _func_transforms(call, backend, shapes, device, seed=4)
+        ref = _func_transforms(call, "aten", shapes, device, seed=4)
+    assert ref[-1].abs().sum() > 0, "degenerate case: the per-sample gradients are zero"
+    for i, (a, r) in enumerate(zip(ours, ref)):
+        assert_close_rel(a, r, torch.float32, f"{case}, torch.func result {i}", tol=1e-4)
 
 
 IN_PLACE = {
