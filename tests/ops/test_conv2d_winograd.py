@@ -1,4 +1,6 @@
-"""The cpu backend's Winograd F(2x2, 3x3) forward (csrc/cpu/conv2d_winograd.cpp).
+"""The cpu backend's Winograd kernels: the F(2x2, 3x3) / F(2x2, 5x5) forward, which also
+computes the input gradient (csrc/cpu/conv2d_winograd.cpp), and the F(r x r, 2x2) weight
+gradient (csrc/cpu/conv2d_winograd_wgrad.cpp).
 
 Every numeric test first asserts that the backend really picks Winograd for its shape, so
 a change of the dispatch rules cannot turn these into tests of oneDNN. They need an
