@@ -81,3 +81,14 @@ def record_calls(monkeypatch, module, *names):
         if real is not None:
             monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     return calls
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with ``n`` intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

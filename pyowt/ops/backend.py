@@ -131,6 +131,13 @@ def functorch_active() -> bool:
     return _functorch_stack() is not None and not _is_compiling()  # the cheap test first
 
 
+def composition_required(chosen: str) -> bool:
+    """Whether a call for which ``chosen`` was resolved must run the ATen composition
+    instead: inside a torch.func transform (any backend), or carrying a forward-mode
+    tangent on the Triton backend (the C++ ops route tangents themselves)."""
+    return functorch_active() or (chosen == "triton" and forward_ad_active())
+
+
 def is_forced(op: str, backend: Optional[str] = None) -> bool:
     """True when ``backend=`` or the environment names ``op``'s backend (no default applies)."""
     return _requested(op, backend)[0] is not None

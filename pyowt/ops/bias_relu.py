@@ -15,7 +15,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import forward_ad_active, functorch_active, register_op, resolve_backend
+from .backend import composition_required, register_op, resolve_backend
 
 OP = "bias_relu"
 register_op(
@@ -143,7 +143,7 @@ def bias_relu(x: torch.Tensor, bias: torch.Tensor, dim: int = 1, backend: Option
             f"{tuple(x.shape)}, got {tuple(bias.shape)}"
         )
     chosen = resolve_backend(OP, x.device, backend)
-    if chosen == "aten" or (chosen == "triton" and forward_ad_active()) or functorch_active():
+    if chosen == "aten" or composition_required(chosen):
         return bias_relu_reference(x, bias, dim)
     if chosen == "triton":
         return torch.ops.pyowt.bias_relu_triton(x, bias, dim)

@@ -19,8 +19,8 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import (call_cpp_op, forward_ad_active, functorch_active, is_forced, register_op,
-                      resolve_backend, unavailable_reason)
+from .backend import (call_cpp_op, composition_required, is_forced, register_op, resolve_backend,
+                      unavailable_reason)
 
 OP = "conv2d_bias_act"
 # The default is the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, batch
@@ -348,7 +348,7 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if (chosen == "aten" and x.is_cuda and cuda_kernel_preferred(x, weight, groups)
             and not is_forced(OP, backend) and unavailable_reason("cuda", x.device) is None):
         chosen = "cuda"
-    if functorch_active():
+    if composition_required(chosen):
         chosen = "aten"
     if chosen in ("cpu", "cuda"):
         # The C++ op checks the tensors itself (csrc/cpu/conv2d.cpp, csrc/cuda/conv2d.cu,
@@ -359,6 +359,6 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                            lambda: _validate(x, weight, bias, stride, padding, dilation, groups, activation))
     shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
     args = (list(shape.stride), list(shape.padding), list(shape.dilation), shape.groups, act)
-    if chosen == "aten" or forward_ad_active():
+    if chosen == "aten":
         return conv2d_bias_act_reference(x, weight, bias, *args)
     return torch.ops.pyowt.conv2d_bias_act_triton(x, weight, bias, *args)

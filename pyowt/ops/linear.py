@@ -17,7 +17,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import call_cpp_op, forward_ad_active, functorch_active, register_op, resolve_backend
+from .backend import call_cpp_op, composition_required, register_op, resolve_backend
 
 OP = "linear_bias_act"
 # CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
@@ -219,7 +219,7 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if not isinstance(x, torch.Tensor) or not _checks.tensors_on_one_device(x, weight, bias):
         check_linear_args(x, weight, bias)  # raises, naming the argument
     chosen = resolve_backend(OP, x.device, backend)
-    if functorch_active():
+    if composition_required(chosen):
         chosen = "aten"
     if chosen in ("cpu", "cuda"):
         # The C++ op checks every argument itself (csrc/linear.cpp); checking twice on
@@ -227,6 +227,6 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return call_cpp_op(_linear_direct, _linear_cpp, (x, weight, bias, act),
                            lambda: check_linear_args(x, weight, bias))
     check_linear_args(x, weight, bias)
-    if chosen == "aten" or forward_ad_active():
+    if chosen == "aten":
         return linear_bias_act_reference(x, weight, bias, act)
     return torch.ops.pyowt.linear_bias_act_triton(x, weight, bias, act)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pyowt import _extension
 
-from ..utils import assert_close_rel, fp32_precision, rel_err
+from ..utils import assert_close_rel, fp32_precision, rel_err, torch_threads
 
 
 def _reference(x, weight, bias, stride, padding, dilation, groups, activation):
@@ -250,10 +250,8 @@ EMU_CASES = [
 @pytest.fixture
 def one_thread():
     # The emulation runs thousands of tiny ops: intra-op threads only add overhead.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("nhwc_out", [False, True])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pyowt import _extension
 from pyowt.ops import conv2d_bias_act
 
-from ..utils import assert_close_rel
+from ..utils import assert_close_rel, torch_threads
 
 if not _extension.STATUS.loaded:
     pytest.skip("extension not built", allow_module_level=True)
@@ -29,10 +29,8 @@ needs_avx512 = pytest.mark.skipif(not _C.cpu_winograd_enabled(),
 @pytest.fixture
 def two_threads():
     """The dispatch rule counts tile blocks per thread: fix the thread count it sees."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 def algorithm(x, w, stride=1, padding=1, dilation=1, groups=1):
@@ -138,15 +136,11 @@ def test_configs_cover_the_kernel_edges():
 def test_same_bits_on_one_and_two_threads():
     """Each tile block is computed the same way whichever thread runs it."""
     x, w, b = _inputs(CONFIGS[0])
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (2, 1):
-            torch.set_num_threads(threads)
+    outs = []
+    for threads in (2, 1):
+        with torch_threads(threads):
             assert algorithm(x, w, padding=CONFIGS[0]["padding"]) == "winograd"
             outs.append(conv2d_bias_act(x, w, b, padding=CONFIGS[0]["padding"], backend="cpu"))
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1])
 
 
