@@ -58,8 +58,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The forward the cpu backend of conv2d_bias_act runs for these arguments: "
         "'winograd', 'onednn' or 'aten'");
   m.def("set_cpu_winograd_enabled", &pyowt::set_cpu_winograd_enabled, pybind11::arg("enabled"),
-        "Turns the cpu backend's Winograd 3x3 forward on or off (AVX-512 CPUs); returns the "
-        "previous setting");
+        "Turns the cpu backend's Winograd kernels (3x3 / 5x5 forward and gradients, AVX-512 "
+        "CPUs) on or off; returns the previous setting");
   m.def("winograd_conv2d_weight_grad",
         [](const at::Tensor& x, const at::Tensor& grad_out, int64_t r, std::vector<int64_t> padding) {
           TORCH_CHECK(padding.size() == 2, "padding must have 2 elements, got ", padding.size());
@@ -69,5 +69,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Internal (tests): the cpu backend's Winograd weight gradient of a stride-1 r x r "
         "convolution, (C_out, C_in, r, r)");
   m.def("cpu_winograd_enabled", &pyowt::cpu_winograd_enabled,
-        "Whether the cpu backend may run its Winograd 3x3 forward here (AVX-512F and switched on)");
+        "Whether the cpu backend may run its Winograd kernels here (AVX-512F and switched on)");
 }

@@ -29,6 +29,7 @@
 #include "conv2d_cpu.h"
 #include "conv2d_output_mask.h"
 #include "conv2d_winograd.h"
+#include "winograd_kernels.h"
 
 namespace pyowt {
 namespace {
@@ -166,7 +167,7 @@ bool winograd_pays(const at::Tensor& x, const at::Tensor& weight, const ConvGeom
   const int64_t winograd = tiles_per_image * (g.r + 1) * (g.s + 1);
   if (direct * 10 < winograd * (five ? 18 : 13)) return false;
   // At least two tile blocks per thread.
-  return g.n * tiles_per_image >= 2 * winograd_tile_block() * at::get_num_threads();
+  return g.n * tiles_per_image >= 2 * winograd::kTiles * at::get_num_threads();
 }
 
 // oneDNN runs float32 everywhere, but float16/bfloat16 only on CPUs with the matching ISA

@@ -293,8 +293,6 @@ bool cpu_winograd_enabled() { return cpu_has_avx512f() && winograd_switch().load
 
 bool set_cpu_winograd_enabled(bool enabled) { return winograd_switch().exchange(enabled); }
 
-int64_t winograd_tile_block() { return kTiles; }
-
 bool winograd_conv2d_accepts(const at::Tensor& x, const at::Tensor& weight,
                              at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups) {

@@ -23,9 +23,6 @@ bool winograd_conv2d_accepts(const at::Tensor& x, const at::Tensor& weight,
                              at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups);
 
-// Output tiles (2x2 each) per block, the unit of work split across threads.
-int64_t winograd_tile_block();
-
 // act(conv2d(x, weight, bias, stride=1, padding)) as a contiguous (N, C_out, H_out, W_out)
 // float32 tensor, computed with Winograd F(2x2, r x r) for the weight's r in {3, 5}; bias
 // and ReLU in the output transform. Requires winograd_conv2d_accepts(...) and
