@@ -56,6 +56,19 @@ def pow2_align(*values: int, cap: int = 16) -> int:
     return a
 
 
+def channel_align(channels: int, t: torch.Tensor) -> int:
+    """The ``X_ALIGN``/``Y_ALIGN`` hint for an (N, C, H, W) tensor ``t`` read or written along
+    its channels: the largest power of two (<= 16) dividing ``channels`` and every pixel
+    stride (N, H, W) of ``t`` when its channels are contiguous, else 1.
+
+    The channel stride itself (1) is left out: including it made every hint 1, and the
+    gathers compiled to scalar loads with no async-copy pipelining.
+    """
+    if t.stride(1) != 1:
+        return 1
+    return pow2_align(channels, t.stride(0), t.stride(2), t.stride(3))
+
+
 def make_pruner(rows: str, cols: str):
     """An ``early_config_prune`` keeping tiles that fit the problem (rows x cols tiles
     named BLOCK_M x BLOCK_N); tiny problems get the first such config and no tuning.
@@ -233,6 +246,5 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
         *x.stride(), *y.stride(),
         *shape.stride, *shape.padding, *shape.dilation,
         HAS_BIAS=bias is not None, RELU=relu, FLAT_K=flat, IEEE=x.dtype == torch.float32,
-        X_ALIGN=pow2_align(c, *x.stride()) if x.stride(1) == 1 else 1,
-        Y_ALIGN=pow2_align(co, *y.stride()) if y.stride(1) == 1 else 1,
+        X_ALIGN=channel_align(c, x), Y_ALIGN=channel_align(co, y),
     )

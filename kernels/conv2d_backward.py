@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from . import interpreter_enabled
-from .conv2d import (GEOMETRY_ARGS, _config, check_int32_images, grouped_tile, make_pruner, mma,
-                     pow2_align, use_flat_k)
+from .conv2d import (GEOMETRY_ARGS, _config, channel_align, check_int32_images, grouped_tile,
+                     make_pruner, mma, use_flat_k)
 
 
 def dgrad_configs():
@@ -240,8 +240,7 @@ def launch_conv2d_dgrad(launch, dy: torch.Tensor, out: torch.Tensor, w_cl: torch
         *dy.stride(), *dx.stride(),
         *shape.stride, *shape.padding, *shape.dilation,
         RELU=relu, IEEE=dy.dtype == torch.float32,
-        X_ALIGN=pow2_align(c, *dx.stride()) if dx.stride(1) == 1 else 1,
-        Y_ALIGN=pow2_align(co, *dy.stride()) if dy.stride(1) == 1 else 1,
+        X_ALIGN=channel_align(c, dx), Y_ALIGN=channel_align(co, dy),
     )
 
 
@@ -282,8 +281,7 @@ def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Te
         *dy.stride(), *x.stride(),
         *shape.stride, *shape.padding, *shape.dilation,
         HAS_BIAS=has_bias, RELU=relu, IEEE=dy.dtype == torch.float32, FLAT_K=flat,
-        X_ALIGN=pow2_align(c, *x.stride()) if x.stride(1) == 1 else 1,
-        Y_ALIGN=pow2_align(co, *dy.stride()) if dy.stride(1) == 1 else 1,
+        X_ALIGN=channel_align(c, x), Y_ALIGN=channel_align(co, dy),
     )
     # The partials are summed in float32 in a fixed order: deterministic.
     dw = dw[0] if n_split == 1 else dw.sum(dim=0)
