@@ -176,22 +176,35 @@ def conv2d_fwd_kernel(
             b = tl.load(w_row[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = mma(a, b, acc, IEEE)
     else:
-        # One loop over (tap, channel block) so the compiler pipelines all of it.
-        c_blocks = tl.cdiv(C, BLOCK_K)
-        for it in range(0, R * S * c_blocks):
-            rs = it // c_blocks
-            c0 = (it % c_blocks) * BLOCK_K
-            ih = ih0 + (rs // S) * dil_h
-            iw = iw0 + (rs % S) * dil_w
+        # One loop over (tap, channel block) so the compiler pipelines all of it. The tap
+        # (r, s) and channel block advance as loop-carried counters: dividing the iteration
+        # number instead cost two integer divisions per iteration, about a quarter of the
+        # loop's instructions on sm_90 (an issue-bound loop at BLOCK_K = 32).
+        zero = tl.program_id(0) * 0  # an int32 scalar to start the counters from
+        c0 = zero  # first channel of the block
+        s = zero
+        dr = zero  # r * dil_h
+        tap_k = zero  # (r * S + s) * C: the tap's first column in a weight row
+        for _ in range(0, R * S * tl.cdiv(C, BLOCK_K)):
+            ih = ih0 + dr
+            iw = iw0 + s * dil_w
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             offs_c = c0 + tl.arange(0, BLOCK_K)
             c_ok = offs_c < C
             a_pix = tl.multiple_of(ih * sxh + iw * sxw, X_ALIGN)
             a = tl.load((x_img + a_pix)[:, None] + offs_c[None, :] * sxc,
                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(w_row[None, :] + (rs * C + offs_c)[:, None],
+            b = tl.load(w_row[None, :] + (tap_k + offs_c)[:, None],
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = mma(a, b, acc, IEEE)
+            c0 += BLOCK_K
+            next_tap = c0 >= C
+            c0 = tl.where(next_tap, 0, c0)
+            tap_k = tl.where(next_tap, tap_k + C, tap_k)
+            s = tl.where(next_tap, s + 1, s)
+            next_row = s == S
+            s = tl.where(next_row, 0, s)
+            dr = tl.where(next_row, dr + dil_h, dr)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + g * CO + offs_n, mask=n_ok, other=0.0)

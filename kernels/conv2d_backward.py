@@ -63,7 +63,8 @@ def conv2d_dgrad_kernel(
     syn, syc, syh, syw,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    RELU: tl.constexpr, IEEE: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
+    RELU: tl.constexpr, IEEE: tl.constexpr, UNIT_STRIDE: tl.constexpr,
+    X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Y_ALIGN divides dy's pixel offsets and CO; X_ALIGN divides dx's pixel offsets and C
@@ -82,21 +83,32 @@ def conv2d_dgrad_kernel(
     iw = pix % W
     y_img = tl.multiple_of(img.to(tl.int64) * syn + (g * CO) * syc, Y_ALIGN)
     KW = R * S * C
+    # Row tk = co0 + k of the weight tile starts at w_rows[k] + co0 * KW.
+    w_rows = w_ptr + (g * CO + tl.arange(0, BLOCK_K)).to(tl.int64) * KW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    co_blocks = tl.cdiv(CO, BLOCK_K)
-    for it in range(0, R * S * co_blocks):
-        rs = it // co_blocks
-        co0 = (it % co_blocks) * BLOCK_K
-        th = ih + pad_h - (rs // S) * dil_h
-        tw = iw + pad_w - (rs % S) * dil_w
-        # Clamp before dividing: negative values are masked anyway, and integer division
-        # of negatives differs between the GPU (truncates) and the interpreter (floors).
-        thc = tl.maximum(th, 0)
-        twc = tl.maximum(tw, 0)
-        oh = thc // stride_h
-        ow = twc // stride_w
-        row_ok = (m_ok & (th >= 0) & (tw >= 0) & (thc % stride_h == 0) & (twc % stride_w == 0)
-                  & (oh < HO) & (ow < WO))
+    # The loop walks (tap, output-channel block) with loop-carried counters instead of
+    # dividing the iteration number (two integer divisions per iteration on sm_90).
+    zero = tl.program_id(0) * 0  # an int32 scalar to start the counters from
+    co0 = zero
+    s = zero
+    dr = zero  # r * dil_h
+    tap_k = zero  # (r * S + s) * C: the tap's first column in a weight row
+    for _ in range(0, R * S * tl.cdiv(CO, BLOCK_K)):
+        th = ih + pad_h - dr
+        tw = iw + pad_w - s * dil_w
+        if UNIT_STRIDE:  # most layers: no per-row divisions at all
+            row_ok = m_ok & (th >= 0) & (tw >= 0) & (th < HO) & (tw < WO)
+            oh = th
+            ow = tw
+        else:
+            # Clamp before dividing: negative values are masked anyway, and integer division
+            # of negatives differs between the GPU (truncates) and the interpreter (floors).
+            thc = tl.maximum(th, 0)
+            twc = tl.maximum(tw, 0)
+            oh = thc // stride_h
+            ow = twc // stride_w
+            row_ok = (m_ok & (th >= 0) & (tw >= 0) & (thc % stride_h == 0) & (twc % stride_w == 0)
+                      & (oh < HO) & (ow < WO))
         offs_co = co0 + tl.arange(0, BLOCK_K)
         co_ok = offs_co < CO
         ld_ok = row_ok[:, None] & co_ok[None, :]
@@ -107,9 +119,19 @@ def conv2d_dgrad_kernel(
             o = tl.load(out_ptr + y_off, mask=ld_ok, other=0.0)
             dy = tl.where(o > 0, dy, tl.zeros_like(dy))
         # w[co, c, r, s] sits at (g*CO + co) * KW + (r*S + s) * C + c in (C_out, R, S, C).
-        w_off = (g * CO + offs_co).to(tl.int64)[:, None] * KW + (rs * C + offs_n)[None, :]
-        wt = tl.load(w_ptr + w_off, mask=co_ok[:, None] & n_ok[None, :], other=0.0)
+        w_off = co0.to(tl.int64) * KW + tap_k
+        wt = tl.load((w_rows + w_off)[:, None] + offs_n[None, :], mask=co_ok[:, None] & n_ok[None, :],
+                     other=0.0)
         acc = mma(dy, wt, acc, IEEE)
+        # Advance: next channel block; past the last one, next s; past the last s, next r.
+        co0 += BLOCK_K
+        next_tap = co0 >= CO
+        co0 = tl.where(next_tap, 0, co0)
+        tap_k = tl.where(next_tap, tap_k + C, tap_k)
+        s = tl.where(next_tap, s + 1, s)
+        next_row = s == S
+        s = tl.where(next_row, 0, s)
+        dr = tl.where(next_row, dr + dil_h, dr)
     dx_pix = tl.multiple_of(img.to(tl.int64) * sxn + ih * sxh + iw * sxw, X_ALIGN)
     dx_off = dx_pix[:, None] + ((g * C + offs_n) * sxc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -162,13 +184,19 @@ def conv2d_wgrad_kernel(
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_start = split * CHUNK
     m_end = tl.minimum(m_start + CHUNK, M)
+    # Pixel m = (img, oh, ow) of each row, decoded once and then advanced by BLOCK_M as a
+    # mixed-radix addition (BLOCK_M = d_img*HO*WO + d_oh*WO + d_ow, one carry per digit):
+    # dividing every block's pixel indices cost three integer divisions per row.
+    first = m_start + tl.arange(0, BLOCK_M)
+    img = first // (HO * WO)
+    oh = (first % (HO * WO)) // WO
+    ow = first % WO
+    d_img = BLOCK_M // (HO * WO)
+    d_oh = (BLOCK_M % (HO * WO)) // WO
+    d_ow = BLOCK_M % WO
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_end
-        img = offs_m // (HO * WO)
-        pix = offs_m % (HO * WO)
-        oh = pix // WO
-        ow = pix % WO
         # dy^T tile (BLOCK_N, BLOCK_M): output channels by pixels.
         y_pix = tl.multiple_of(img.to(tl.int64) * syn + oh * syh + ow * syw, Y_ALIGN)
         y_off = y_ch + y_pix[None, :]
@@ -195,7 +223,15 @@ def conv2d_wgrad_kernel(
         a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
         acc = mma(dy, a, acc, IEEE)
         if HAS_BIAS:
-            db += tl.sum(dy.to(tl.float32), axis=1)
+            if pid_k == 0:  # the only programs that store it (a uniform branch elsewhere)
+                db += tl.sum(dy.to(tl.float32), axis=1)
+        ow += d_ow
+        carry_w = ow >= WO
+        ow = tl.where(carry_w, ow - WO, ow)
+        oh += d_oh + carry_w.to(tl.int32)
+        carry_h = oh >= HO
+        oh = tl.where(carry_h, oh - HO, oh)
+        img += d_img + carry_h.to(tl.int32)
     # Partials: dw_ptr is (SPLIT, CO_TOTAL, KW) float32, db_ptr (SPLIT, CO_TOTAL) float32.
     row = split.to(tl.int64) * CO_TOTAL + g * CO + offs_co
     tl.store(dw_ptr + row[:, None] * KW + offs_k[None, :], acc, mask=co_ok[:, None] & k_ok[None, :])
@@ -239,7 +275,7 @@ def launch_conv2d_dgrad(launch, dy: torch.Tensor, out: torch.Tensor, w_cl: torch
         m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s,
         *dy.stride(), *dx.stride(),
         *shape.stride, *shape.padding, *shape.dilation,
-        RELU=relu, IEEE=dy.dtype == torch.float32,
+        RELU=relu, IEEE=dy.dtype == torch.float32, UNIT_STRIDE=tuple(shape.stride) == (1, 1),
         X_ALIGN=channel_align(c, dx), Y_ALIGN=channel_align(co, dy),
     )
 

@@ -90,6 +90,36 @@ def ptx_counts(ptx: str) -> dict:
     return {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_PATTERNS.items()}
 
 
+def main_loop_counts(cubin: bytes) -> dict:
+    """Size of the kernel's main loop in SASS (nvdisasm, bundled with Triton): the backward
+    branch whose body holds the tensor-core MMAs. ``loop_divisions`` counts MUFU.RCP, the
+    reciprocal every integer division by a runtime value starts with."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    labels = {line[1:-1]: i for i, line in enumerate(sass) if re.match(r"^\.L_x_\d+:$", line)}
+    best = None
+    for i, line in enumerate(sass):
+        target = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
+        start = labels.get(target.group(1)) if target else None
+        if start is not None and start < i and any("GMMA" in s for s in sass[start:i]):
+            body = [s for s in sass[start:i] if "/*" in s]
+            if best is None or len(body) > len(best):
+                best = body
+    if best is None:
+        return {"loop_instructions": None, "loop_divisions": None}
+    return {"loop_instructions": len(best), "loop_divisions": sum("MUFU.RCP" in s for s in best)}
+
+
 def _conv_shape(n, c_in, c_out, hw, k, stride, pad):
     h_out = (hw + 2 * pad - k) // stride + 1
     return SimpleNamespace(n=n, c_in=c_in, c_out=c_out, h=hw, w=hw, r=k, s=k, h_out=h_out,
@@ -177,7 +207,8 @@ def main(argv) -> int:
     for name in names:
         rec = SCENARIOS[name]()
         compiled = compile_recorded(rec)
-        report[name] = dict(ptx_counts(compiled.asm["ptx"]), shared_bytes=compiled.metadata.shared,
+        report[name] = dict(ptx_counts(compiled.asm["ptx"]), **main_loop_counts(compiled.asm["cubin"]),
+                            shared_bytes=compiled.metadata.shared,
                             X_ALIGN=rec.kwargs.get("X_ALIGN"), Y_ALIGN=rec.kwargs.get("Y_ALIGN"))
     print(json.dumps(report, indent=1))
     return 0

@@ -4,7 +4,8 @@ The launchers' alignment hints decide whether a kernel's channel gathers compile
 async copies that Triton software-pipelines in front of the tensor-core MMAs, or to scalar
 2-byte loads with no pipelining. Until this test existed every conv launcher passed hints
 of 1 (the channel stride was counted among the pixel strides), and the H200 run measured
-the Triton conv forward at 16-54 TFLOP/s; nothing on a CPU could see it.
+the Triton conv forward at 16-54 TFLOP/s; nothing on a CPU could see it. The main loops'
+SASS is checked for integer divisions the same way.
 """
 import json
 import os
@@ -50,6 +51,10 @@ def test_conv_gathers_are_pipelined_16_byte_copies(sm90_report, scenario):
     assert counts["cp_async_16"] > 0, f"{scenario}: no 16-byte async copies: {counts}"
     assert counts["wgmma"] > 0, f"{scenario}: no Hopper tensor-core MMA: {counts}"
     assert counts["vector_stores"] > 0, counts
+    # Dividing by runtime sizes inside the loop (decoding the iteration's tap and channel
+    # block, or the pixels) cost a quarter to a third of the forward's and input
+    # gradient's loop instructions; the loops advance counters instead.
+    assert counts["loop_divisions"] == 0, f"{scenario}: integer divisions in the main loop: {counts}"
 
 
 @pytest.mark.parametrize("scenario", LINEAR)
