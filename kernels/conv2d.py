@@ -164,17 +164,31 @@ def conv2d_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if FLAT_K:
+        # Each k of the block is (r, s, c), decoded once and then advanced by BLOCK_K as a
+        # mixed-radix addition (BLOCK_K = d_r*S*C + d_s*C + d_c, one carry per digit).
+        offs_k = tl.arange(0, BLOCK_K)
+        c = offs_k % C
+        s = (offs_k // C) % S
+        r = offs_k // (S * C)
+        d_r = BLOCK_K // (S * C)
+        d_s = (BLOCK_K // C) % S
+        d_c = BLOCK_K % C
         for k0 in range(0, KW, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < KW
-            c = offs_k % C
-            rs = offs_k // C
-            ih = ih0[:, None] + ((rs // S) * dil_h)[None, :]
-            iw = iw0[:, None] + ((rs % S) * dil_w)[None, :]
+            ih = ih0[:, None] + (r * dil_h)[None, :]
+            iw = iw0[:, None] + (s * dil_w)[None, :]
             a_ok = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
             a = tl.load(x_img[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc, mask=a_ok, other=0.0)
             b = tl.load(w_row[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = mma(a, b, acc, IEEE)
+            c += d_c
+            carry_c = c >= C
+            c = tl.where(carry_c, c - C, c)
+            s += d_s + carry_c.to(tl.int32)
+            carry_s = s >= S
+            s = tl.where(carry_s, s - S, s)
+            r += d_r + carry_s.to(tl.int32)
     else:
         # One loop over (tap, channel block) so the compiler pipelines all of it. The tap
         # (r, s) and channel block advance as loop-carried counters: dividing the iteration

@@ -189,6 +189,9 @@ def _linear(which, dtype=torch.bfloat16):
 SCENARIOS = {
     "conv2d_fwd_bf16": lambda: _conv_fwd(torch.bfloat16),
     "conv2d_fwd_fp16": lambda: _conv_fwd(torch.float16),
+    # AlexNet's conv1 (RGB, 11x11 stride 4): the flat k walk, gathers of 3 channels.
+    "conv2d_fwd_rgb_bf16": lambda: _conv_fwd(torch.bfloat16, n=2, c_in=3, c_out=64, hw=63, k=11,
+                                             stride=4, pad=2),
     "conv2d_dgrad_bf16": lambda: _conv_dgrad(torch.bfloat16),
     "conv2d_wgrad_bf16": lambda: _conv_wgrad(torch.bfloat16),
     "linear_fwd_bf16": lambda: _linear("fwd"),

@@ -20,6 +20,7 @@ from pyowt.kernels.conv2d import channel_align
 
 ROOT = Path(__file__).resolve().parents[2]
 CONV = ["conv2d_fwd_bf16", "conv2d_fwd_fp16", "conv2d_dgrad_bf16", "conv2d_wgrad_bf16"]
+RGB = "conv2d_fwd_rgb_bf16"
 LINEAR = ["linear_fwd_bf16", "linear_dx_bf16", "linear_dw_bf16"]
 
 
@@ -36,7 +37,7 @@ def sm90_report():
     if not _nvidia_backend():
         pytest.skip("this Triton has no NVIDIA backend to compile for sm_90")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "tests.sm90_codegen", *CONV, *LINEAR], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tests.sm90_codegen", *CONV, RGB, *LINEAR], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"sm_90 compile failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout)
@@ -55,6 +56,13 @@ def test_conv_gathers_are_pipelined_16_byte_copies(sm90_report, scenario):
     # block, or the pixels) cost a quarter to a third of the forward's and input
     # gradient's loop instructions; the loops advance counters instead.
     assert counts["loop_divisions"] == 0, f"{scenario}: integer divisions in the main loop: {counts}"
+
+
+def test_rgb_first_layer_loop_has_no_divisions(sm90_report):
+    # Three channels cannot be gathered 16 bytes at a time (scalar loads are expected
+    # here); the flat k walk must still not divide to decode (r, s, c) every iteration.
+    counts = sm90_report[RGB]
+    assert counts["wgmma"] > 0 and counts["loop_divisions"] == 0, counts
 
 
 @pytest.mark.parametrize("scenario", LINEAR)
