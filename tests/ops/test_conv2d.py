@@ -188,6 +188,14 @@ GPU_EXTRA = [
          padding=(1, 1), dilation=(2, 1), bias=False, activation=None, layout="nchw"),
     dict(batch=8, c_in=256, c_out=64, groups=1, h=14, w=14, kernel=(1, 1), stride=(1, 1),
          padding=(0, 0), dilation=(1, 1), bias=True, activation="relu", layout="channels_last"),
+    # Channel counts that are multiples of 16: the Triton kernels' 16-byte vector loads
+    # (alignment hints of 16) in the blocked and flat walks, unit and larger strides.
+    dict(batch=2, c_in=64, c_out=96, groups=1, h=13, w=11, kernel=(3, 3), stride=(1, 1),
+         padding=(1, 1), dilation=(1, 1), bias=True, activation="relu", layout="channels_last"),
+    dict(batch=3, c_in=32, c_out=48, groups=1, h=15, w=14, kernel=(3, 3), stride=(2, 2),
+         padding=(2, 2), dilation=(2, 2), bias=True, activation="relu", layout="nchw"),
+    dict(batch=2, c_in=48, c_out=64, groups=1, h=12, w=13, kernel=(3, 3), stride=(2, 1),
+         padding=(1, 1), dilation=(1, 1), bias=False, activation="relu", layout="channels_last"),
 ]
 GPU_GRID = GRID + [dict(c, flat_k=bool(i % 2), seed=9000 + i) for i, c in enumerate(GPU_EXTRA)]
 
