@@ -90,34 +90,58 @@ def ptx_counts(ptx: str) -> dict:
     return {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_PATTERNS.items()}
 
 
-def main_loop_counts(cubin: bytes) -> dict:
-    """Size of the kernel's main loop in SASS (nvdisasm, bundled with Triton): the backward
-    branch whose body holds the tensor-core MMAs. ``loop_divisions`` counts MUFU.RCP, the
-    reciprocal every integer division by a runtime value starts with."""
+def _nvidia_tool(name: str) -> str:
+    """Path of a CUDA binary tool bundled with Triton (nvdisasm, cuobjdump)."""
     import os
-    import subprocess
-    import tempfile
 
     import triton
 
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def sass_functions(cubin: bytes) -> dict:
+    """SASS of every kernel in a cubin (nvdisasm): mangled name -> instruction lines."""
+    import subprocess
+    import tempfile
+
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout.splitlines()
-    labels = {line[1:-1]: i for i, line in enumerate(sass) if re.match(r"^\.L_x_\d+:$", line)}
-    best = None
-    for i, line in enumerate(sass):
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", f.name], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+    functions, current = {}, None
+    for line in sass:
+        header = re.match(r"^\.text\.(\S+):$", line)
+        if header:
+            current = functions[header.group(1)] = []
+        elif current is not None:
+            current.append(line)
+    return functions
+
+
+def main_loop(lines) -> list:
+    """Instructions of a kernel's main loop: the largest backward branch whose body holds
+    tensor-core MMAs (HMMA / HGMMA); [] if there is none."""
+    labels = {line.strip()[1:-1]: i for i, line in enumerate(lines)
+              if re.match(r"^\.L_x_\d+:$", line.strip())}
+    best = []
+    for i, line in enumerate(lines):
         target = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
         start = labels.get(target.group(1)) if target else None
-        if start is not None and start < i and any("GMMA" in s for s in sass[start:i]):
-            body = [s for s in sass[start:i] if "/*" in s]
-            if best is None or len(body) > len(best):
+        if start is not None and start < i and any("MMA" in s for s in lines[start:i]):
+            body = [s for s in lines[start:i] if "/*" in s]
+            if len(body) > len(best):
                 best = body
-    if best is None:
+    return best
+
+
+def main_loop_counts(cubin: bytes) -> dict:
+    """Size of the (single) kernel's main loop in a Triton cubin. ``loop_divisions``
+    counts MUFU.RCP, the reciprocal every integer division by a runtime value starts with."""
+    body = max((main_loop(lines) for lines in sass_functions(cubin).values()), key=len, default=[])
+    if not body:
         return {"loop_instructions": None, "loop_divisions": None}
-    return {"loop_instructions": len(best), "loop_divisions": sum("MUFU.RCP" in s for s in best)}
+    return {"loop_instructions": len(body), "loop_divisions": sum("MUFU.RCP" in s for s in body)}
 
 
 def _conv_shape(n, c_in, c_out, hw, k, stride, pad):

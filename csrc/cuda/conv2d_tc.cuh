@@ -69,6 +69,45 @@ struct WmmaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
+// Fragment loads from shared memory. nvcc gives WMMA's fp16 loads the .shared state space
+// (ldmatrix in SASS) but emits its bf16 loads generic, which ptxas turns into 48 32-bit
+// generic loads per K step instead of 12 LDSM.x4 (seen in the sm_90 SASS of this kernel).
+// The bf16 overloads issue the same PTX wmma.load with .shared and a shared-window address;
+// the fragment registers are the ones the WMMA builtin fills (4 x b32 = 8 bf16 each).
+template <typename Frag, typename T>
+__device__ __forceinline__ void load_fragment(Frag& f, const T* p, unsigned ldm) {
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+}
+
+__device__ __forceinline__ void load_fragment(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>& f,
+    const __nv_bfloat16* p, unsigned ldm) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  uint32_t* r = reinterpret_cast<uint32_t*>(f.x);
+  asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr), "r"(ldm)
+               : "memory");
+}
+
+__device__ __forceinline__ void load_fragment(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major>& f,
+    const __nv_bfloat16* p, unsigned ldm) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  uint32_t* r = reinterpret_cast<uint32_t*>(f.x);
+  asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr), "r"(ldm)
+               : "memory");
+}
+
+static_assert(sizeof(nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16,
+                                            nvcuda::wmma::row_major>::x) == 16,
+              "bf16 matrix_a fragment: 4 x b32");
+static_assert(sizeof(nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
+                                            nvcuda::wmma::col_major>::x) == 16,
+              "bf16 matrix_b fragment: 4 x b32");
+
 // x: NHWC input as raw 16-bit words; w: (C_out, ldw) weight words; bias may be null.
 template <typename scalar_t, bool kVecA, bool kNhwcOut>
 __global__ void __launch_bounds__(kThreads)
@@ -105,17 +144,31 @@ __global__ void __launch_bounds__(kThreads)
   const RowInfo srow = decode_row(p, m_block + tid);
   uint32_t a_regs[kBK / 2];  // 32 16-bit words, packed in pairs (scalar path only)
 
-  auto load_a_vec = [&](int kt, int stage) {
-    const int k0 = kt * kBK + ld_col;
-    int r, s, c;
-    decode_k(p, k0, r, s, c);
-    const bool k_ok = k0 < p.K;
+  // The vector loader's k = (r, s, c) for the next tile it loads. Tiles load in order
+  // (0, 1, 2, ...), so (r, s, c) advances by kBK each time as a mixed-radix addition
+  // (kBK = dr*S*C + ds*C + dc, one carry per digit) instead of being decoded with two
+  // integer divisions per K step.
+  int va_k = ld_col, va_r = 0, va_s = 0, va_c = 0, va_dr = 0, va_ds = 0, va_dc = 0;
+  if constexpr (kVecA) {
+    decode_k(p, ld_col, va_r, va_s, va_c);
+    decode_k(p, kBK, va_dr, va_ds, va_dc);
+  }
+  auto load_a_vec = [&](int stage) {
+    const bool k_ok = va_k < p.K;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       int off;
-      const bool ok = a_offset(p, vrow[i], r, s, c, off) && k_ok;
+      const bool ok = a_offset(p, vrow[i], va_r, va_s, va_c, off) && k_ok;
       cp_async_16(As + stage * kAStage + (ld_row + 32 * i) * kLds + ld_col, x + (ok ? off : 0), ok);
     }
+    va_k += kBK;
+    va_c += va_dc;
+    const bool carry_c = va_c >= p.C;
+    if (carry_c) va_c -= p.C;
+    va_s += va_ds + (carry_c ? 1 : 0);
+    const bool carry_s = va_s >= p.S;
+    if (carry_s) va_s -= p.S;
+    va_r += va_dr + (carry_s ? 1 : 0);
   };
 
   auto load_a_regs = [&](int kt) {
@@ -177,12 +230,12 @@ __global__ void __launch_bounds__(kThreads)
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[kFragN];
 #pragma unroll
       for (int i = 0; i < kFragM; ++i) {
-        wmma::load_matrix_sync(fa[i], a_s + (wm * kWarpM + i * 16) * kLds + ks * 16, kLds);
+        load_fragment(fa[i], a_s + (wm * kWarpM + i * 16) * kLds + ks * 16, kLds);
       }
 #pragma unroll
       for (int j = 0; j < kFragN; ++j) {
         // B stored [co][k]: a K x N matrix in column-major order with pitch kLds.
-        wmma::load_matrix_sync(fb[j], b_s + (wn * kWarpN + j * 16) * kLds + ks * 16, kLds);
+        load_fragment(fb[j], b_s + (wn * kWarpN + j * 16) * kLds + ks * 16, kLds);
       }
 #pragma unroll
       for (int i = 0; i < kFragM; ++i) {
@@ -198,7 +251,7 @@ __global__ void __launch_bounds__(kThreads)
   // parks its register-held A of tile kt+1 into the other stage.
   if (num_kt > 0) {
     if constexpr (kVecA) {
-      load_a_vec(0, 0);
+      load_a_vec(0);
     } else {
       load_a_regs(0);
       store_a_regs(0);
@@ -210,7 +263,7 @@ __global__ void __launch_bounds__(kThreads)
     const int stage = kt & 1;
     const bool has_next = kt + 1 < num_kt;
     if (has_next) {
-      if constexpr (kVecA) load_a_vec(kt + 1, stage ^ 1);
+      if constexpr (kVecA) load_a_vec(stage ^ 1);  // tile kt + 1
       load_b(kt + 1, stage ^ 1);
       cp_async_commit();
       if constexpr (!kVecA) load_a_regs(kt + 1);

@@ -110,21 +110,32 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a):
     bx, by, tid = torch.arange(gm)[:, None], torch.arange(gn)[:, None], torch.arange(NT)[None, :]
     ld_row, ld_col = tid >> 2, (tid & 3) * 8
     acc = torch.zeros(gm, gn, BM, BN, dtype=x.dtype)
+    # vector loader: (k, r, s, c) of the next tile, advanced by BK as a mixed-radix addition
+    va_k = ld_col
+    va_r, va_s, va_c = decode_k(p, ld_col)
+    va_dr, va_ds, va_dc = decode_k(p, BK)
     for kt in range(num_kt):
         As = torch.full((gm, BM, LDS), float("nan"), dtype=x.dtype)
         Bs = torch.full((gn, BN, LDS), float("nan"), dtype=x.dtype)
         a_cnt, b_cnt = torch.zeros(As.shape, dtype=torch.int32), torch.zeros(Bs.shape, dtype=torch.int32)
         if vec_a:
-            k0 = kt * BK + ld_col
-            r, s, c = decode_k(p, k0)
+            assert bool((va_k == kt * BK + ld_col).all())
             for i in range(4):
-                ok, off = a_offset(p, decode_row(p, bx * BM + ld_row + 32 * i), r, s, c)
-                ok = ok & (k0 < p.K)
+                ok, off = a_offset(p, decode_row(p, bx * BM + ld_row + 32 * i), va_r, va_s, va_c)
+                ok = ok & (va_k < p.K)
                 # a chunk never straddles a pixel: its 8 channels are c .. c+7 < C
                 assert bool(((off % p.C) + 7 < p.C)[ok].all())
                 vals = _gather(xf, ok, off, 8)
                 _put(As, a_cnt, bx[..., None], (ld_row + 32 * i)[..., None],
                      ld_col[..., None] + torch.arange(8), vals)
+            va_k = va_k + BK
+            va_c = va_c + va_dc
+            carry_c = va_c >= p.C
+            va_c = torch.where(carry_c, va_c - p.C, va_c)
+            va_s = va_s + va_ds + carry_c.int()
+            carry_s = va_s >= p.S
+            va_s = torch.where(carry_s, va_s - p.S, va_s)
+            va_r = va_r + va_dr + carry_s.int()
         else:  # one row per thread, 32 columns, (r, s, c) stepped incrementally
             row = decode_row(p, bx * BM + tid)
             k0 = kt * BK

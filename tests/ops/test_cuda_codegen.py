@@ -1,0 +1,68 @@
+"""The CUDA extension's tensor-core conv kernels as compiled for sm_90, checked without a GPU.
+
+The built extension carries sm_90 SASS (the dev/CI build compiles for 9.0); the test pulls
+the conv2d cubin out with cuobjdump and reads the main loop of every conv2d_tc_kernel
+instantiation (fp16/bf16 x vector/scalar A loader x NHWC/NCHW output). Two defects it
+pins down, both found this way and invisible to the CPU emulation in test_conv2d_cuda.py:
+
+* nvcc compiled WMMA's bf16 fragment loads as generic 32-bit loads (48 ``LD.E`` per K step)
+  where its fp16 loads became 12 ``LDSM`` (ldmatrix); the bf16 loads are now PTX with the
+  .shared state space (csrc/cuda/conv2d_tc.cuh, load_fragment).
+* the vector A loader divided twice per K step to decode (r, s, c); it now steps them.
+"""
+import glob
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pyowt import _extension
+
+from ..sm90_codegen import _nvidia_tool, main_loop, sass_functions
+
+KERNEL = re.compile(r"conv2d_tc_kernelIN3c10(?:8(BFloat16)|4(Half))ELb([01])ELb([01])E")
+
+
+def _opcode(line: str) -> str:
+    tokens = line.split("*/", 1)[-1].strip().split()
+    return tokens[1] if tokens and tokens[0].startswith("@") and len(tokens) > 1 else (tokens or [""])[0]
+
+
+@pytest.fixture(scope="module")
+def tc_loops():
+    if not _extension.STATUS.with_cuda:
+        pytest.skip("the extension was built without CUDA")
+    import pyowt._C as ext
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([_nvidia_tool("cuobjdump"), "-xelf", "all", ext.__file__], cwd=tmp,
+                              capture_output=True, text=True)
+        cubins = glob.glob(str(Path(tmp) / "conv2d.sm_90*.cubin"))
+        if proc.returncode != 0 or not cubins:
+            pytest.skip(f"no sm_90 conv2d code in the extension ({proc.stderr.strip()[:200]})")
+        functions = sass_functions(Path(cubins[0]).read_bytes())
+    loops = {}
+    for name, lines in functions.items():
+        match = KERNEL.search(name)
+        if match:
+            bf16, _, vec_a, nhwc = match.groups()
+            loops[("bf16" if bf16 else "fp16", vec_a == "1", nhwc == "1")] = [_opcode(s) for s in main_loop(lines)]
+    assert len(loops) == 8, f"expected 8 conv2d_tc_kernel instantiations, found {sorted(loops)}"
+    return loops
+
+
+def test_tc_fragments_load_with_ldmatrix(tc_loops):
+    for key, ops in tc_loops.items():
+        mma = sum(op.startswith("HMMA") for op in ops)
+        ldsm = sum(op.startswith("LDSM") for op in ops)
+        generic = [op for op in ops if op == "LD" or op.startswith("LD.")]
+        assert mma == 32, f"{key}: {mma} HMMA per K step, expected 32 (4 warps' 64x32 tiles, k 32)"
+        assert ldsm == 12 and not generic, f"{key}: {ldsm} LDSM and {len(generic)} generic loads per K step"
+
+
+def test_tc_vector_loader_does_not_divide(tc_loops):
+    for (dtype, vec_a, nhwc), ops in tc_loops.items():
+        if vec_a:
+            assert "MUFU.RCP" not in ops, f"{dtype} nhwc={nhwc}: integer division in the main loop"
