@@ -2,8 +2,9 @@
 //
 // One block computes a kBM x kBN tile of out[m, co] (m = output pixel, co = output channel)
 // with 4 warps in a 2 x 2 grid, each warp a 64 x 32 sub-tile as 4 x 2 WMMA 16x16x16
-// fragments accumulating in fp32. The K loop walks kBK = 32 columns at a time through two
-// shared-memory stages:
+// fragments accumulating in fp32. The K loop walks kBK = 32 columns at a time through
+// shared-memory stages (three when A arrives by cp.async, two when it is staged through
+// registers):
 //   * B (weight, (C_out, ldw) with ldw a multiple of 8 and zero columns past K) always
 //     arrives by 16-byte cp.async, zero-filled past C_out and past ldw.
 //   * A (NHWC activations) arrives by 16-byte cp.async when C_in % 8 == 0 and x is 16-byte
@@ -43,7 +44,12 @@ constexpr int kFragN = kWarpN / 16;
 constexpr int kLds = kBK + 8;
 constexpr int kAStage = kBM * kLds;  // elements per A stage
 constexpr int kBStage = kBN * kLds;  // elements per B stage
-constexpr int kPipeBytes = 2 * (kAStage + kBStage) * 2;
+// Pipeline depth: the vector path (cp.async for A and B) keeps kVecStages tiles in flight;
+// the scalar path (A staged through registers) double-buffers.
+constexpr int kVecStages = 3;
+constexpr int kScalarStages = 2;
+constexpr int kMaxStages = kVecStages > kScalarStages ? kVecStages : kScalarStages;
+constexpr int kPipeBytes = kMaxStages * (kAStage + kBStage) * 2;
 // fp32 staging tile for the epilogue; +4 floats per row/column against bank conflicts
 // (WMMA needs the pitch to be a multiple of 4 floats).
 constexpr int kLdcRow = kBN + 4;  // row-major [kBM][kLdcRow] for NHWC output
@@ -120,8 +126,8 @@ __global__ void __launch_bounds__(kThreads)
   using T = typename WmmaType<scalar_t>::type;
 
   __shared__ __align__(128) unsigned char smem[kSmemBytes];
-  uint16_t* const As = reinterpret_cast<uint16_t*>(smem);  // [2][kBM][kLds]
-  uint16_t* const Bs = As + 2 * kAStage;                    // [2][kBN][kLds]
+  uint16_t* const As = reinterpret_cast<uint16_t*>(smem);  // [stages][kBM][kLds]
+  uint16_t* const Bs = As + kMaxStages * kAStage;           // [stages][kBN][kLds]
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -245,38 +251,63 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
-  // Two-stage pipeline. Iteration kt first issues the loads of tile kt+1 into the other
-  // stage (last read in iteration kt-1, which every thread finished before that
-  // iteration's closing barrier), waits for tile kt, computes on it, and (scalar path)
-  // parks its register-held A of tile kt+1 into the other stage.
-  if (num_kt > 0) {
-    if constexpr (kVecA) {
-      load_a_vec(0);
-    } else {
+  if constexpr (kVecA) {
+    // kVecStages-deep cp.async pipeline, one barrier per K step. Tiles load in order into
+    // stage t % kVecStages, one commit group per tile (empty groups past the last tile keep
+    // the count uniform). Iteration kt waits until at most kVecStages - 2 groups are in
+    // flight (so tile kt has landed), and the barrier makes every thread's copies of tile
+    // kt visible; only then are the loads of tile kt + kVecStages - 1 issued, into the stage
+    // that held tile kt - 1, which every thread finished computing on before this barrier.
+#pragma unroll
+    for (int t = 0; t < kVecStages - 1; ++t) {
+      if (t < num_kt) {
+        load_a_vec(t);
+        load_b(t, t);
+      }
+      cp_async_commit();
+    }
+    int stage = 0;  // kt % kVecStages
+    for (int kt = 0; kt < num_kt; ++kt) {
+      cp_async_wait<kVecStages - 2>();
+      __syncthreads();
+      const int next = kt + kVecStages - 1;
+      if (next < num_kt) {
+        const int next_stage = stage == 0 ? kVecStages - 1 : stage - 1;  // next % kVecStages
+        load_a_vec(next_stage);
+        load_b(next, next_stage);
+      }
+      cp_async_commit();
+      compute(stage);
+      stage = stage == kVecStages - 1 ? 0 : stage + 1;
+    }
+    cp_async_wait<0>();
+  } else {
+    // Two stages. Iteration kt first issues the B loads of tile kt+1 into the other stage
+    // (last read in iteration kt-1, which every thread finished before that iteration's
+    // closing barrier) and gathers its A into registers, waits for tile kt, computes on
+    // it, then parks the register-held A of tile kt+1 into the other stage.
+    if (num_kt > 0) {
       load_a_regs(0);
       store_a_regs(0);
-    }
-    load_b(0, 0);
-    cp_async_commit();
-  }
-  for (int kt = 0; kt < num_kt; ++kt) {
-    const int stage = kt & 1;
-    const bool has_next = kt + 1 < num_kt;
-    if (has_next) {
-      if constexpr (kVecA) load_a_vec(stage ^ 1);  // tile kt + 1
-      load_b(kt + 1, stage ^ 1);
+      load_b(0, 0);
       cp_async_commit();
-      if constexpr (!kVecA) load_a_regs(kt + 1);
-      cp_async_wait<1>();  // tile kt has landed; tile kt+1 may still be in flight
-    } else {
-      cp_async_wait<0>();
     }
-    __syncthreads();
-    compute(stage);
-    if constexpr (!kVecA) {
+    for (int kt = 0; kt < num_kt; ++kt) {
+      const int stage = kt & 1;
+      const bool has_next = kt + 1 < num_kt;
+      if (has_next) {
+        load_b(kt + 1, stage ^ 1);
+        cp_async_commit();
+        load_a_regs(kt + 1);
+        cp_async_wait<1>();  // tile kt has landed; tile kt+1 may still be in flight
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      compute(stage);
       if (has_next) store_a_regs(stage ^ 1);
+      __syncthreads();
     }
-    __syncthreads();
   }
 
   // Epilogue: the pipeline buffers are free (closing barrier above, no cp.async pending).

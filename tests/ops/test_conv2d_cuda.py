@@ -284,6 +284,48 @@ def test_emulated_kernels_match_conv2d(case, nhwc_out, one_thread):
             assert rel_err(out, ref) < 1e-12, f"{name}: relative error {rel_err(out, ref):.3g}"
 
 
+def emulate_tc_vector_pipeline(num_kt, stages=3):
+    """The vector path's cp.async pipeline (conv2d_tc_kernel, kVecStages) as events per
+    thread-uniform step: which tile each stage holds, which commit groups are in flight.
+    Asserts: compute(kt) reads a stage holding tile kt whose group has completed; a stage
+    is refilled only after the barrier that follows every read of its previous tile.
+    Returns the tiles computed, in order."""
+    holds = [None] * stages        # tile whose copies target each stage
+    groups = []                    # tile per committed group (None: empty group)
+    completed = 0                  # groups known complete (cp.async.wait_group)
+    last_read = [None] * stages    # iteration that last computed on each stage
+    computed = []
+
+    def issue(tile, stage, iteration):
+        # the stage's previous tile was last read in an iteration before this barrier
+        assert last_read[stage] is None or last_read[stage] < iteration, (tile, stage)
+        holds[stage] = tile
+
+    for t in range(stages - 1):                       # prologue
+        if t < num_kt:
+            issue(t, t, -1)
+        groups.append(t if t < num_kt else None)
+    stage = 0
+    for kt in range(num_kt):
+        completed = max(completed, len(groups) - (stages - 2))   # wait_group<stages - 2>
+        # (barrier)
+        nxt = kt + stages - 1
+        if nxt < num_kt:
+            issue(nxt, stage - 1 if stage else stages - 1, kt)
+        groups.append(nxt if nxt < num_kt else None)   # commit, possibly empty
+        assert holds[stage] == kt, f"iteration {kt} computes on stage {stage} holding {holds[stage]}"
+        assert kt in groups[:completed], f"tile {kt} read before its copies completed"
+        last_read[stage] = kt
+        computed.append(kt)
+        stage = 0 if stage == stages - 1 else stage + 1
+    return computed
+
+
+@pytest.mark.parametrize("num_kt", [0, 1, 2, 3, 4, 7, 54])
+def test_tc_vector_pipeline_schedule(num_kt):
+    assert emulate_tc_vector_pipeline(num_kt) == list(range(num_kt))
+
+
 # ---------------------------------------------------------------------------------------
 # GPU tests of torch.ops.pyowt.conv2d_bias_act{,_backward} on CUDA tensors
 # ---------------------------------------------------------------------------------------

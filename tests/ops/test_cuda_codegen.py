@@ -9,6 +9,7 @@ pins down, both found this way and invisible to the CPU emulation in test_conv2d
   where its fp16 loads became 12 ``LDSM`` (ldmatrix); the bf16 loads are now PTX with the
   .shared state space (csrc/cuda/conv2d_tc.cuh, load_fragment).
 * the vector A loader divided twice per K step to decode (r, s, c); it now steps them.
+The vector path's loop is also pinned to its three-stage shape (one barrier per K step).
 """
 import glob
 import re
@@ -62,7 +63,10 @@ def test_tc_fragments_load_with_ldmatrix(tc_loops):
         assert ldsm == 12 and not generic, f"{key}: {ldsm} LDSM and {len(generic)} generic loads per K step"
 
 
-def test_tc_vector_loader_does_not_divide(tc_loops):
+def test_tc_vector_path_loop(tc_loops):
     for (dtype, vec_a, nhwc), ops in tc_loops.items():
         if vec_a:
             assert "MUFU.RCP" not in ops, f"{dtype} nhwc={nhwc}: integer division in the main loop"
+            # the three-stage pipeline: one barrier and one wait per K step
+            barriers = sum(op.startswith("BAR") for op in ops)
+            assert barriers == 1, f"{dtype} nhwc={nhwc}: {barriers} barriers per K step"
