@@ -7,7 +7,9 @@ become constants, ``do_not_specialize`` arguments stay plain) and compiled with
 ``triton.compile`` for sm_90 by the bundled ptxas. The report counts what decides
 bandwidth in the PTX: scalar 16-bit global loads and stores, 16-byte async copies
 (``cp.async.cg``, the software pipeline's loads), vector stores and Hopper tensor-core
-MMAs (``wgmma``).
+MMAs (``wgmma``); from the SASS (nvdisasm), the main loop's instruction count and its
+integer divisions. ``sass_functions``/``main_loop`` also read the CUDA extension's own
+cubin (tests/ops/test_cuda_codegen.py).
 
 It must run in a process without ``TRITON_INTERPRET`` (the interpreter replaces
 ``triton.jit`` when the kernel modules are imported), so the tests call it as
@@ -90,7 +92,7 @@ def ptx_counts(ptx: str) -> dict:
     return {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_PATTERNS.items()}
 
 
-def _nvidia_tool(name: str) -> str:
+def nvidia_tool(name: str) -> str:
     """Path of a CUDA binary tool bundled with Triton (nvdisasm, cuobjdump)."""
     import os
 
@@ -107,7 +109,7 @@ def sass_functions(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", f.name], capture_output=True,
+        sass = subprocess.run([nvidia_tool("nvdisasm"), "-c", f.name], capture_output=True,
                               text=True, check=True).stdout.splitlines()
     functions, current = {}, None
     for line in sass:

@@ -21,7 +21,7 @@ import pytest
 
 from pyowt import _extension
 
-from ..sm90_codegen import _nvidia_tool, main_loop, sass_functions
+from ..sm90_codegen import nvidia_tool, main_loop, sass_functions
 
 KERNEL = re.compile(r"conv2d_tc_kernelIN3c10(?:8(BFloat16)|4(Half))ELb([01])ELb([01])E")
 
@@ -38,7 +38,7 @@ def tc_loops():
     import pyowt._C as ext
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([_nvidia_tool("cuobjdump"), "-xelf", "all", ext.__file__], cwd=tmp,
+        proc = subprocess.run([nvidia_tool("cuobjdump"), "-xelf", "all", ext.__file__], cwd=tmp,
                               capture_output=True, text=True)
         cubins = glob.glob(str(Path(tmp) / "conv2d.sm_90*.cubin"))
         if proc.returncode != 0 or not cubins:
