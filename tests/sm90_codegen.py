@@ -92,13 +92,21 @@ def ptx_counts(ptx: str) -> dict:
     return {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_PATTERNS.items()}
 
 
-def nvidia_tool(name: str) -> str:
-    """Path of a CUDA binary tool bundled with Triton (nvdisasm, cuobjdump)."""
+def nvidia_tool(name: str):
+    """Path of a CUDA binary tool (nvdisasm, cuobjdump): Triton's bundled copy, else the one
+    on PATH; None if neither exists."""
     import os
+    import shutil
 
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    try:
+        import triton
+    except ImportError:
+        triton = None
+    if triton is not None:
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.access(bundled, os.X_OK):
+            return bundled
+    return shutil.which(name)
 
 
 def sass_functions(cubin: bytes) -> dict:

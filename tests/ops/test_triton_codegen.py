@@ -18,6 +18,8 @@ import torch
 
 from pyowt.kernels.conv2d import channel_align
 
+from ..sm90_codegen import nvidia_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 CONV = ["conv2d_fwd_bf16", "conv2d_fwd_fp16", "conv2d_dgrad_bf16", "conv2d_wgrad_bf16"]
 RGB = "conv2d_fwd_rgb_bf16"
@@ -36,6 +38,8 @@ def _nvidia_backend() -> bool:
 def sm90_report():
     if not _nvidia_backend():
         pytest.skip("this Triton has no NVIDIA backend to compile for sm_90")
+    if nvidia_tool("nvdisasm") is None:
+        pytest.skip("no nvdisasm (neither bundled with Triton nor on PATH)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "tests.sm90_codegen", *CONV, RGB, *LINEAR], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
