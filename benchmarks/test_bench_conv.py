@@ -19,8 +19,12 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
   over the AlexNet layers, forward. TFLOP/s and the floor count a direct convolution's
   FLOPs: Winograd does 2.25x fewer multiplies and can run under that floor.
 
-The first layer of each network runs its backward without an input gradient, as in
-training. The table is printed at the end of the module; ``PYOWT_BENCH_JSON=<path>`` also
+Before timing, every one of our implementations is checked against ATen on the same
+input (output and, for fwd+bwd, every gradient; relative L2 error at most 2e-2 in bf16,
+1e-2 in fp16, 1e-4 in fp32): the error is in the notes column, a row above it is marked
+WRONG (and left out of nothing, but flagged in the summary) and its test fails after the
+row is recorded. The first layer of each network runs its backward without an input
+gradient, as in training. The table is printed at the end of the module; ``PYOWT_BENCH_JSON=<path>`` also
 writes it as JSON.
 """
 from __future__ import annotations
@@ -195,6 +199,46 @@ def _record(layer, mode, dtype, device, batch, times: dict, ours: str, notes="")
         ))
 
 
+# Largest relative L2 error (output and, for fwd+bwd, every gradient) against ATen before a
+# row's times count: a kernel that is fast and wrong must not show up as a speedup.
+ERR_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _errors(impls: dict, layer, x, w, b, mode) -> dict:
+    """{impl: largest relative L2 error of its output and gradients against impls["aten"]},
+    all on input ``x`` and one random output gradient, computed in float32."""
+    o = layer.out_size()
+    g = torch.Generator(device="cpu").manual_seed(1)
+    grad = torch.randn(x.shape[0], layer.c_out, o, o, generator=g).to(w.device, w.dtype)
+    if w.device.type == "cuda":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    results = {}
+    for name, f in impls.items():
+        y = f(x, w, b)
+        got = [y.detach()]
+        if mode == "fwd+bwd":
+            got += torch.autograd.grad(y, [w, b] + ([x] if x.requires_grad else []), grad)
+        results[name] = got
+    ref = results.pop("aten")
+
+    def rel(a, r):
+        a, r = a.float(), r.float()
+        return ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+    return {name: max(rel(a, r) for a, r in zip(got, ref)) for name, got in results.items()}
+
+
+def _error_notes(errors: dict, dtype) -> dict:
+    return {name: f"rel err {e:.1e}" + (" WRONG" if not e <= ERR_TOL[dtype] else "")
+            for name, e in errors.items()}
+
+
+def _assert_correct(errors: dict, dtype, layer, mode):
+    wrong = {name: e for name, e in errors.items() if not e <= ERR_TOL[dtype]}
+    assert not wrong, (f"{layer.name} {mode}: relative error above {ERR_TOL[dtype]:g} "
+                       f"against ATen: {wrong}")
+
+
 def _conv_ref(layer):
     def ref(x, w, b):
         return F.relu(F.conv2d(x, w, b, layer.stride, layer.padding))
@@ -215,7 +259,9 @@ def test_conv_cpu(benchmark, layer, mode):
         pytest.skip("the C++ extension is not built")
     device = torch.device("cpu")
     xs, w, b = _inputs(layer, CPU_BATCH, torch.float32, device, copies=2)
-    fns = _callables({"ours:cpu": _ours(layer, "cpu"), "aten": _conv_ref(layer)}, layer, xs, w, b, mode)
+    impls = {"ours:cpu": _ours(layer, "cpu"), "aten": _conv_ref(layer)}
+    errors = _errors(impls, layer, xs[0], w, b, mode)
+    fns = _callables(impls, layer, xs, w, b, mode)
     # The minimum, not the median: a small shared CPU adds other processes' noise to some
     # repeats, and the fastest repeat is the reproducible cost of each implementation.
     times = measure(fns, device, reps=9 if mode == "fwd" else 5, warmup=1, stat=min)
@@ -224,10 +270,11 @@ def test_conv_cpu(benchmark, layer, mode):
     algorithm = _C.cpu_conv2d_algorithm(xs[0], w, pair(layer.stride), pair(layer.padding),
                                         pair(1), 1)
     _record(layer, mode, torch.float32, device, CPU_BATCH, times, "ours:cpu",
-            notes={"ours:cpu": algorithm})
+            notes={"ours:cpu": f"{algorithm}, {_error_notes(errors, torch.float32)['ours:cpu']}"})
     benchmark.extra_info.update(speedup_vs_aten=times["aten"] / times["ours:cpu"],
-                                algorithm=algorithm)
+                                algorithm=algorithm, rel_err=errors["ours:cpu"])
     benchmark.pedantic(fns["ours:cpu"], rounds=3, iterations=1)
+    _assert_correct(errors, torch.float32, layer, mode)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -244,27 +291,32 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
     backends = [be for be in ("triton", "cuda") if unavailable_reason(be, device) is None]
     for be in backends:
         impls[f"ours:{be}"] = _ours(layer, be)
-    notes = ""
+    errors = _errors(impls, layer, xs[0], w, b, mode)  # ours only: before "compile" joins
+    extra = ""
     compile_mode = os.environ.get("PYOWT_BENCH_COMPILE", "1")
     budget = float(os.environ.get("PYOWT_BENCH_BUDGET_S", "100"))
     if compile_mode == "all" or (compile_mode == "1" and mode == "fwd"):
         if time.perf_counter() - _START < budget:
             impls["compile"] = torch.compile(_conv_ref(layer), mode="max-autotune", dynamic=False)
         else:
-            notes = "compile skipped (time budget)"
+            extra = "compile skipped (time budget)"
     fns = _callables(impls, layer, xs, w, b, mode)
     try:
         times = measure(fns, device, reps=20, warmup=3)
     except Exception as e:  # noqa: BLE001 - a failed compile must not hide our numbers
         if "compile" not in fns:
             raise
-        notes = f"compile failed: {type(e).__name__}"
+        extra = f"compile failed: {type(e).__name__}"
         fns.pop("compile")
         times = measure(fns, device, reps=20, warmup=3)
     ours = "ours:triton" if "ours:triton" in times else f"ours:{backends[0]}"
+    notes = {impl: "; ".join(n for n in (_error_notes(errors, dtype).get(impl, ""), extra) if n)
+             for impl in times}
     _record(layer, mode, dtype, device, GPU_BATCH, times, ours, notes)
     benchmark.extra_info.update({k: v for k, v in times.items()})
+    benchmark.extra_info.update({f"rel_err {k}": v for k, v in errors.items()})
     benchmark.pedantic(lambda: (fns[ours](), torch.cuda.synchronize()), rounds=5, iterations=1)
+    _assert_correct(errors, dtype, layer, mode)
 
 
 # --- report -------------------------------------------------------------------------------
@@ -281,10 +333,11 @@ def summarize(rows):
             continue
         net = r["layer"].split(".")[0]
         key = f"{r['device']}/{r['dtype']}/{r['mode']}/{net}/{r['impl']}"
-        out.setdefault(key, {"vs_aten": [], "vs_compile": []})
+        out.setdefault(key, {"vs_aten": [], "vs_compile": [], "wrong": 0})
         out[key]["vs_aten"].append(r["speedup_vs_aten"])
         out[key]["vs_compile"].append(r["speedup_vs_compile"])
-    return {k: {m: _geomean(v) for m, v in d.items()} for k, d in out.items()}
+        out[key]["wrong"] += "WRONG" in r["notes"]
+    return {k: {m: (v if m == "wrong" else _geomean(v)) for m, v in d.items()} for k, d in out.items()}
 
 
 def format_table(rows, summary):
@@ -301,7 +354,8 @@ def format_table(rows, summary):
     for k, d in sorted(summary.items()):
         va = f"{d['vs_aten']:.3f}x" if d["vs_aten"] else "-"
         vc = f"{d['vs_compile']:.3f}x" if d["vs_compile"] else "-"
-        lines.append(f"  {k:<48} vs aten {va:>8}   vs compile {vc:>8}")
+        bad = f"   ({d['wrong']} row(s) WRONG: not a valid figure)" if d.get("wrong") else ""
+        lines.append(f"  {k:<48} vs aten {va:>8}   vs compile {vc:>8}{bad}")
     return "\n".join(lines)
 
 
