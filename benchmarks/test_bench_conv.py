@@ -21,9 +21,9 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
 
 Before timing, every one of our implementations is checked against ATen on the same
 input (output and, for fwd+bwd, every gradient; relative L2 error at most 2e-2 in bf16,
-1e-2 in fp16, 1e-4 in fp32): the error is in the notes column, a row above it is marked
-WRONG (and left out of nothing, but flagged in the summary) and its test fails after the
-row is recorded. The first layer of each network runs its backward without an input
+1e-2 in fp16, 1e-4 in fp32): the error is in the notes column; a row above the bound is
+marked WRONG (kept in the table, flagged in the summary) and its test fails after the row
+is recorded. The first layer of each network runs its backward without an input
 gradient, as in training. The table is printed at the end of the module; ``PYOWT_BENCH_JSON=<path>`` also
 writes it as JSON.
 """
