@@ -14,6 +14,10 @@ ours and the reference in the same run, interleaved. The table prints
   K = 4 and 8 shards: the full fc6/fc7 GEMMs take seconds per repeat on a small CPU);
   wall-clock median. Target: >= 1.0x.
 
+Before timing, ours is checked against the reference on the same input (output, dX, dW,
+db; relative L2 error at most 2e-2 in bf16, 1e-4 in fp32): the error is a column of the
+table, and a shape above the bound fails the test after the table is printed.
+
 ``PYOWT_BENCH_JSON=<path>`` writes every row as JSON. Run:
 ``pytest benchmarks/test_bench_linear.py --benchmark-enable -s``.
 """
@@ -90,9 +94,21 @@ def _cpu_timer(run, reps):
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
+ERR_TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+
+
+def _max_rel_err(ours, s) -> float:
+    """Largest relative L2 error of ours' output and gradients against the reference."""
+    got = [_fwd(ours, s), *_fwd_bwd(ours, s)]
+    ref = [_fwd(_reference, s), *_fwd_bwd(_reference, s)]
+    return max(((a.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30)).item()
+               for a, r in zip(got, ref))
+
+
 def _measure(ours, timer, sets, inner, rounds):
-    """Median ms of ours and of the reference, for fwd and fwd+bwd, rounds interleaved."""
-    res = {}
+    """Median ms of ours and of the reference, for fwd and fwd+bwd, rounds interleaved;
+    ``rel_err``: ours against the reference on the first input set."""
+    res = {"rel_err": _max_rel_err(ours, sets[0])}
     for mode, step in (("fwd", _fwd), ("fwd_bwd", _fwd_bwd)):
         fns = {"ours": ours, "ref": _reference}
         for fn in fns.values():  # warm-up (Triton autotunes here)
@@ -110,6 +126,7 @@ def _record(device, dtype, backend, case, res):
     name, batch, k, fin, fout = case
     row = {"device": device, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
            "layer": name, "batch": batch, "K": k, "in": fin, "out": fout}
+    row["rel_err"] = res["rel_err"]
     for mode in ("fwd", "fwd_bwd"):
         row[f"{mode}_ours_ms"] = res[mode]["ours"]
         row[f"{mode}_ref_ms"] = res[mode]["ref"]
@@ -121,15 +138,23 @@ def _record(device, dtype, backend, case, res):
 
 def _print_table(rows, title):
     print(f"\n{title}  (ratio = t_ref / t_ours; >1 means ours is faster)")
-    print("shape | backend | dtype |  fwd ours ms |  fwd ref ms | fwd ratio | f+b ours ms | f+b ref ms | f+b ratio")
+    print("shape | backend | dtype |  fwd ours ms |  fwd ref ms | fwd ratio | f+b ours ms | f+b ref ms | f+b ratio"
+          " | rel err")
     for r in rows:
         shape = f"{r['layer']}{'' if r['K'] == 1 else '/' + str(r['K'])}_b{r['batch']}({r['in']}->{r['out']})"
         print(f"{shape:<28} | {r['backend']:<6} | {r['dtype']:<8} | {r['fwd_ours_ms']:11.3f} | {r['fwd_ref_ms']:11.3f} "
-              f"| {r['fwd_ratio']:8.3f}x | {r['fwd_bwd_ours_ms']:11.3f} | {r['fwd_bwd_ref_ms']:10.3f} | {r['fwd_bwd_ratio']:8.3f}x")
+              f"| {r['fwd_ratio']:8.3f}x | {r['fwd_bwd_ours_ms']:11.3f} | {r['fwd_bwd_ref_ms']:10.3f} | {r['fwd_bwd_ratio']:8.3f}x"
+              f" | {r['rel_err']:.1e}")
     for backend in sorted({r["backend"] for r in rows}):
         sel = [r for r in rows if r["backend"] == backend]
         gm = lambda key: statistics.geometric_mean([r[key] for r in sel])  # noqa: E731
         print(f"geomean {backend} over {len(sel)} shapes: fwd {gm('fwd_ratio'):.3f}x, fwd+bwd {gm('fwd_bwd_ratio'):.3f}x")
+
+
+def _assert_correct(rows, dtype):
+    wrong = [(r["layer"], r["K"], r["batch"], r["backend"], r["rel_err"]) for r in rows
+             if not r["rel_err"] <= ERR_TOL[dtype]]
+    assert not wrong, f"relative error above {ERR_TOL[dtype]:g} against F.relu(F.linear): {wrong}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -164,6 +189,7 @@ def test_bench_linear_gpu(benchmark):
             rows.append(_record(device, torch.bfloat16, backend, case, _measure(ours, timer, sets, 10, 7)))
     assert rows, "no GPU backend available"
     _print_table(rows, f"linear_bias_act on {device}, bfloat16")
+    _assert_correct(rows, torch.bfloat16)
     s = _inputs(1024, 9216, 4096, torch.bfloat16, "cuda", 1)[0]
     benchmark.pedantic(lambda: (_fwd_bwd(lambda *a: linear_bias_act(*a, "relu"), s), torch.cuda.synchronize()),
                        rounds=10, warmup_rounds=2)
@@ -180,5 +206,6 @@ def test_bench_linear_cpu(benchmark):
         sets = _inputs(batch, fin, fout, torch.float32, "cpu", 2)
         rows.append(_record("cpu", torch.float32, "cpu", case, _measure(ours, _cpu_timer, sets, 2, 7)))
     _print_table(rows, f"linear_bias_act on CPU ({torch.get_num_threads()} threads), float32")
+    _assert_correct(rows, torch.float32)
     s = _inputs(128, 4096, 1000, torch.float32, "cpu", 1)[0]
     benchmark.pedantic(lambda: _fwd_bwd(ours, s), rounds=5, warmup_rounds=1)
