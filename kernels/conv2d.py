@@ -10,14 +10,18 @@ memory order (weight.contiguous(memory_format=torch.channels_last)), a plain row
 ``(C_out, K)`` matrix. Bias and ReLU run in the epilogue on the float32 accumulator, and
 the store goes through the output's strides, so NCHW and NHWC outputs cost the same.
 
-Two ways to walk ``k`` (constexpr ``FLAT_K``):
+Three ways to walk ``k`` (constexprs ``FLAT_K`` and ``PACKED``):
 
 * blocked (default for C_in/groups >= 32): one loop over (r, s, channel block); the tap
   offset is a scalar per iteration, so the gather is one 2-d add and the loads along ``c``
   are contiguous;
-* flat (few input channels, e.g. the RGB first layer): ``k`` runs over ``R*S*C`` in
-  blocks and every element decodes its own (r, s, c); the blocked walk would pad C=3 to a
-  whole block and waste most of each MMA.
+* packed (groups = 1 and C_in <= 4, e.g. the RGB first layer): the launcher copies x into
+  4 channels (zeros past C_in) and the weight into (C_out, R, JP) rows; ``k`` runs over
+  (r, 4*s + c), so each pixel is an aligned run of 4 that loads as one 8-byte (16-bit
+  dtypes) async copy. Costs one pass over x and up to ~2x the MMA work of the real K;
+* flat (other few-channel cases): ``k`` runs over ``R*S*C`` in blocks and every element
+  has its own (r, s, c); the blocked walk would pad C to a whole block and waste most of
+  each MMA, but C = 3 pixels are 6 bytes and gather as scalar loads.
 
 Groups are a grid axis: group ``g`` reads channels ``[g*C, (g+1)*C)`` of x and writes
 ``[g*CO, (g+1)*CO)`` of out, with ``C``/``CO`` the per-group channel counts.
@@ -37,6 +41,10 @@ from . import interpreter_enabled
 INT32_MAX = 2**31 - 1
 # Below this many input channels per group the flat k walk wastes less of each MMA.
 FLAT_K_BELOW = 32
+# At most this many input channels (groups = 1: RGB first layers) take the packed walk,
+# on a 4-channel copy of x; its weight rows are padded to a multiple of PACK_K_MULTIPLE.
+PACK_CHANNELS_AT_MOST = 4
+PACK_K_MULTIPLE = 64
 
 
 # Geometry ints are not specialized: Triton would otherwise compile a variant for every
@@ -130,7 +138,7 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(configs=fwd_configs(), key=["M", "CO", "C", "R", "S", "FLAT_K"],
+@triton.autotune(configs=fwd_configs(), key=["M", "CO", "C", "R", "S", "FLAT_K", "PACKED"],
                  prune_configs_by={"early_config_prune": make_pruner("M", "CO")})
 @triton.jit(do_not_specialize=GEOMETRY_ARGS + ["sxn", "sxh", "sxw", "syn", "syh", "syw"])
 def conv2d_fwd_kernel(
@@ -138,9 +146,9 @@ def conv2d_fwd_kernel(
     M, C, H, W, CO, HO, WO, R, S,
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, IEEE: tl.constexpr,
-    X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, JP,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, PACKED: tl.constexpr,
+    IEEE: tl.constexpr, X_ALIGN: tl.constexpr, Y_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # X_ALIGN divides every pixel offset of x and C; Y_ALIGN every pixel offset of y and CO
@@ -166,7 +174,36 @@ def conv2d_fwd_kernel(
     w_row = w_ptr + tl.multiple_of((g * CO + offs_n).to(tl.int64) * KW, X_ALIGN)  # (BLOCK_N,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    if FLAT_K:
+    if PACKED:
+        # x is pack_rgb's copy: NHWC with 4 channels (zeros past C_in), so every pixel is
+        # one aligned run of 4; w is (C_out, R, JP) rows holding, per r, the 4*S values
+        # (s, c) and zeros up to JP. k walks (r, j = 4*s + c) in blocks of BLOCK_K; with the
+        # constant 4, the compiler sees contiguous runs of 4 (8 bytes in 16-bit) and masks
+        # constant over them, so the gathers are vector async copies instead of scalar loads.
+        xp_img = x_ptr + img.to(tl.int64) * (4 * H * W)  # (BLOCK_M,)
+        wp_row = w_ptr + (g * CO + offs_n).to(tl.int64) * (R * JP)  # (BLOCK_N,)
+        zero = tl.program_id(0) * 0
+        j0 = zero  # first j of the block
+        dr = zero  # r * dil_h
+        rk = zero  # r * JP: the row's first column in a weight row
+        for _ in range(0, R * tl.cdiv(4 * S, BLOCK_K)):
+            j = tl.multiple_of(j0, BLOCK_K) + tl.arange(0, BLOCK_K)
+            s = j // 4
+            ih = ih0 + dr
+            iw = iw0[:, None] + (s * dil_w)[None, :]
+            a_ok = ((m_ok & (ih >= 0) & (ih < H))[:, None] & (s < S)[None, :]
+                    & (iw >= 0) & (iw < W))
+            a_off = ((ih * W)[:, None] + iw) * 4 + (j % 4)[None, :]
+            a = tl.load(xp_img[:, None] + a_off, mask=a_ok, other=0.0)
+            col = tl.multiple_of(rk + j0, BLOCK_K) + tl.arange(0, BLOCK_K)
+            b = tl.load(wp_row[None, :] + col[:, None], mask=n_ok[None, :], other=0.0)
+            acc = mma(a, b, acc, IEEE)
+            j0 += BLOCK_K
+            next_r = j0 >= 4 * S
+            j0 = tl.where(next_r, 0, j0)
+            dr = tl.where(next_r, dr + dil_h, dr)
+            rk = tl.where(next_r, rk + JP, rk)
+    elif FLAT_K:
         # Each k of the block is (r, s, c), decoded once and then advanced by BLOCK_K as a
         # mixed-radix addition (BLOCK_K = d_r*S*C + d_s*C + d_c, one carry per digit).
         offs_k = tl.arange(0, BLOCK_K)
@@ -247,8 +284,29 @@ def use_flat_k(channels_per_group: int) -> bool:
     return channels_per_group < FLAT_K_BELOW
 
 
+def use_packed(channels_per_group: int, groups: int) -> bool:
+    return groups == 1 and channels_per_group <= PACK_CHANNELS_AT_MOST
+
+
+def pack_rgb(x: torch.Tensor, w_cl: torch.Tensor):
+    """The packed walk's operands: (x4, w4, JP).
+
+    x4: x as (N, H, W, 4) with zeros past C_in (<= 4); w4: (C_out, R, JP) with, per r, the
+    weight's (s, c) values over 4 channels (zeros past C_in) and zeros from 4*S up to JP, a
+    multiple of PACK_K_MULTIPLE (so that every BLOCK_K of the configs divides it).
+    """
+    n, c, h, w = x.shape
+    co, _, r, s = w_cl.shape
+    jp = triton.cdiv(4 * s, PACK_K_MULTIPLE) * PACK_K_MULTIPLE
+    x4 = x.new_zeros((n, h, w, 4))
+    x4[..., :c] = x.permute(0, 2, 3, 1)
+    w4 = w_cl.new_zeros((co, r, jp))
+    w4[:, :, :4 * s].view(co, r, s, 4)[..., :c] = w_cl.permute(0, 2, 3, 1)
+    return x4, w4, jp
+
+
 def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torch.Tensor,
-                      shape, relu: bool, flat_k=None) -> None:
+                      shape, relu: bool, flat_k=None, packed=None) -> None:
     """Write act(conv2d(x, w) + bias) into ``y``.
 
     Args:
@@ -257,7 +315,9 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
         w_cl: (C_out, C_in/groups, R, S) in channels_last memory, i.e. (C_out, R, S, C) rows.
         bias: (C_out,) contiguous, or None.
         y: (N, C_out, H_out, W_out) output, any strides.
-        flat_k: force the k walk (None: chosen from C_in/groups, see the module docstring).
+        flat_k: force the flat or blocked k walk (None: chosen from C_in/groups).
+        packed: force the packed walk on or off (None: on for groups == 1 and C_in <= 4);
+            it copies x and w into pack_rgb's 4-channel layout first.
     """
     check_int32_images(shape)
     c = shape.c_in // shape.groups
@@ -265,16 +325,28 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
     m = shape.n * shape.h_out * shape.w_out
     if m == 0 or co == 0:
         return
-    flat = use_flat_k(c) if flat_k is None else bool(flat_k)
+    pack = use_packed(c, shape.groups) if packed is None else bool(packed)
+    if pack and (shape.groups != 1 or c > 4):
+        raise ValueError(f"conv2d_bias_act (triton): the packed walk needs groups=1 and at most 4 "
+                         f"input channels, got groups={shape.groups}, C_in={shape.c_in}")
+    flat = False if pack else (use_flat_k(c) if flat_k is None else bool(flat_k))
+    jp = 0
+    x_arg, w_arg, x_align = x, w_cl, channel_align(c, x)
+    if pack:
+        if 4 * shape.h * shape.w > INT32_MAX:
+            raise ValueError(f"conv2d_bias_act (triton): one packed image of {4 * shape.h * shape.w} "
+                             f"elements exceeds the kernel's int32 offsets; use backend='aten'")
+        x4, w_arg, jp = pack_rgb(x, w_cl)
+        x_arg, x_align = x4.permute(0, 3, 1, 2), 1  # (N, 4, H, W) view; x_align unused
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]), shape.groups)
 
     launch(conv2d_fwd_kernel)[grid](
-        x, w_cl, w_cl if bias is None else bias, y,
+        x_arg, w_arg, w_cl if bias is None else bias, y,
         m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s,
-        *x.stride(), *y.stride(),
-        *shape.stride, *shape.padding, *shape.dilation,
-        HAS_BIAS=bias is not None, RELU=relu, FLAT_K=flat, IEEE=x.dtype == torch.float32,
-        X_ALIGN=channel_align(c, x), Y_ALIGN=channel_align(co, y),
+        *x_arg.stride(), *y.stride(),
+        *shape.stride, *shape.padding, *shape.dilation, jp,
+        HAS_BIAS=bias is not None, RELU=relu, FLAT_K=flat, PACKED=pack, IEEE=x.dtype == torch.float32,
+        X_ALIGN=x_align, Y_ALIGN=channel_align(co, y),
     )

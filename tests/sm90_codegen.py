@@ -32,6 +32,7 @@ PTX_PATTERNS = {
     "scalar_loads_16": r"ld\.global(?:\.[\w:]+)*?\.(?:b16|u16|s16)\s",
     "scalar_stores_16": r"st\.global(?:\.[\w:]+)*?\.(?:b16|u16|s16)\s",
     "cp_async_16": r"cp\.async\.cg\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(?:16|0x10)\b",
+    "cp_async_8": r"cp\.async\.c[ag]\.shared\.global(?:\.[\w:]+)*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(?:8|0x8)\b",
     "vector_stores": r"st\.global(?:\.[\w:]+)*?\.v[248]\.",
     "wgmma": r"wgmma\.mma_async",
 }
@@ -223,7 +224,7 @@ def _linear(which, dtype=torch.bfloat16):
 SCENARIOS = {
     "conv2d_fwd_bf16": lambda: _conv_fwd(torch.bfloat16),
     "conv2d_fwd_fp16": lambda: _conv_fwd(torch.float16),
-    # AlexNet's conv1 (RGB, 11x11 stride 4): the flat k walk, gathers of 3 channels.
+    # AlexNet's conv1 (RGB, 11x11 stride 4): the packed k walk over a 4-channel copy.
     "conv2d_fwd_rgb_bf16": lambda: _conv_fwd(torch.bfloat16, n=2, c_in=3, c_out=64, hw=63, k=11,
                                              stride=4, pad=2),
     "conv2d_dgrad_bf16": lambda: _conv_dgrad(torch.bfloat16),

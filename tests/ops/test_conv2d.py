@@ -3,7 +3,8 @@
 The configurations come from a seeded RNG (``make_grid``) and ``test_grid_covers_ranges``
 checks that they span what the op promises: stride 1-4, padding 0-3, dilation 1-2, kernels
 1x1 to 11x11, odd H and W, batch 1-3, groups 1 and 2, bias or not, ReLU or identity,
-NCHW and channels_last, and both k walks of the Triton forward. Shapes stay tiny so the
+NCHW and channels_last, and the three k walks of the Triton forward (flat, blocked, and
+packed for RGB-like inputs of at most 4 channels). Shapes stay tiny so the
 Triton interpreter gets through them in well under a minute.
 """
 import random
@@ -29,6 +30,11 @@ def _spread(rng, values, n):
     out = (list(values) * (n // len(values) + 1))[:n]
     rng.shuffle(out)
     return out
+
+
+# The Triton forward's k walk a config forces (the k_walk fixture); "packed" applies to
+# groups = 1 and at most 4 input channels, other configs fall back to the automatic choice.
+WALKS = ("flat", "blocked", "packed")
 
 
 def make_grid(seed=2024, n=N_CONFIGS):
@@ -64,7 +70,7 @@ def make_grid(seed=2024, n=N_CONFIGS):
             h=h, w=w, kernel=(r, s), stride=(strides[i], rng.choice([strides[i], rng.randint(1, 4)])),
             padding=(ph, pw), dilation=(dh, dw), bias=rng.random() < 0.6,
             activation=rng.choice(["relu", "relu", None]),
-            layout=rng.choice(["nchw", "channels_last"]), flat_k=i % 2 == 0, seed=1000 + i,
+            layout=rng.choice(["nchw", "channels_last"]), walk=WALKS[i % 3], seed=1000 + i,
         ))
     return grid
 
@@ -87,7 +93,9 @@ def test_grid_covers_ranges():
     assert seen("bias") == {True, False}
     assert seen("activation") == {"relu", None}
     assert seen("layout") == {"nchw", "channels_last"}
-    assert seen("flat_k") == {True, False}
+    assert seen("walk") == set(WALKS)
+    packed = [c for c in GRID if c["walk"] == "packed" and c["groups"] == 1 and c["c_in"] <= 4]
+    assert len(packed) >= 8 and {c["c_in"] for c in packed} == {1, 2, 3, 4}
     assert any(c["h"] % 2 and c["w"] % 2 for c in GRID) and any(c["h"] != c["w"] for c in GRID)
     assert any(c["kernel"][0] != c["kernel"][1] for c in GRID)
     # Channel counts are never multiples of the 16-wide blocks: every tile is partial.
@@ -142,11 +150,13 @@ def check_config(cfg, backend, dtype, device):
 
 @pytest.fixture
 def k_walk(monkeypatch, request):
-    """Force the Triton forward's k walk of a config (flat or blocked)."""
+    """Force the Triton forward's k walk of a config (flat, blocked or packed)."""
     def force(cfg):
         if HAS_TRITON:
             from pyowt.kernels import conv2d as kconv
-            monkeypatch.setattr(kconv, "FLAT_K_BELOW", 10**9 if cfg["flat_k"] else 0)
+            walk = cfg["walk"]
+            monkeypatch.setattr(kconv, "FLAT_K_BELOW", 10**9 if walk == "flat" else 0)
+            monkeypatch.setattr(kconv, "PACK_CHANNELS_AT_MOST", 4 if walk == "packed" else 0)
     return force
 
 
@@ -177,6 +187,43 @@ def test_triton_fp16(triton_device, k_walk, cfg):
     check_config(cfg, "triton", torch.float16, triton_device)
 
 
+
+# RGB first layers in the packed walk: AlexNet's 11x11 stride 4 and ResNet's 7x7 stride 2
+# (scaled down), a dilated one with 4*S a multiple of the block (the row change lands exactly
+# on a block edge), and channel counts 1-4 in one image layout or the other.
+PACKED_CASES = [
+    dict(batch=2, c_in=3, c_out=9, groups=1, h=27, w=23, kernel=(11, 11), stride=(4, 4),
+         padding=(2, 2), dilation=(1, 1), bias=True, activation="relu", layout="channels_last"),
+    dict(batch=1, c_in=3, c_out=5, groups=1, h=17, w=15, kernel=(7, 7), stride=(2, 2),
+         padding=(3, 3), dilation=(1, 1), bias=False, activation="relu", layout="nchw"),
+    dict(batch=2, c_in=4, c_out=6, groups=1, h=13, w=12, kernel=(3, 4), stride=(1, 2),
+         padding=(2, 1), dilation=(2, 2), bias=True, activation=None, layout="channels_last"),
+    dict(batch=3, c_in=1, c_out=7, groups=1, h=9, w=11, kernel=(5, 3), stride=(3, 1),
+         padding=(0, 1), dilation=(1, 2), bias=True, activation="relu", layout="nchw"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cfg", PACKED_CASES, ids=[f"p{i}" for i in range(len(PACKED_CASES))])
+def test_triton_packed_walk(triton_device, k_walk, cfg, dtype):
+    cfg = dict(cfg, walk="packed", seed=7000 + PACKED_CASES.index(cfg))
+    k_walk(cfg)
+    check_config(cfg, "triton", dtype, triton_device)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_packed_walk_refuses_what_it_cannot_pack():
+    from pyowt.kernels import conv2d as kconv
+    from pyowt.ops.conv2d import conv_shape
+
+    x = torch.zeros(1, 6, 5, 5)
+    w = torch.zeros(4, 6, 3, 3).contiguous(memory_format=torch.channels_last)
+    shape = conv_shape(x.shape, w.shape, (1, 1), (0, 0), (1, 1), 1)
+    with pytest.raises(ValueError, match="packed walk needs groups=1 and at most 4 input channels"):
+        kconv.launch_conv2d_fwd(lambda k: k, x, w, None, torch.empty(1, 4, 3, 3), shape, True,
+                                packed=True)
+
+
 # Larger shapes for the GPU: many tiles, partial tiles, channel counts off the block sizes,
 # the split-K reduction of the weight gradient, AlexNet-like first layers.
 GPU_EXTRA = [
@@ -197,7 +244,8 @@ GPU_EXTRA = [
     dict(batch=2, c_in=48, c_out=64, groups=1, h=12, w=13, kernel=(3, 3), stride=(2, 1),
          padding=(1, 1), dilation=(1, 1), bias=False, activation="relu", layout="channels_last"),
 ]
-GPU_GRID = GRID + [dict(c, flat_k=bool(i % 2), seed=9000 + i) for i, c in enumerate(GPU_EXTRA)]
+# (i + 2) % 3: the AlexNet-like first layer (GPU_EXTRA[0]) runs the packed walk.
+GPU_GRID = GRID + [dict(c, walk=WALKS[(i + 2) % 3], seed=9000 + i) for i, c in enumerate(GPU_EXTRA)]
 
 
 @pytest.mark.gpu

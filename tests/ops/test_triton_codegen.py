@@ -62,10 +62,13 @@ def test_conv_gathers_are_pipelined_16_byte_copies(sm90_report, scenario):
     assert counts["loop_divisions"] == 0, f"{scenario}: integer divisions in the main loop: {counts}"
 
 
-def test_rgb_first_layer_loop_has_no_divisions(sm90_report):
-    # Three channels cannot be gathered 16 bytes at a time (scalar loads are expected
-    # here); the flat k walk must still not divide to decode (r, s, c) every iteration.
+def test_rgb_first_layer_gathers_are_pipelined_8_byte_copies(sm90_report):
+    # Three channels cannot be gathered 16 bytes at a time: the flat walk compiled to scalar
+    # 2-byte loads without a pipeline. The packed walk reads a 4-channel copy, one aligned
+    # 8-byte run per pixel: 8-byte cp.async for x, 16-byte for the weight.
     counts = sm90_report[RGB]
+    assert counts["scalar_loads_16"] == 0, counts
+    assert counts["cp_async_8"] > 0 and counts["cp_async_16"] > 0, counts
     assert counts["wgmma"] > 0 and counts["loop_divisions"] == 0, counts
 
 
