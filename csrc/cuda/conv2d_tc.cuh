@@ -62,6 +62,7 @@ static_assert(kBM * kBK / 8 == 4 * kThreads, "vector A load: 4 chunks of 8 per t
 static_assert(kBN * kBK / 8 == 2 * kThreads, "B load: 2 chunks of 8 per thread");
 static_assert(kBM == kThreads && kBK == 32, "scalar A load: one row of 32 per thread");
 static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
+static_assert(kBN % 8 == 0 && kLdcRow % 4 == 0, "NHWC epilogue: 8-channel runs, 16-byte rows");
 
 // Maps at::Half / at::BFloat16 to the CUDA type WMMA takes (same bits).
 template <typename scalar_t>
@@ -327,22 +328,56 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
-    int ml, nl;
-    float v;
-    if constexpr (kNhwcOut) {
-      ml = idx / kBN;
-      nl = idx - ml * kBN;
-      v = Cs[ml * kLdcRow + nl];
-    } else {
-      nl = idx / kBM;
-      ml = idx - nl * kBM;
-      v = Cs[nl * kLdcCol + ml];
+  if constexpr (kNhwcOut) {
+    // Eight consecutive channels of one pixel per step: two 16-byte shared loads and one
+    // 16-byte global store when all eight are in range and out (and bias) are 16-byte
+    // aligned with C_out % 8 == 0; element by element otherwise (partial last channel
+    // block, odd C_out, offset views). kBN % 8 == 0, so a run never leaves the tile.
+    const bool vec_out = p.Cout % 8 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+    const bool vec_bias = bias != nullptr && (reinterpret_cast<uintptr_t>(bias) & 15) == 0;
+    for (int run = tid; run < kBM * kBN / 8; run += kThreads) {
+      const int ml = run / (kBN / 8);
+      const int nl = (run - ml * (kBN / 8)) * 8;
+      const int m = m_block + ml;
+      const int co = n_block + nl;
+      if (m >= p.M) continue;
+      const float4 lo = *reinterpret_cast<const float4*>(Cs + ml * kLdcRow + nl);
+      const float4 hi = *reinterpret_cast<const float4*>(Cs + ml * kLdcRow + nl + 4);
+      float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      if (vec_out && co + 8 <= p.Cout) {
+        if (vec_bias) {
+          const uint4 braw = *reinterpret_cast<const uint4*>(bias + co);
+          const scalar_t* b8 = reinterpret_cast<const scalar_t*>(&braw);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) v[j] += static_cast<float>(b8[j]);
+        } else if (bias != nullptr) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) v[j] += static_cast<float>(bias[co + j]);
+        }
+        uint4 packed;
+        scalar_t* o8 = reinterpret_cast<scalar_t*>(&packed);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o8[j] = static_cast<scalar_t>(p.relu && v[j] < 0.f ? 0.f : v[j]);
+        *reinterpret_cast<uint4*>(out + out_offset<true>(p, m, co)) = packed;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (co + j < p.Cout) {
+            out[out_offset<true>(p, m, co + j)] = static_cast<scalar_t>(epilogue_value(p, v[j], bias, co + j));
+          }
+        }
+      }
     }
-    const int m = m_block + ml;
-    const int co = n_block + nl;
-    if (m < p.M && co < p.Cout) {
-      out[out_offset<kNhwcOut>(p, m, co)] = static_cast<scalar_t>(epilogue_value(p, v, bias, co));
+  } else {
+    for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
+      const int nl = idx / kBM;
+      const int ml = idx - nl * kBM;
+      const float v = Cs[nl * kLdcCol + ml];
+      const int m = m_block + ml;
+      const int co = n_block + nl;
+      if (m < p.M && co < p.Cout) {
+        out[out_offset<false>(p, m, co)] = static_cast<scalar_t>(epilogue_value(p, v, bias, co));
+      }
     }
   }
 #endif

@@ -179,20 +179,27 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a):
             pos = (m0 + a) * LDC_ROW + n0 + b if nhwc_out else (n0 + b) * LDC_COL + m0 + a
             assert int(pos.max()) < SMEM // 4
             cs[:, :, pos] = acc[:, :, m0:m0 + 16, n0:n0 + 16]
-    for base in range(0, BM * BN, NT):
-        idx = base + torch.arange(NT)
-        if nhwc_out:
-            ml, nl = idx // BN, idx % BN
-            v = cs[:, :, ml * LDC_ROW + nl]
-        else:
-            nl, ml = idx // BM, idx % BM
-            v = cs[:, :, nl * LDC_COL + ml]
+    def store(ml, nl, v):
         m = torch.arange(gm)[:, None, None] * BM + ml
         co = torch.arange(gn)[None, :, None] * BN + nl
         ok = (m < p.M) & (co < p.Cout)
         off = out_offset(p, m, co, nhwc_out)[ok]
         out[off] = _epilogue(p, v.expand_as(ok)[ok], bias, co.expand_as(ok)[ok], relu)
         written.index_put_((off,), torch.ones_like(off, dtype=torch.int32), accumulate=True)
+
+    if nhwc_out:  # runs of 8 channels of one pixel per thread and step
+        for base in range(0, BM * BN // 8, NT):
+            run = base + torch.arange(NT)
+            ml, nl = run // (BN // 8), (run % (BN // 8)) * 8
+            # the two 16-byte shared loads are aligned: 4-float boundaries
+            assert bool(((ml * LDC_ROW + nl) % 4 == 0).all())
+            for j in range(8):
+                store(ml, nl + j, cs[:, :, ml * LDC_ROW + nl + j])
+    else:
+        for base in range(0, BM * BN, NT):
+            idx = base + torch.arange(NT)
+            nl, ml = idx // BM, idx % BM
+            store(ml, nl, cs[:, :, nl * LDC_COL + ml])
     assert bool((written == 1).all()), "an output element was written zero or several times"
     shape = (p.N, p.Ho, p.Wo, p.Cout) if nhwc_out else (p.N, p.Cout, p.Ho, p.Wo)
     out = out.view(shape)
@@ -470,7 +477,8 @@ def test_output_fully_written(ops, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_misaligned_channels_last_tensors(ops, dtype):
     # C_in % 8 == 0 and K % 8 == 0, but x and weight start 2 or 4 bytes off a 16-byte
-    # boundary: the 16-byte cp.async path must not read them as they are.
+    # boundary: the 16-byte cp.async path must not read them as they are (nor the
+    # epilogue's vector bias load a misaligned bias).
     n, c, h, w_, cout = 2, 16, 9, 11, 24
     flat = torch.randn(n * h * w_ * c + 1, device="cuda").to(dtype)
     x = flat[1:].view(n, h, w_, c).permute(0, 3, 1, 2)
@@ -479,6 +487,11 @@ def test_misaligned_channels_last_tensors(ops, dtype):
     for t in (x, weight):
         assert t.is_contiguous(memory_format=torch.channels_last) and t.data_ptr() % 16 != 0
     _check_forward(ops[0], x, weight, None, ((1, 1), (1, 1), (1, 1), 1, "relu"), tol=None)
+    # A bias 2 bytes off: the NHWC epilogue's 16-byte stores (C_out % 8 == 0) with scalar
+    # bias loads.
+    bias = torch.randn(cout + 1, device="cuda").to(dtype)[1:]
+    assert bias.data_ptr() % 16 != 0
+    _check_forward(ops[0], x, weight, bias, ((1, 1), (1, 1), (1, 1), 1, "relu"), tol=None)
 
 
 @pytest.mark.gpu
