@@ -61,7 +61,8 @@ def compile_recorded(rec: RecordingLaunch, config_index: int = 0, arch: int = 90
     config = rec.kernel.configs[config_index]
     fn = rec.kernel.fn
     names = fn.arg_names
-    plain = set(fn.do_not_specialize)
+    # (names in recent Triton, indices in some older releases)
+    plain = {names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
     values = dict(zip(names, rec.args))
     values.update(rec.kwargs)
     values.update(config.kwargs)
