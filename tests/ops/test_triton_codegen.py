@@ -5,7 +5,8 @@ async copies that Triton software-pipelines in front of the tensor-core MMAs, or
 2-byte loads with no pipelining. Until this test existed every conv launcher passed hints
 of 1 (the channel stride was counted among the pixel strides), and the H200 run measured
 the Triton conv forward at 16-54 TFLOP/s; nothing on a CPU could see it. The main loops'
-SASS is checked for integer divisions the same way.
+SASS is checked for integer divisions the same way, and the RGB first layer for the packed
+walk's 8-byte copies.
 """
 import json
 import os
