@@ -138,6 +138,38 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def advance_tap(c0, tap_k, s, dr, C_WALK, TAP_COLS, S, dil_h, BLOCK_K: tl.constexpr):
+    """One step of a (tap, channel block) walk kept as loop-carried counters instead of
+    dividing the iteration number: the next block of the C_WALK channels walked; past the
+    last one the next s, whose first weight column tap_k moves by TAP_COLS; past the last s
+    the next r, whose row offset dr = r * dil_h moves by dil_h. Returns (c0, tap_k, s, dr)."""
+    c0 += BLOCK_K
+    next_tap = c0 >= C_WALK
+    c0 = tl.where(next_tap, 0, c0)
+    tap_k = tl.where(next_tap, tap_k + TAP_COLS, tap_k)
+    s = tl.where(next_tap, s + 1, s)
+    next_row = s == S
+    s = tl.where(next_row, 0, s)
+    dr = tl.where(next_row, dr + dil_h, dr)
+    return c0, tap_k, s, dr
+
+
+@triton.jit
+def mixed_radix_add(lo, mid, hi, d_lo, d_mid, d_hi, LO, MID):
+    """(hi, mid, lo) + (d_hi, d_mid, d_lo) in the radix (., MID, LO), digits d_lo < LO and
+    d_mid < MID, so each carry is 0 or 1: advances decoded indices (e.g. a pixel's
+    (img, oh, ow), a k's (r, s, c)) by a constant step without dividing."""
+    lo += d_lo
+    carry_lo = lo >= LO
+    lo = tl.where(carry_lo, lo - LO, lo)
+    mid += d_mid + carry_lo.to(tl.int32)
+    carry_mid = mid >= MID
+    mid = tl.where(carry_mid, mid - MID, mid)
+    hi += d_hi + carry_mid.to(tl.int32)
+    return lo, mid, hi
+
+
 @triton.autotune(configs=fwd_configs(), key=["M", "CO", "C", "R", "S", "FLAT_K", "PACKED"],
                  prune_configs_by={"early_config_prune": make_pruner("M", "CO")})
 @triton.jit(do_not_specialize=GEOMETRY_ARGS + ["sxn", "sxh", "sxw", "syn", "syh", "syw"])
@@ -222,13 +254,7 @@ def conv2d_fwd_kernel(
             a = tl.load(x_img[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc, mask=a_ok, other=0.0)
             b = tl.load(w_row[None, :] + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = mma(a, b, acc, IEEE)
-            c += d_c
-            carry_c = c >= C
-            c = tl.where(carry_c, c - C, c)
-            s += d_s + carry_c.to(tl.int32)
-            carry_s = s >= S
-            s = tl.where(carry_s, s - S, s)
-            r += d_r + carry_s.to(tl.int32)
+            c, s, r = mixed_radix_add(c, s, r, d_c, d_s, d_r, C, S)
     else:
         # One loop over (tap, channel block) so the compiler pipelines all of it. The tap
         # (r, s) and channel block advance as loop-carried counters: dividing the iteration
@@ -251,14 +277,7 @@ def conv2d_fwd_kernel(
             b = tl.load(w_row[None, :] + (tap_k + offs_c)[:, None],
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = mma(a, b, acc, IEEE)
-            c0 += BLOCK_K
-            next_tap = c0 >= C
-            c0 = tl.where(next_tap, 0, c0)
-            tap_k = tl.where(next_tap, tap_k + C, tap_k)
-            s = tl.where(next_tap, s + 1, s)
-            next_row = s == S
-            s = tl.where(next_row, 0, s)
-            dr = tl.where(next_row, dr + dil_h, dr)
+            c0, tap_k, s, dr = advance_tap(c0, tap_k, s, dr, C, C, S, dil_h, BLOCK_K)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + g * CO + offs_n, mask=n_ok, other=0.0)

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from . import interpreter_enabled
-from .conv2d import (GEOMETRY_ARGS, _config, channel_align, check_int32_images, grouped_tile,
-                     make_pruner, mma, use_flat_k)
+from .conv2d import (GEOMETRY_ARGS, _config, advance_tap, channel_align, check_int32_images,
+                     grouped_tile, make_pruner, mixed_radix_add, mma, use_flat_k)
 
 
 def dgrad_configs():
@@ -123,15 +123,8 @@ def conv2d_dgrad_kernel(
         wt = tl.load((w_rows + w_off)[:, None] + offs_n[None, :], mask=co_ok[:, None] & n_ok[None, :],
                      other=0.0)
         acc = mma(dy, wt, acc, IEEE)
-        # Advance: next channel block; past the last one, next s; past the last s, next r.
-        co0 += BLOCK_K
-        next_tap = co0 >= CO
-        co0 = tl.where(next_tap, 0, co0)
-        tap_k = tl.where(next_tap, tap_k + C, tap_k)
-        s = tl.where(next_tap, s + 1, s)
-        next_row = s == S
-        s = tl.where(next_row, 0, s)
-        dr = tl.where(next_row, dr + dil_h, dr)
+        # Blocks of output channels within a tap; a tap's weight columns are C apart.
+        co0, tap_k, s, dr = advance_tap(co0, tap_k, s, dr, CO, C, S, dil_h, BLOCK_K)
     dx_pix = tl.multiple_of(img.to(tl.int64) * sxn + ih * sxh + iw * sxw, X_ALIGN)
     dx_off = dx_pix[:, None] + ((g * C + offs_n) * sxc)[None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -225,13 +218,7 @@ def conv2d_wgrad_kernel(
         if HAS_BIAS:
             if pid_k == 0:  # the only programs that store it (a uniform branch elsewhere)
                 db += tl.sum(dy.to(tl.float32), axis=1)
-        ow += d_ow
-        carry_w = ow >= WO
-        ow = tl.where(carry_w, ow - WO, ow)
-        oh += d_oh + carry_w.to(tl.int32)
-        carry_h = oh >= HO
-        oh = tl.where(carry_h, oh - HO, oh)
-        img += d_img + carry_h.to(tl.int32)
+        ow, oh, img = mixed_radix_add(ow, oh, img, d_ow, d_oh, d_img, WO, HO)
     # Partials: dw_ptr is (SPLIT, CO_TOTAL, KW) float32, db_ptr (SPLIT, CO_TOTAL) float32.
     row = split.to(tl.int64) * CO_TOTAL + g * CO + offs_co
     tl.store(dw_ptr + row[:, None] * KW + offs_k[None, :], acc, mask=co_ok[:, None] & k_ok[None, :])
