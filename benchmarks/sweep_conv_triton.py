@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks import rel_l2
 from benchmarks.test_bench_conv import ALEXNET, ERR_TOL, LAYERS, Layer, _inputs, measure
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M = 8 throughout.
@@ -95,7 +96,7 @@ def sweep_layer(layer, batch, dtype, device, configs, reps):
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
             rows.append(dict(config=cfg, error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"))
             continue
-        err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        err = rel_l2(got, want)
 
         def rotating(f):
             state = {"i": 0}

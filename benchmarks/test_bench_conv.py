@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import pyowt
+from benchmarks import rel_l2
 from pyowt.ops import conv2d_bias_act
 from pyowt.ops.backend import unavailable_reason
 
@@ -220,12 +221,7 @@ def _errors(impls: dict, layer, x, w, b, mode) -> dict:
             got += torch.autograd.grad(y, [w, b] + ([x] if x.requires_grad else []), grad)
         results[name] = got
     ref = results.pop("aten")
-
-    def rel(a, r):
-        a, r = a.float(), r.float()
-        return ((a - r).norm() / r.norm().clamp_min(1e-30)).item()
-
-    return {name: max(rel(a, r) for a, r in zip(got, ref)) for name, got in results.items()}
+    return {name: max(rel_l2(a, r) for a, r in zip(got, ref)) for name, got in results.items()}
 
 
 def _error_notes(errors: dict, dtype) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from types import SimpleNamespace
 
 import torch
 
@@ -157,10 +156,9 @@ def main_loop_counts(cubin: bytes) -> dict:
 
 
 def _conv_shape(n, c_in, c_out, hw, k, stride, pad):
-    h_out = (hw + 2 * pad - k) // stride + 1
-    return SimpleNamespace(n=n, c_in=c_in, c_out=c_out, h=hw, w=hw, r=k, s=k, h_out=h_out,
-                           w_out=h_out, stride=(stride, stride), padding=(pad, pad),
-                           dilation=(1, 1), groups=1)
+    from pyowt.ops.conv2d import conv_shape
+
+    return conv_shape((n, c_in, hw, hw), (c_out, c_in, k, k), (stride, stride), (pad, pad), (1, 1), 1)
 
 
 def _conv_tensors(shape, dtype, channels_last=True):
