@@ -66,9 +66,11 @@ if want tests; then
   $PY -c 'import xdist' 2>/dev/null && xdist=(-n "${TEST_PROCS:-14}")
   log "tests (tests/ops on the GPU + NCCL, ${xdist[*]:-no xdist}) ..."
   t0=$SECONDS
-  # The quick files first, the Triton conv grid (the slow tail) last: a run cut by its
+  # The quick files first (the CUDA conv kernels' next to them: their pipeline is the
+  # code a CPU cannot run), the Triton conv grid (the slow tail) last: a run cut by its
   # time limit loses the fewest results.
-  files=(tests/ops/test_linear.py tests/ops/test_bias_relu.py tests/distributed/test_nccl_single_gpu.py)
+  files=(tests/ops/test_linear.py tests/ops/test_conv2d_cuda.py tests/ops/test_bias_relu.py
+         tests/distributed/test_nccl_single_gpu.py)
   for f in tests/ops/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
   PYOWT_FAILURE_LOG="$OUT/failures.log" timeout "${TESTS_S:-240}" $PY -m pytest "${files[@]}" "${xdist[@]}" \
       -v -p no:cacheprovider -o addopts="-ra" --timeout 170 --durations=15 > "$OUT/tests.log" 2>&1

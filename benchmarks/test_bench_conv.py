@@ -247,6 +247,24 @@ def _ours(layer, backend):
     return run
 
 
+def _autotuner_caches():
+    """Snapshot of the Triton conv kernels' autotuner caches: {(kernel, key): config}."""
+    from kernels import conv2d, conv2d_backward
+    kernels = {"fwd": conv2d.conv2d_fwd_kernel, "dgrad": conv2d_backward.conv2d_dgrad_kernel,
+               "wgrad": conv2d_backward.conv2d_wgrad_kernel}
+    return {(name, key): cfg for name, k in kernels.items()
+            for key, cfg in getattr(k, "cache", {}).items()}
+
+
+def _tuned_since(before):
+    """The Triton configs the autotuner picked since ``before`` (a snapshot), e.g.
+    ``fwd 128x128x32/w8/s3``: which tile each layer ran, for the next tuning round."""
+    picked = [f"{name} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}"
+              f"/w{c.num_warps}/s{c.num_stages}"
+              for (name, key), c in _autotuner_caches().items() if (name, key) not in before]
+    return ", ".join(picked)
+
+
 # --- tests --------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layer", LAYERS, ids=[l.name for l in LAYERS])
@@ -285,6 +303,7 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
     xs, w, b = _inputs(layer, GPU_BATCH, dtype, device, copies)
     impls = {"aten": _conv_ref(layer)}
     backends = [be for be in ("triton", "cuda") if unavailable_reason(be, device) is None]
+    tuned_before = _autotuner_caches() if "triton" in backends else {}
     for be in backends:
         impls[f"ours:{be}"] = _ours(layer, be)
     errors = _errors(impls, layer, xs[0], w, b, mode)  # ours only: before "compile" joins
@@ -308,6 +327,8 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
     ours = "ours:triton" if "ours:triton" in times else f"ours:{backends[0]}"
     notes = {impl: "; ".join(n for n in (_error_notes(errors, dtype).get(impl, ""), extra) if n)
              for impl in times}
+    if "ours:triton" in notes:
+        notes["ours:triton"] = "; ".join(n for n in (notes["ours:triton"], _tuned_since(tuned_before)) if n)
     _record(layer, mode, dtype, device, GPU_BATCH, times, ours, notes)
     benchmark.extra_info.update({k: v for k, v in times.items()})
     benchmark.extra_info.update({f"rel_err {k}": v for k, v in errors.items()})
