@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_enabled
+from .autotuned import launch_autotuned
 
 INT32_MAX = 2**31 - 1
 # Below this many input channels per group the flat k walk wastes less of each MMA.
@@ -333,7 +334,8 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
     """Write act(conv2d(x, w) + bias) into ``y``.
 
     Args:
-        launch: ``wrap_triton`` (or the identity) applied to the kernel before launching.
+        launch: ``wrap_triton`` (or a stand-in) applied to the kernel before launching;
+            None in eager mode (:func:`launch_autotuned`).
         x: (N, C_in, H, W), any strides (channels_last makes the gathers contiguous).
         w_cl: (C_out, C_in/groups, R, S) in channels_last memory, i.e. (C_out, R, S, C) rows.
         bias: (C_out,) contiguous, or None.
@@ -365,8 +367,11 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]), shape.groups)
 
-    launch(conv2d_fwd_kernel)[grid](
-        x_arg, w_arg, w_cl if bias is None else bias, y,
+    b_arg = w_cl if bias is None else bias
+    key = (m, co, c, shape.r, shape.s, flat, pack, x_arg.dtype, w_arg.dtype, b_arg.dtype, y.dtype)
+    launch_autotuned(
+        launch, conv2d_fwd_kernel, key, grid,
+        x_arg, w_arg, b_arg, y,
         m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s,
         *x_arg.stride(), *y.stride(),
         *shape.stride, *shape.padding, *shape.dilation, jp,

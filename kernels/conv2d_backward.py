@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_enabled
+from .autotuned import launch_autotuned
 from .conv2d import (GEOMETRY_ARGS, _config, advance_tap, channel_align, check_int32_images,
                      grouped_tile, make_pruner, mixed_radix_add, mma, use_flat_k)
 
@@ -257,7 +258,9 @@ def launch_conv2d_dgrad(launch, dy: torch.Tensor, out: torch.Tensor, w_cl: torch
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), shape.groups)
 
-    launch(conv2d_dgrad_kernel)[grid](
+    key = (m, c, co, shape.r, shape.s, dy.dtype, out.dtype, w_cl.dtype, dx.dtype)
+    launch_autotuned(
+        launch, conv2d_dgrad_kernel, key, grid,
         dy, out, w_cl, dx,
         m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s,
         *dy.stride(), *dx.stride(),
@@ -298,7 +301,9 @@ def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Te
         k_tiles = triton.cdiv(kw, bk) if flat else shape.r * shape.s * triton.cdiv(c, bk)
         return (triton.cdiv(co, meta["BLOCK_N"]) * k_tiles, n_split, shape.groups)
 
-    launch(conv2d_wgrad_kernel)[grid](
+    key = (m, c, co, shape.r, shape.s, chunk, flat, dy.dtype, out.dtype, x.dtype)
+    launch_autotuned(
+        launch, conv2d_wgrad_kernel, key, grid,
         dy, out, x, dw, db,
         m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s, shape.c_out, chunk,
         *dy.stride(), *x.stride(),

@@ -102,6 +102,17 @@ def call_cpp_op(direct, boxed, args, explain_refusal):
 
 
 _has_torch_function = torch.overrides.has_torch_function
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def python_kernels_callable(tensors) -> bool:
+    """Whether an op's Triton kernels may be launched from Python without its registered
+    op (``tensors``: the op's tensor arguments, None allowed): eager mode, plain tensors,
+    no ``__torch_function__`` override or mode (those see ``torch.ops``, as for the C++
+    ops) and no dispatch mode (fake tensors, tracing, op-counting profilers)."""
+    tensors = tuple(t for t in tensors if t is not None)
+    return (not _is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(type(t) in _PLAIN_TENSORS for t in tensors) and not _has_torch_function(tensors))
 _forward_ad = torch.autograd.forward_ad
 
 

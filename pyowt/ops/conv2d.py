@@ -19,8 +19,8 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import (call_cpp_op, composition_required, is_forced, register_op, resolve_backend,
-                      unavailable_reason)
+from .backend import (call_cpp_op, composition_required, is_forced, python_kernels_callable,
+                      register_op, resolve_backend, unavailable_reason)
 
 OP = "conv2d_bias_act"
 # The default is the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, batch
@@ -181,28 +181,21 @@ if HAS_TRITON:
     from ..kernels import conv2d as _fwd
     from ..kernels import conv2d_backward as _bwd
 
-    @triton_op("pyowt::conv2d_bias_act_triton", mutates_args=())
-    def conv2d_bias_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                               stride: List[int], padding: List[int], dilation: List[int],
-                               groups: int, activation: str) -> torch.Tensor:
+    def _triton_forward(launch, x, weight, bias, stride, padding, dilation, groups, activation):
+        """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
+        and None in the eager path (:class:`_TritonConv2dEager`, kernels.autotuned)."""
         shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
         out = _empty_out(x, shape)
         # NHWC operands: a run of input channels is contiguous in x and in each weight row.
         x_cl = x.contiguous(memory_format=torch.channels_last)
         w_cl = weight.contiguous(memory_format=torch.channels_last)
-        _fwd.launch_conv2d_fwd(wrap_triton, x_cl, w_cl, None if bias is None else bias.contiguous(),
+        _fwd.launch_conv2d_fwd(launch, x_cl, w_cl, None if bias is None else bias.contiguous(),
                                out, shape, activation == "relu")
         return out
 
-    @triton_op("pyowt::conv2d_bias_act_backward_triton", mutates_args=())
-    def conv2d_bias_act_backward_triton(
-        grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
-        stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str,
-        has_bias: bool, output_mask: List[bool],
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Like the C++ backward, ``output_mask`` (grad x, weight, bias) included: a
-        gradient not asked for is returned as an empty (0,) tensor and not computed (the
-        first layer's input gradient is never needed, and is the most expensive one)."""
+    def _triton_backward(launch, grad_out, x, weight, out, stride, padding, dilation, groups,
+                         activation, has_bias, output_mask):
+        """The Triton backward's body (``launch`` as in :func:`_triton_forward`)."""
         _check_output_mask(output_mask, "conv2d_bias_act_backward_triton")
         shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
         relu = activation == "relu"
@@ -214,11 +207,11 @@ if HAS_TRITON:
         grad_x, grad_w, grad_b = (x.new_empty((0,)) for _ in range(3))
         if output_mask[0]:
             grad_x = torch.empty_like(x, memory_format=_output_format(x))
-            _bwd.launch_conv2d_dgrad(wrap_triton, dy, o, w_cl, grad_x, shape, relu)
+            _bwd.launch_conv2d_dgrad(launch, dy, o, w_cl, grad_x, shape, relu)
         want_bias = has_bias and output_mask[2]
         if output_mask[1]:
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            dw, db = _bwd.launch_conv2d_wgrad(wrap_triton, dy, o, x_cl, shape, relu, want_bias)
+            dw, db = _bwd.launch_conv2d_wgrad(launch, dy, o, x_cl, shape, relu, want_bias)
             c = shape.c_in // shape.groups
             # (C_out, R*S*C) rows are the weight in channels_last memory order.
             dw = dw.view(shape.c_out, shape.r, shape.s, c).permute(0, 3, 1, 2).to(weight.dtype)
@@ -229,6 +222,25 @@ if HAS_TRITON:
             masked = torch.where(o > 0, dy, torch.zeros_like(dy)) if relu else dy
             grad_b = masked.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_w, grad_b
+
+    @triton_op("pyowt::conv2d_bias_act_triton", mutates_args=())
+    def conv2d_bias_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               stride: List[int], padding: List[int], dilation: List[int],
+                               groups: int, activation: str) -> torch.Tensor:
+        return _triton_forward(wrap_triton, x, weight, bias, stride, padding, dilation, groups,
+                               activation)
+
+    @triton_op("pyowt::conv2d_bias_act_backward_triton", mutates_args=())
+    def conv2d_bias_act_backward_triton(
+        grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+        stride: List[int], padding: List[int], dilation: List[int], groups: int, activation: str,
+        has_bias: bool, output_mask: List[bool],
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like the C++ backward, ``output_mask`` (grad x, weight, bias) included: a
+        gradient not asked for is returned as an empty (0,) tensor and not computed (the
+        first layer's input gradient is never needed, and is the most expensive one)."""
+        return _triton_backward(wrap_triton, grad_out, x, weight, out, stride, padding, dilation,
+                                groups, activation, has_bias, output_mask)
 
     # Explicit fake kernels: opcheck's fake-tensor test needs them under the interpreter.
     @conv2d_bias_act_triton.register_fake
@@ -241,7 +253,9 @@ if HAS_TRITON:
         _check_output_mask(output_mask, "conv2d_bias_act_backward_triton")
         return _backward_fake(x, weight, has_bias, output_mask)
 
-    def _conv_triton_backward(ctx, grad):
+    def _triton_grads(ctx, grad, backward):
+        """Gradients for the Triton forward's autograd; ``backward`` runs the backward
+        kernels (the registered op, or its body in the eager path)."""
         x, weight, out = ctx.saved_tensors
         stride, padding, dilation, groups, activation = ctx.conv
         need = [bool(v) for v in ctx.needs_input_grad[:3]]
@@ -254,13 +268,39 @@ if HAS_TRITON:
                 [need[0], need[1], False])
             grad_b = g.sum((0, 2, 3)) if (ctx.has_bias and need[2]) else None
             return grad_x, grad_w, grad_b, None, None, None, None, None
-        grad_x, grad_w, grad_b = torch.ops.pyowt.conv2d_bias_act_backward_triton(
+        grad_x, grad_w, grad_b = backward(
             grad, x, weight, grad if out is None else out, stride, padding, dilation, groups,
             activation, ctx.has_bias, need)
         return (grad_x if need[0] else None, grad_w if need[1] else None,
                 grad_b if (ctx.has_bias and need[2]) else None, None, None, None, None, None)
 
+    def _conv_triton_backward(ctx, grad):
+        return _triton_grads(ctx, grad, torch.ops.pyowt.conv2d_bias_act_backward_triton)
+
     conv2d_bias_act_triton.register_autograd(_conv_triton_backward, setup_context=_setup_context)
+
+    def _backward_directly(*args):
+        return _triton_backward(None, *args)
+
+    class _TritonConv2dEager(torch.autograd.Function):
+        """The Triton kernels called straight from autograd in eager mode. The registered
+        op's dispatch (torch.library's Python custom-op and autograd layers) cost ~80 us
+        of host time per forward on the 2-core dev CPU, and on the H100 machine the op ran
+        host-bound at 0.23-0.46 ms per call where its kernel takes ~0.08 ms (AlexNet
+        conv3-conv5, benchmarks/RESULTS.md). Same kernels, checks and saved tensors; the
+        registered op stays the path where ``python_kernels_callable`` says no (torch.compile,
+        modes, tensor subclasses)."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, stride, padding, dilation, groups, activation):
+            out = _triton_forward(None, x, weight, bias, stride, padding, dilation, groups,
+                                  activation)
+            _setup_context(ctx, (x, weight, bias, stride, padding, dilation, groups, activation), out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            return _triton_grads(ctx, grad, _backward_directly)
 
 
 def _validate(x, weight, bias, stride, padding, dilation, groups, activation):
@@ -361,4 +401,6 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     args = (list(shape.stride), list(shape.padding), list(shape.dilation), shape.groups, act)
     if chosen == "aten":
         return conv2d_bias_act_reference(x, weight, bias, *args)
+    if python_kernels_callable((x, weight, bias)):
+        return _TritonConv2dEager.apply(x, weight, bias, *args)
     return torch.ops.pyowt.conv2d_bias_act_triton(x, weight, bias, *args)
