@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import ceil_div
+
 BLOCK = 1024
 
 
@@ -31,7 +33,7 @@ def relu_mask_kernel(grad_ptr, out_ptr, grad_x_ptr, n, BLOCK: tl.constexpr):
 
 
 def grid_1d(n: int):
-    return (triton.cdiv(n, BLOCK),)
+    return (ceil_div(n, BLOCK),)
 
 
 def launch_bias_relu_fwd(launch, x: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,

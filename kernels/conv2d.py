@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreter_enabled
+from . import ceil_div, interpreter_enabled
 from .autotuned import launch_autotuned
 
 INT32_MAX = 2**31 - 1
@@ -321,7 +321,7 @@ def pack_rgb(x: torch.Tensor, w_cl: torch.Tensor):
     """
     n, c, h, w = x.shape
     co, _, r, s = w_cl.shape
-    jp = triton.cdiv(4 * s, PACK_K_MULTIPLE) * PACK_K_MULTIPLE
+    jp = ceil_div(4 * s, PACK_K_MULTIPLE) * PACK_K_MULTIPLE
     x4 = x.new_zeros((n, h, w, 4))
     x4[..., :c] = x.permute(0, 2, 3, 1)
     w4 = w_cl.new_zeros((co, r, jp))
@@ -365,7 +365,7 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
         x_arg, x_align = x4.permute(0, 3, 1, 2), 1  # (N, 4, H, W) view; x_align unused
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(co, meta["BLOCK_N"]), shape.groups)
+        return (ceil_div(m, meta["BLOCK_M"]) * ceil_div(co, meta["BLOCK_N"]), shape.groups)
 
     b_arg = w_cl if bias is None else bias
     key = (m, co, c, shape.r, shape.s, flat, pack, x_arg.dtype, w_arg.dtype, b_arg.dtype, y.dtype)

@@ -22,11 +22,13 @@ of offsets serves both. Every load and store is masked.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from . import interpreter_enabled
+from . import ceil_div, interpreter_enabled
 from .autotuned import launch_autotuned
 from .conv2d import (GEOMETRY_ARGS, _config, advance_tap, channel_align, check_int32_images,
                      grouped_tile, make_pruner, mixed_radix_add, mma, use_flat_k)
@@ -227,6 +229,11 @@ def conv2d_wgrad_kernel(
         tl.store(db_ptr + row, db, mask=co_ok & (pid_k == 0))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _split_count(m: int, tiles: int, device: torch.device) -> tuple:
     """(SPLIT, CHUNK): chunks of the M reduction so that the grid fills the device.
 
@@ -235,14 +242,14 @@ def _split_count(m: int, tiles: int, device: torch.device) -> tuple:
     tests run the partial-sum path with chunk boundaries inside a block.
     """
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         want = max(1, (4 * sms) // max(tiles, 1))
         split = max(1, min(want, m // 256))
-        chunk = triton.cdiv(triton.cdiv(m, split), 128) * 128
+        chunk = ceil_div(ceil_div(m, split), 128) * 128
     else:
         split = max(1, min(3, m // 24))
-        chunk = triton.cdiv(m, split)
-    return triton.cdiv(m, chunk), chunk
+        chunk = ceil_div(m, split)
+    return ceil_div(m, chunk), chunk
 
 
 def launch_conv2d_dgrad(launch, dy: torch.Tensor, out: torch.Tensor, w_cl: torch.Tensor,
@@ -256,7 +263,7 @@ def launch_conv2d_dgrad(launch, dy: torch.Tensor, out: torch.Tensor, w_cl: torch
         return
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_N"]), shape.groups)
+        return (ceil_div(m, meta["BLOCK_M"]) * ceil_div(c, meta["BLOCK_N"]), shape.groups)
 
     key = (m, c, co, shape.r, shape.s, dy.dtype, out.dtype, w_cl.dtype, dx.dtype)
     launch_autotuned(
@@ -285,12 +292,12 @@ def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Te
     if m == 0 or co == 0 or kw == 0:
         dw = torch.zeros((shape.c_out, kw), dtype=torch.float32, device=dev)
         return dw, (torch.zeros(shape.c_out, dtype=torch.float32, device=dev) if has_bias else None)
-    tiles = triton.cdiv(co, 64) * triton.cdiv(kw, 64) * shape.groups
+    tiles = ceil_div(co, 64) * ceil_div(kw, 64) * shape.groups
     if split is None:
         n_split, chunk = _split_count(m, tiles, dev)
     else:
-        chunk = triton.cdiv(m, max(1, int(split)))
-        n_split = triton.cdiv(m, chunk)
+        chunk = ceil_div(m, max(1, int(split)))
+        n_split = ceil_div(m, chunk)
     dw = torch.empty((n_split, shape.c_out, kw), dtype=torch.float32, device=dev)
     db = torch.empty((n_split, shape.c_out) if has_bias else (1,), dtype=torch.float32, device=dev)
 
@@ -298,8 +305,8 @@ def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Te
 
     def grid(meta):
         bk = meta["BLOCK_K"]
-        k_tiles = triton.cdiv(kw, bk) if flat else shape.r * shape.s * triton.cdiv(c, bk)
-        return (triton.cdiv(co, meta["BLOCK_N"]) * k_tiles, n_split, shape.groups)
+        k_tiles = ceil_div(kw, bk) if flat else shape.r * shape.s * ceil_div(c, bk)
+        return (ceil_div(co, meta["BLOCK_N"]) * k_tiles, n_split, shape.groups)
 
     key = (m, c, co, shape.r, shape.s, chunk, flat, dy.dtype, out.dtype, x.dtype)
     launch_autotuned(

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreter_enabled
+from . import ceil_div, interpreter_enabled
 
 
 # Problems below this many multiply-adds run one fixed tile config instead of autotuning:
@@ -205,7 +205,7 @@ _DW = _variants(linear_dw_kernel)
 
 
 def _grid(rows: int, cols: int):
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+    return lambda meta: (ceil_div(rows, meta["BLOCK_M"]) * ceil_div(cols, meta["BLOCK_N"]),)
 
 
 def launch_linear_fwd(launch, x: torch.Tensor, w: torch.Tensor, bias, y: torch.Tensor, relu: bool) -> None:
