@@ -39,7 +39,7 @@ def _step(fn, mode: str, inputs, grad):
 
 def rows(device: torch.device, calls: int):
     from pyowt.ops import bias_relu, conv2d_bias_act, linear_bias_act
-    from pyowt.ops.backend import resolve_backend
+    from pyowt.ops.backend import resolve_backend, unavailable_reason
 
     def leaf(*shape):
         return torch.randn(*shape, device=device, requires_grad=True)
@@ -56,8 +56,10 @@ def rows(device: torch.device, calls: int):
          lambda be: (lambda: bias_relu(xb, bb, backend=be)), lambda: torch.relu(xb + bb[None, :, None])),
     ]
     native = "cuda" if device.type == "cuda" else "cpu"
+    # On a GPU the Triton kernels too: their launch path is Python (kernels/autotuned.py).
+    extra = {"triton"} if device.type == "cuda" and unavailable_reason("triton", device) is None else set()
     for name, inputs, grad, ours, ref in cases:
-        for be in sorted({native, resolve_backend(name, device)}):
+        for be in sorted({native, resolve_backend(name, device)} | extra):
             fn = ours(be)
             for mode in ("fwd", "fwd+bwd"):
                 t_ours = _per_call_us(lambda: _step(fn, mode, inputs, grad), calls, device)
