@@ -19,13 +19,14 @@ Autotuning: a handful of configs on a GPU for problems of at least ``TUNE_MIN_MA
 multiply-adds, one fixed config below that; under the interpreter (``TRITON_INTERPRET=1``,
 CPU tensors) a single tiny config.
 The launchers take ``launch`` (``torch.library.wrap_triton``) so the calls trace under
-torch.compile.
+torch.compile; None in eager mode (``kernels.autotuned.launch_autotuned``).
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import ceil_div, interpreter_enabled
+from .autotuned import launch_autotuned
 
 
 # Problems below this many multiply-adds run one fixed tile config instead of autotuning:
@@ -214,8 +215,10 @@ def launch_linear_fwd(launch, x: torch.Tensor, w: torch.Tensor, bias, y: torch.T
     N = w.shape[0]
     if M == 0 or N == 0:
         return
-    launch(_pick(_FWD, M * N * K, x.dtype))[_grid(M, N)](
-        x, w, bias if bias is not None else y, y, M, N, K,
+    b = bias if bias is not None else y
+    launch_autotuned(
+        launch, _pick(_FWD, M * N * K, x.dtype), (M, N, K, x.dtype, w.dtype, b.dtype, y.dtype), _grid(M, N),
+        x, w, b, y, M, N, K,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, RELU=relu, IEEE=x.dtype == torch.float32)
 
@@ -227,7 +230,8 @@ def launch_linear_dx(launch, g: torch.Tensor, out, w: torch.Tensor, dx: torch.Te
     if M == 0 or K == 0:
         return
     o = out if out is not None else g
-    launch(_pick(_DX, M * N * K, g.dtype))[_grid(M, K)](
+    launch_autotuned(
+        launch, _pick(_DX, M * N * K, g.dtype), (M, N, K, g.dtype, o.dtype, w.dtype, dx.dtype), _grid(M, K),
         g, o, w, dx, M, N, K,
         g.stride(0), g.stride(1), o.stride(0), o.stride(1), w.stride(0), w.stride(1),
         dx.stride(0), dx.stride(1),
@@ -241,8 +245,11 @@ def launch_linear_dw(launch, g: torch.Tensor, out, x: torch.Tensor, dw: torch.Te
     if N == 0 or K == 0:
         return
     o = out if out is not None else g
-    launch(_pick(_DW, M * N * K, g.dtype))[_grid(N, K)](
-        g, o, x, dw, db if db is not None else dw, M, N, K,
+    b = db if db is not None else dw
+    launch_autotuned(
+        launch, _pick(_DW, M * N * K, g.dtype), (M, N, K, g.dtype, o.dtype, x.dtype, dw.dtype, b.dtype),
+        _grid(N, K),
+        g, o, x, dw, b, M, N, K,
         g.stride(0), g.stride(1), o.stride(0), o.stride(1), x.stride(0), x.stride(1),
         dw.stride(0), dw.stride(1),
         RELU=out is not None, HAS_BIAS=db is not None, IEEE=g.dtype == torch.float32)

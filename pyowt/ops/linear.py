@@ -17,7 +17,8 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import call_cpp_op, composition_required, register_op, resolve_backend
+from .backend import (call_cpp_op, composition_required, python_kernels_callable, register_op,
+                      resolve_backend)
 
 OP = "linear_bias_act"
 # CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
@@ -108,9 +109,9 @@ if HAS_TRITON:
                 raise ValueError(f"linear_bias_act (triton): a tensor of {t.numel()} elements exceeds the "
                                  f"32-bit indexing limit {_MAX_TRITON_NUMEL}; use backend='cuda'")
 
-    @triton_op("pyowt::linear_bias_act_triton", mutates_args=())
-    def linear_bias_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                               activation: str) -> torch.Tensor:
+    def _triton_forward(launch, x, weight, bias, activation):
+        """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
+        and None in the eager path (:class:`_TritonLinearEager`)."""
         k = weight.shape[1]
         x2 = x.reshape(_rows(x), k)
         # The output is allocated in its final shape and the kernel writes a 2-d view of it:
@@ -119,14 +120,12 @@ if HAS_TRITON:
         y2 = y.view(x2.shape[0], weight.shape[0])
         _check_triton_size(x2, weight, y2)
         # The kernel reads the bias with unit stride: a strided view (bias[::2]) is copied.
-        _kernels.launch_linear_fwd(wrap_triton, x2, weight, None if bias is None else bias.contiguous(),
+        _kernels.launch_linear_fwd(launch, x2, weight, None if bias is None else bias.contiguous(),
                                    y2, activation == "relu")
         return y
 
-    @triton_op("pyowt::linear_bias_act_backward_triton", mutates_args=())
-    def linear_bias_act_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                                        out: torch.Tensor, activation: str,
-                                        has_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _triton_backward(launch, grad_out, x, weight, out, activation, has_bias):
+        """The Triton backward's body (``launch`` as in :func:`_triton_forward`)."""
         n, k = weight.shape
         x2 = x.reshape(_rows(x), k)
         g = grad_out.reshape(_rows(x), n)
@@ -143,16 +142,29 @@ if HAS_TRITON:
                 gm = g if o is None else g * (o > 0)
                 db.copy_(gm.sum(0, dtype=torch.float32))
         else:
-            _kernels.launch_linear_dw(wrap_triton, g, o, x2, dw, db if has_bias else None)
-        _kernels.launch_linear_dx(wrap_triton, g, o, weight, dx.view(x2.shape))
+            _kernels.launch_linear_dw(launch, g, o, x2, dw, db if has_bias else None)
+        _kernels.launch_linear_dx(launch, g, o, weight, dx.view(x2.shape))
         return dx, dw, db
+
+    @triton_op("pyowt::linear_bias_act_triton", mutates_args=())
+    def linear_bias_act_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                               activation: str) -> torch.Tensor:
+        return _triton_forward(wrap_triton, x, weight, bias, activation)
+
+    @triton_op("pyowt::linear_bias_act_backward_triton", mutates_args=())
+    def linear_bias_act_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                        out: torch.Tensor, activation: str,
+                                        has_bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_backward(wrap_triton, grad_out, x, weight, out, activation, has_bias)
 
     # Explicit fake kernels: under the interpreter the triton_op has none of its own
     # (DESIGN.md: opcheck's fake-tensor test needs them).
     linear_bias_act_triton.register_fake(_fake_forward)
     linear_bias_act_backward_triton.register_fake(_fake_backward)
 
-    def _linear_triton_backward(ctx, grad):
+    def _triton_grads(ctx, grad, backward):
+        """Gradients for the Triton forward's autograd; ``backward`` runs the backward
+        kernels (the registered op, or its body in the eager path)."""
         if torch.is_grad_enabled():
             # create_graph: differentiable ATen ops, so gradients of gradients are exact
             # (the backward kernels have no derivative of their own).
@@ -161,10 +173,32 @@ if HAS_TRITON:
             g2 = g.reshape(-1, weight.shape[0])
             return (g.matmul(weight), g2.t().mm(x.reshape(-1, weight.shape[1])),
                     g2.sum(0) if ctx.has_bias else None, None)
-        gx, gw, gb = torch.ops.pyowt.linear_bias_act_backward_triton(*_saved(ctx, grad))
+        gx, gw, gb = backward(*_saved(ctx, grad))
         return gx, gw, (gb if ctx.has_bias else None), None
 
+    def _linear_triton_backward(ctx, grad):
+        return _triton_grads(ctx, grad, torch.ops.pyowt.linear_bias_act_backward_triton)
+
     linear_bias_act_triton.register_autograd(_linear_triton_backward, setup_context=_setup_context)
+
+    def _backward_directly(*args):
+        return _triton_backward(None, *args)
+
+    class _TritonLinearEager(torch.autograd.Function):
+        """The Triton kernels called straight from autograd in eager mode, as for the conv
+        (pyowt.ops.conv2d._TritonConv2dEager): torch.library's Python custom-op dispatch
+        costs more host time per call than the kernels. The registered op stays the path
+        where ``python_kernels_callable`` says no (torch.compile, modes, subclasses)."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, activation):
+            out = _triton_forward(None, x, weight, bias, activation)
+            _setup_context(ctx, (x, weight, bias, activation), out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            return _triton_grads(ctx, grad, _backward_directly)
 
 
 def _normalize_activation(activation) -> str:
@@ -229,4 +263,6 @@ def linear_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     check_linear_args(x, weight, bias)
     if chosen == "aten":
         return linear_bias_act_reference(x, weight, bias, act)
+    if python_kernels_callable((x, weight, bias)):
+        return _TritonLinearEager.apply(x, weight, bias, act)
     return torch.ops.pyowt.linear_bias_act_triton(x, weight, bias, act)

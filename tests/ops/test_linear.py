@@ -372,3 +372,48 @@ def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypat
         out = linear_bias_act(x, w, b, backend="cpu")
     assert torch.allclose(out, ref, atol=1e-6)
     assert not calls and torch.ops.pyowt.linear_bias_act.default in seen
+
+
+def _triton_leaves(device):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(*shape, generator=g).to(device).requires_grad_()
+            for shape in ((2, 3, 13), (9, 13), (9,))]
+
+
+def _out_and_grads(fn, tensors):
+    out = fn(*tensors)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    return [out.detach()] + list(torch.autograd.grad(out, tensors, grad))
+
+
+def test_triton_eager_path_equals_the_registered_op(triton_device, monkeypatch):
+    # Eager calls launch the kernels from a plain autograd.Function (no torch.library
+    # dispatch); the registered op runs the same kernels: bitwise the same results.
+    import pyowt.ops.linear as lin
+
+    calls = record_calls(monkeypatch, lin._TritonLinearEager, "apply")
+    tensors = _triton_leaves(triton_device)
+    eager = _out_and_grads(lambda x, w, b: linear_bias_act(x, w, b, backend="triton"), tensors)
+    assert calls == ["apply"], "an eager call did not take the direct Triton path"
+    op = _out_and_grads(lambda x, w, b: torch.ops.pyowt.linear_bias_act_triton(x, w, b, "relu"), tensors)
+    for name, a, r in zip(("out", "grad x", "grad w", "grad b"), eager, op):
+        assert torch.equal(a, r), f"{name}: the eager path differs from the registered op"
+    ref = _out_and_grads(lambda x, w, b: linear_bias_act_reference(x, w, b), tensors)
+    for name, a, r in zip(("out", "grad x", "grad w", "grad b"), eager, ref):
+        assert_close_rel(a, r, torch.float32, name)
+
+
+def test_triton_modes_and_fake_tensors_take_the_registered_op(triton_device, monkeypatch):
+    import pyowt.ops.linear as lin
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = record_calls(monkeypatch, lin._TritonLinearEager, "apply")
+    x, w, b = (t.detach() for t in _triton_leaves(triton_device))
+    with recorded_torch_functions() as seen:
+        out = linear_bias_act(x, w, b, backend="triton")
+    assert any("linear_bias_act_triton" in str(f) for f in seen), seen
+    assert_close_rel(out, linear_bias_act_reference(x, w, b), torch.float32, "under a mode")
+    with FakeTensorMode() as mode:
+        fake = linear_bias_act(*(mode.from_tensor(t) for t in (x, w, b)), backend="triton")
+    assert fake.shape == out.shape
+    assert not calls, "a mode or fake tensors reached the direct Triton path"
