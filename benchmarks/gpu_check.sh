@@ -3,8 +3,9 @@
 # ninja and pytest (no network needed):
 #     make gpu-check OUT=<folder>      (or: bash benchmarks/gpu_check.sh <folder>)
 #
-# Stages, most important first, each under its own time limit so a slow one cannot eat
-# the next one's budget (seconds, overridable): build (BUILD_S=200), the GPU-side tests
+# Build (BUILD_S=200), then the stages in the order STAGES names them (default:
+# "tests conv linear profile host train"), each under its own time limit so a slow one
+# cannot eat the next one's budget (seconds, overridable): the GPU-side tests
 # (TESTS_S=240: tests/ops on the GPU, every backend, plus NCCL on one GPU; pytest-xdist
 # spreads Triton's compiles over the cores when it is installed), the conv benchmark
 # (CONV_S=130), the linear benchmark (LINEAR_S=80), a host/device time profile of a linear
@@ -30,7 +31,6 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 S="$OUT/summary.txt"
 log() { echo "[gpu-check $(date -u +%H:%M:%S)] $*" | tee -a "$S"; }
-want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 log "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
 log "torch $($PY -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1), triton $($PY -c 'import triton; print(triton.__version__)' 2>&1 | tail -1), $(nvcc --version 2>&1 | tail -1)"
@@ -59,28 +59,29 @@ if ! $PY -c 'import pyowt, sys; e = pyowt.info()["extension"]; sys.exit(0 if e["
   log "EXTENSION NOT LOADED WITH CUDA"; exit 1
 fi
 
-# --- tests -------------------------------------------------------------------------------
+# --- stages, in the order STAGES names them --------------------------------------------
 tests_rc=0
-if want tests; then
-  xdist=()
+bench_rc=0
+train_rc=0
+
+stage_tests() {
+  local xdist=()
   $PY -c 'import xdist' 2>/dev/null && xdist=(-n "${TEST_PROCS:-14}")
   log "tests (tests/ops on the GPU + NCCL, ${xdist[*]:-no xdist}) ..."
-  t0=$SECONDS
+  local t0=$SECONDS
   # The quick files first (the CUDA conv kernels' next to them: their pipeline is the
   # code a CPU cannot run), the Triton conv grid (the slow tail) last: a run cut by its
   # time limit loses the fewest results.
-  files=(tests/ops/test_linear.py tests/ops/test_conv2d_cuda.py tests/ops/test_bias_relu.py
-         tests/distributed/test_nccl_single_gpu.py)
+  local files=(tests/ops/test_linear.py tests/ops/test_conv2d_cuda.py tests/ops/test_bias_relu.py
+               tests/distributed/test_nccl_single_gpu.py)
   for f in tests/ops/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
   PYOWT_FAILURE_LOG="$OUT/failures.log" timeout "${TESTS_S:-240}" $PY -m pytest "${files[@]}" "${xdist[@]}" \
       -v -p no:cacheprovider -o addopts="-ra" --timeout 170 --durations=15 > "$OUT/tests.log" 2>&1
   tests_rc=$?
   log "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -1) (exit $tests_rc, $((SECONDS - t0)) s)"
   grep -E '(FAILED|ERROR|node down)' "$OUT/tests.log" | grep -v '^tests' | head -40 | tee -a "$S"
-fi
+}
 
-# --- benchmarks --------------------------------------------------------------------------
-bench_rc=0
 bench() {  # name, time limit, extra env...
   local name=$1 limit=$2; shift 2
   log "benchmark $name ..."
@@ -90,36 +91,48 @@ bench() {  # name, time limit, extra env...
       -k "gpu${SELECT:+ and ($SELECT)}" >> "$OUT/bench.log" 2>&1 || bench_rc=1
   log "benchmark $name done ($((SECONDS - t0)) s)"
 }
-want conv && SELECT="${CONV_SELECT:-}" bench conv "${CONV_S:-130}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}"
-want linear && bench linear "${LINEAR_S:-80}"
-if want profile; then  # where a linear forward+backward spends host and device time
+
+stage_profile() {  # where a linear forward+backward spends host and device time
   log "linear profile ..."
   timeout "${PROFILE_S:-45}" $PY -m benchmarks.profile_linear --device cuda --calls 50 2>&1 \
       | grep -v -E '^(USDT|ERROR|WARNING):' | tee -a "$S"
-fi
-if want sweep; then  # not in the default stages: Triton conv block configs vs cuDNN
+}
+
+stage_sweep() {  # not in the default stages: Triton conv block configs vs cuDNN
   log "Triton conv config sweep ..."
   timeout "${SWEEP_S:-150}" $PY -m benchmarks.sweep_conv_triton --budget-s "$(( ${SWEEP_S:-150} * 2 / 3 ))" 2>&1 \
       | grep -v -E '^(USDT|WARNING):' | tee -a "$S"
-fi
-if want host; then  # per-call host cost of the fused ops vs ATen (benchmarks/host_overhead.py)
+}
+
+stage_host() {  # per-call host cost of the fused ops vs ATen (benchmarks/host_overhead.py)
   log "host overhead ..."
   timeout "${HOST_S:-60}" $PY -m benchmarks.host_overhead --device cuda --calls 2000 2>&1 | tee -a "$S"
-fi
-# The benchmark tables (the reply shows the tail of the output).
-grep -E 'x$|x +\||geomean|vs aten|^[a-z0-9_.]+ *\|' "$OUT/bench.log" 2>/dev/null | grep -v '^-' | tail -60 >> "$S"
+}
 
-# --- training smoke: NCCL, bf16 autocast, pinned memory, the fused ops in a real model ----
-train_rc=0
-if want train; then
+stage_train() {  # NCCL, bf16 autocast, pinned memory, the fused ops in a real model
   log "train smoke (digits, owt, 1 GPU worker, bf16) ..."
-  t0=$SECONDS
+  local t0=$SECONDS
   timeout "${TRAIN_S:-60}" $PY -m pyowt train --data digits --strategy owt --workers 1 --device cuda \
       --precision bf16 --epochs 3 --json /tmp/train_results.json --plot /tmp/train.png > /tmp/train.log 2>&1
   train_rc=$?
   log "train: exit $train_rc ($((SECONDS - t0)) s)"
   tail -6 /tmp/train.log | tee -a "$S"
-fi
+}
+
+for stage in $STAGES; do
+  case $stage in
+    tests) stage_tests ;;
+    conv) SELECT="${CONV_SELECT:-}" bench conv "${CONV_S:-130}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}" ;;
+    linear) bench linear "${LINEAR_S:-80}" ;;
+    profile) stage_profile ;;
+    sweep) stage_sweep ;;
+    host) stage_host ;;
+    train) stage_train ;;
+    *) log "unknown stage '$stage' (known: tests conv linear profile sweep host train)"; bench_rc=1 ;;
+  esac
+done
+# The benchmark tables (the reply shows the tail of the output).
+grep -E 'x$|x +\||geomean|vs aten|^[a-z0-9_.]+ *\|' "$OUT/bench.log" 2>/dev/null | grep -v '^-' | tail -60 >> "$S"
 
 log "done (tests exit $tests_rc, benchmarks exit $bench_rc, train exit $train_rc)"
 cat "$S"
