@@ -15,7 +15,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import composition_required, register_op, resolve_backend
+from .backend import composition_required, python_kernels_callable, register_op, resolve_backend
 
 OP = "bias_relu"
 register_op(
@@ -66,29 +66,38 @@ if HAS_TRITON:
 
     from ..kernels import bias_relu as _kernels
 
-    @triton_op("pyowt::bias_relu_triton", mutates_args=())
-    def bias_relu_triton(x: torch.Tensor, bias: torch.Tensor, dim: int) -> torch.Tensor:
+    def _triton_forward(launch, x, bias, dim):
+        """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
+        and the identity in the eager path (:class:`_TritonBiasReluEager`)."""
         dim = dim % x.dim()
         fmt = _checks.preferred_memory_format(x, dim)
         x = x.contiguous(memory_format=fmt)
         y = torch.empty_like(x, memory_format=fmt)
         _, channels, inner = _checks.channel_layout(x, dim, fmt)
-        _kernels.launch_bias_relu_fwd(wrap_triton, x, bias.contiguous(), y, channels, inner)
+        _kernels.launch_bias_relu_fwd(launch, x, bias.contiguous(), y, channels, inner)
         return y
 
-    @triton_op("pyowt::bias_relu_backward_triton", mutates_args=())
-    def bias_relu_backward_triton(grad_out: torch.Tensor, out: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _triton_backward(launch, grad_out, out, dim):
+        """The Triton backward's body (``launch`` as in :func:`_triton_forward`)."""
         dim = dim % out.dim()
         fmt = _checks.preferred_memory_format(out, dim)
         out = out.contiguous(memory_format=fmt)
         grad_out = grad_out.contiguous(memory_format=fmt)
         grad_x = torch.empty_like(out, memory_format=fmt)
-        _kernels.launch_relu_mask(wrap_triton, grad_out, out, grad_x)
+        _kernels.launch_relu_mask(launch, grad_out, out, grad_x)
         outer, channels, inner = _checks.channel_layout(out, dim, fmt)
         # The per-channel sum uses torch's reduction, accumulating in float32.
         flat = grad_x.as_strided((outer, channels, inner), (channels * inner, inner, 1))
         grad_bias = flat.sum(dim=(0, 2), dtype=torch.float32).to(out.dtype)
         return grad_x, grad_bias
+
+    @triton_op("pyowt::bias_relu_triton", mutates_args=())
+    def bias_relu_triton(x: torch.Tensor, bias: torch.Tensor, dim: int) -> torch.Tensor:
+        return _triton_forward(wrap_triton, x, bias, dim)
+
+    @triton_op("pyowt::bias_relu_backward_triton", mutates_args=())
+    def bias_relu_backward_triton(grad_out: torch.Tensor, out: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _triton_backward(wrap_triton, grad_out, out, dim)
 
     # triton_op has no fake kernel of its own under the interpreter (DESIGN.md: opcheck's
     # fake-tensor test needs one), so give both an explicit one.
@@ -100,7 +109,9 @@ if HAS_TRITON:
     def _(grad_out, out, dim):
         return _fake_like(out, dim), out.new_empty(out.shape[dim % out.dim()])
 
-    def _bias_relu_triton_backward(ctx, grad):
+    def _triton_grads(ctx, grad, backward):
+        """Gradients for the Triton forward's autograd; ``backward`` runs the backward
+        kernel (the registered op, or its body in the eager path)."""
         (out,) = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph: differentiable ATen ops, so gradients of gradients are exact
@@ -108,10 +119,34 @@ if HAS_TRITON:
             g = torch.ops.aten.threshold_backward(grad, out, 0)
             others = [d for d in range(g.dim()) if d != ctx.dim % g.dim()]
             return g, (g.sum(others) if others else g), None
-        grad_x, grad_bias = torch.ops.pyowt.bias_relu_backward_triton(grad, out, ctx.dim)
+        grad_x, grad_bias = backward(grad, out, ctx.dim)
         return grad_x, grad_bias, None
 
+    def _bias_relu_triton_backward(ctx, grad):
+        return _triton_grads(ctx, grad, torch.ops.pyowt.bias_relu_backward_triton)
+
     bias_relu_triton.register_autograd(_bias_relu_triton_backward, setup_context=_setup_context)
+
+    def _launch_directly(kernel):
+        return kernel
+
+    def _backward_directly(grad, out, dim):
+        return _triton_backward(_launch_directly, grad, out, dim)
+
+    class _TritonBiasReluEager(torch.autograd.Function):
+        """The Triton kernels called straight from autograd in eager mode, as for the conv
+        and linear (torch.library's Python custom-op dispatch costs more host time than
+        these kernels); the registered op where ``python_kernels_callable`` says no."""
+
+        @staticmethod
+        def forward(ctx, x, bias, dim):
+            out = _triton_forward(_launch_directly, x, bias, dim)
+            _setup_context(ctx, (x, bias, dim), out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            return _triton_grads(ctx, grad, _backward_directly)
 
 
 def bias_relu(x: torch.Tensor, bias: torch.Tensor, dim: int = 1, backend: Optional[str] = None) -> torch.Tensor:
@@ -146,5 +181,7 @@ def bias_relu(x: torch.Tensor, bias: torch.Tensor, dim: int = 1, backend: Option
     if chosen == "aten" or composition_required(chosen):
         return bias_relu_reference(x, bias, dim)
     if chosen == "triton":
+        if python_kernels_callable((x, bias)):
+            return _TritonBiasReluEager.apply(x, bias, dim)
         return torch.ops.pyowt.bias_relu_triton(x, bias, dim)
     return torch.ops.pyowt.bias_relu(x, bias, dim)
