@@ -113,6 +113,8 @@ def python_kernels_callable(tensors) -> bool:
     tensors = tuple(t for t in tensors if t is not None)
     return (not _is_compiling() and torch._C._len_torch_dispatch_stack() == 0
             and all(type(t) in _PLAIN_TENSORS for t in tensors) and not _has_torch_function(tensors))
+
+
 _forward_ad = torch.autograd.forward_ad
 
 
