@@ -36,16 +36,21 @@ def grid_1d(n: int):
     return (ceil_div(n, BLOCK),)
 
 
+def _launchable(launch, kernel):
+    # launch: wrap_triton inside the registered ops, None in eager mode.
+    return kernel if launch is None else launch(kernel)
+
+
 def launch_bias_relu_fwd(launch, x: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
                          channels: int, inner: int) -> None:
     """Run the forward kernel over dense ``x`` into ``y`` (same layout)."""
     n = x.numel()
     if n:
-        launch(bias_relu_fwd_kernel)[grid_1d(n)](x, bias, y, n, channels, inner, BLOCK=BLOCK)
+        _launchable(launch, bias_relu_fwd_kernel)[grid_1d(n)](x, bias, y, n, channels, inner, BLOCK=BLOCK)
 
 
 def launch_relu_mask(launch, grad: torch.Tensor, out: torch.Tensor, grad_x: torch.Tensor) -> None:
     """grad_x = grad where out > 0 else 0, over dense tensors of one layout."""
     n = out.numel()
     if n:
-        launch(relu_mask_kernel)[grid_1d(n)](grad, out, grad_x, n, BLOCK=BLOCK)
+        _launchable(launch, relu_mask_kernel)[grid_1d(n)](grad, out, grad_x, n, BLOCK=BLOCK)

@@ -115,6 +115,22 @@ def python_kernels_callable(tensors) -> bool:
             and all(type(t) in _PLAIN_TENSORS for t in tensors) and not _has_torch_function(tensors))
 
 
+def eager_autograd_function(name: str, forward, setup_context, backward):
+    """A ``torch.autograd.Function`` named ``name`` whose forward runs ``forward(*inputs)``
+    and saves through ``setup_context(ctx, inputs, output)`` (the registered op's own) and
+    whose backward is ``backward(ctx, grad)``: how eager calls reach an op's Triton kernels
+    when :func:`python_kernels_callable`, without torch.library's Python custom-op dispatch
+    (~80 us of host time per conv forward on the 2-core dev CPU; on an H100 the conv op ran
+    host-bound at 0.23-0.46 ms per call where its kernel takes ~0.08 ms, RESULTS.md)."""
+    def run_forward(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(run_forward), "backward": staticmethod(backward)})
+
+
 _forward_ad = torch.autograd.forward_ad
 
 

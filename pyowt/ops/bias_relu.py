@@ -7,6 +7,7 @@ with a fake kernel and autograd.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Tuple
 
 import torch
@@ -15,7 +16,8 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import composition_required, python_kernels_callable, register_op, resolve_backend
+from .backend import (composition_required, eager_autograd_function, python_kernels_callable,
+                      register_op, resolve_backend)
 
 OP = "bias_relu"
 register_op(
@@ -68,7 +70,7 @@ if HAS_TRITON:
 
     def _triton_forward(launch, x, bias, dim):
         """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
-        and the identity in the eager path (:class:`_TritonBiasReluEager`)."""
+        and None in the eager path (``_TritonBiasReluEager``)."""
         dim = dim % x.dim()
         fmt = _checks.preferred_memory_format(x, dim)
         x = x.contiguous(memory_format=fmt)
@@ -127,26 +129,10 @@ if HAS_TRITON:
 
     bias_relu_triton.register_autograd(_bias_relu_triton_backward, setup_context=_setup_context)
 
-    def _launch_directly(kernel):
-        return kernel
-
-    def _backward_directly(grad, out, dim):
-        return _triton_backward(_launch_directly, grad, out, dim)
-
-    class _TritonBiasReluEager(torch.autograd.Function):
-        """The Triton kernels called straight from autograd in eager mode, as for the conv
-        and linear (torch.library's Python custom-op dispatch costs more host time than
-        these kernels); the registered op where ``python_kernels_callable`` says no."""
-
-        @staticmethod
-        def forward(ctx, x, bias, dim):
-            out = _triton_forward(_launch_directly, x, bias, dim)
-            _setup_context(ctx, (x, bias, dim), out)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            return _triton_grads(ctx, grad, _backward_directly)
+    # Eager calls: the same kernels without the registered op's dispatch (launch=None).
+    _TritonBiasReluEager = eager_autograd_function(
+        "_TritonBiasReluEager", partial(_triton_forward, None), _setup_context,
+        lambda ctx, grad: _triton_grads(ctx, grad, partial(_triton_backward, None)))
 
 
 def bias_relu(x: torch.Tensor, bias: torch.Tensor, dim: int = 1, backend: Optional[str] = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ pre-activation is never stored.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -19,8 +20,8 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import (call_cpp_op, composition_required, is_forced, python_kernels_callable,
-                      register_op, resolve_backend, unavailable_reason)
+from .backend import (call_cpp_op, composition_required, eager_autograd_function, is_forced,
+                      python_kernels_callable, register_op, resolve_backend, unavailable_reason)
 
 OP = "conv2d_bias_act"
 # The default is the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, batch
@@ -183,7 +184,7 @@ if HAS_TRITON:
 
     def _triton_forward(launch, x, weight, bias, stride, padding, dilation, groups, activation):
         """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
-        and None in the eager path (:class:`_TritonConv2dEager`, kernels.autotuned)."""
+        and None in the eager path (``_TritonConv2dEager``, kernels.autotuned)."""
         shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
         out = _empty_out(x, shape)
         # NHWC operands: a run of input channels is contiguous in x and in each weight row.
@@ -279,28 +280,10 @@ if HAS_TRITON:
 
     conv2d_bias_act_triton.register_autograd(_conv_triton_backward, setup_context=_setup_context)
 
-    def _backward_directly(*args):
-        return _triton_backward(None, *args)
-
-    class _TritonConv2dEager(torch.autograd.Function):
-        """The Triton kernels called straight from autograd in eager mode. The registered
-        op's dispatch (torch.library's Python custom-op and autograd layers) cost ~80 us
-        of host time per forward on the 2-core dev CPU, and on the H100 machine the op ran
-        host-bound at 0.23-0.46 ms per call where its kernel takes ~0.08 ms (AlexNet
-        conv3-conv5, benchmarks/RESULTS.md). Same kernels, checks and saved tensors; the
-        registered op stays the path where ``python_kernels_callable`` says no (torch.compile,
-        modes, tensor subclasses)."""
-
-        @staticmethod
-        def forward(ctx, x, weight, bias, stride, padding, dilation, groups, activation):
-            out = _triton_forward(None, x, weight, bias, stride, padding, dilation, groups,
-                                  activation)
-            _setup_context(ctx, (x, weight, bias, stride, padding, dilation, groups, activation), out)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            return _triton_grads(ctx, grad, _backward_directly)
+    # Eager calls: the same kernels without the registered op's dispatch (launch=None).
+    _TritonConv2dEager = eager_autograd_function(
+        "_TritonConv2dEager", partial(_triton_forward, None), _setup_context,
+        lambda ctx, grad: _triton_grads(ctx, grad, partial(_triton_backward, None)))
 
 
 def _validate(x, weight, bias, stride, padding, dilation, groups, activation):

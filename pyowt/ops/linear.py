@@ -8,6 +8,7 @@ Each has a fake kernel and autograd. The backward returns (dX, dW, db) in one op
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Tuple
 
 import torch
@@ -17,8 +18,8 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import (call_cpp_op, composition_required, python_kernels_callable, register_op,
-                      resolve_backend)
+from .backend import (call_cpp_op, composition_required, eager_autograd_function,
+                      python_kernels_callable, register_op, resolve_backend)
 
 OP = "linear_bias_act"
 # CPU: the C++ backend measured 1.0-2x the ATen composition on a 2-core x86 CPU (float32,
@@ -111,7 +112,7 @@ if HAS_TRITON:
 
     def _triton_forward(launch, x, weight, bias, activation):
         """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
-        and None in the eager path (:class:`_TritonLinearEager`)."""
+        and None in the eager path (``_TritonLinearEager``)."""
         k = weight.shape[1]
         x2 = x.reshape(_rows(x), k)
         # The output is allocated in its final shape and the kernel writes a 2-d view of it:
@@ -181,24 +182,10 @@ if HAS_TRITON:
 
     linear_bias_act_triton.register_autograd(_linear_triton_backward, setup_context=_setup_context)
 
-    def _backward_directly(*args):
-        return _triton_backward(None, *args)
-
-    class _TritonLinearEager(torch.autograd.Function):
-        """The Triton kernels called straight from autograd in eager mode, as for the conv
-        (pyowt.ops.conv2d._TritonConv2dEager): torch.library's Python custom-op dispatch
-        costs more host time per call than the kernels. The registered op stays the path
-        where ``python_kernels_callable`` says no (torch.compile, modes, subclasses)."""
-
-        @staticmethod
-        def forward(ctx, x, weight, bias, activation):
-            out = _triton_forward(None, x, weight, bias, activation)
-            _setup_context(ctx, (x, weight, bias, activation), out)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            return _triton_grads(ctx, grad, _backward_directly)
+    # Eager calls: the same kernels without the registered op's dispatch (launch=None).
+    _TritonLinearEager = eager_autograd_function(
+        "_TritonLinearEager", partial(_triton_forward, None), _setup_context,
+        lambda ctx, grad: _triton_grads(ctx, grad, partial(_triton_backward, None)))
 
 
 def _normalize_activation(activation) -> str:

@@ -1,8 +1,7 @@
-"""Which backend conv2d_bias_act runs, and how an eager call reaches the C++ op and the
-Triton kernels: the per-device defaults, the environment override, the CUDA first-layer
-default, the unboxed pybind entry (torch.ops under __torch_function__ modes), the Triton
-kernels launched straight from autograd (the registered op under modes and fake tensors),
-and the autotuned launch that skips the autotuner once a shape is tuned."""
+"""Which backend conv2d_bias_act runs, and how an eager call reaches the C++ op: the
+per-device defaults, the environment override, the CUDA first-layer default, and the
+unboxed pybind entry (torch.ops under __torch_function__ modes). The Triton kernels' eager
+path: test_triton_eager_path.py."""
 import pytest
 import torch
 
@@ -93,71 +92,3 @@ def test_eager_calls_take_the_unboxed_entry_and_modes_still_see_the_op(monkeypat
         out = conv2d_bias_act(x, w, b, 2, 1, backend="cpu")
     assert torch.allclose(out, ref, atol=1e-5)
     assert not calls and torch.ops.pyowt.conv2d_bias_act.default in seen
-
-
-def _triton_case(device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 5, 9, 7, generator=g).to(device).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(6, 5, 3, 3, generator=g).to(device)
-    b = torch.randn(6, generator=g).to(device)
-    return [t.requires_grad_() for t in (x, w, b)]
-
-
-def _run_and_grads(fn, tensors, seed=1):
-    out = fn(*tensors)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
-    return [out.detach()] + list(torch.autograd.grad(out, tensors, grad))
-
-
-def test_triton_eager_path_equals_the_registered_op(triton_device, monkeypatch):
-    # Eager calls launch the kernels from a plain autograd.Function (no torch.library
-    # dispatch); the registered op runs the same kernels: bitwise the same results.
-    import pyowt.ops.conv2d as conv
-
-    calls = record_calls(monkeypatch, conv._TritonConv2dEager, "apply")
-    tensors = _triton_case(triton_device)
-    eager = _run_and_grads(lambda x, w, b: conv2d_bias_act(x, w, b, 2, 1, backend="triton"), tensors)
-    assert calls == ["apply"], "an eager call did not take the direct Triton path"
-    op = _run_and_grads(lambda x, w, b: torch.ops.pyowt.conv2d_bias_act_triton(
-        x, w, b, [2, 2], [1, 1], [1, 1], 1, "relu"), tensors)
-    for name, a, r in zip(("out", "grad x", "grad w", "grad b"), eager, op):
-        assert torch.equal(a, r), f"{name}: the eager path differs from the registered op"
-    ref = _run_and_grads(lambda x, w, b: conv2d_bias_act_reference(x, w, b, 2, 1), tensors)
-    for name, a, r in zip(("out", "grad x", "grad w", "grad b"), eager, ref):
-        assert_close_rel(a, r, torch.float32, name)
-
-
-def test_triton_modes_and_fake_tensors_take_the_registered_op(triton_device, monkeypatch):
-    import pyowt.ops.conv2d as conv
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    calls = record_calls(monkeypatch, conv._TritonConv2dEager, "apply")
-    x, w, b = (t.detach() for t in _triton_case(triton_device))
-    with recorded_torch_functions() as seen:
-        out = conv2d_bias_act(x, w, b, 2, 1, backend="triton")
-    assert any("conv2d_bias_act_triton" in str(f) for f in seen), seen
-    assert_close_rel(out, conv2d_bias_act_reference(x, w, b, 2, 1), torch.float32, "under a mode")
-    with FakeTensorMode() as mode:
-        fake = conv2d_bias_act(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), 2, 1,
-                               backend="triton")
-    assert fake.shape == out.shape and fake.stride() == out.stride()
-    assert not calls, "a mode or fake tensors reached the direct Triton path"
-
-
-def test_triton_launch_skips_the_autotuner_once_tuned(triton_device, monkeypatch):
-    from pyowt.kernels import autotuned, conv2d as kconv
-
-    monkeypatch.setattr(autotuned, "_PICKED", {})
-    tuner = kconv.conv2d_fwd_kernel
-    tuner_runs = []
-    monkeypatch.setattr(tuner, "run", lambda *a, real=tuner.run, **k: tuner_runs.append(1) or real(*a, **k))
-    x, w, b = (t.detach() for t in _triton_case(triton_device, seed=3))
-    first = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
-    assert len(tuner_runs) == 1 and len(autotuned._PICKED) == 1
-    (kernel, key), config = next(iter(autotuned._PICKED.items()))
-    assert kernel is kconv.conv2d_fwd_kernel and config is kconv.conv2d_fwd_kernel.best_config
-    again = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
-    assert len(tuner_runs) == 1, "the second call of a tuned shape went through the autotuner"
-    assert torch.equal(first, again)
-    conv2d_bias_act(x[:1], w, b, 1, 1, backend="triton")  # a new shape is tuned first
-    assert len(tuner_runs) == 2 and len(autotuned._PICKED) == 2

@@ -1,0 +1,103 @@
+"""How eager calls reach the Triton kernels of every op: straight from a plain
+autograd.Function (pyowt.ops.backend.eager_autograd_function, no torch.library dispatch),
+bitwise the same as the registered op; the registered op under __torch_function__ modes
+and fake tensors; and an autotuned kernel that skips its autotuner once a shape is tuned."""
+import importlib
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from pyowt.ops import bias_relu, conv2d_bias_act, linear_bias_act
+from pyowt.ops.bias_relu import bias_relu_reference
+from pyowt.ops.conv2d import conv2d_bias_act_reference
+from pyowt.ops.linear import linear_bias_act_reference
+
+from ..utils import assert_close_rel, record_calls, recorded_torch_functions
+
+
+def _leaves(device, *shapes, channels_last_first=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(*shape, generator=g).to(device) for shape in shapes]
+    if channels_last_first:
+        tensors[0] = tensors[0].contiguous(memory_format=torch.channels_last)
+    return [t.requires_grad_() for t in tensors]
+
+
+# name: (module, eager Function, registered op's name, inputs(device), eager call,
+#        registered op call, reference, whether the reference matches bitwise)
+CASES = {
+    "conv2d": ("pyowt.ops.conv2d", "_TritonConv2dEager", "conv2d_bias_act_triton",
+               lambda d, seed=0: _leaves(d, (2, 5, 9, 7), (6, 5, 3, 3), (6,), channels_last_first=True, seed=seed),
+               lambda x, w, b: conv2d_bias_act(x, w, b, 2, 1, backend="triton"),
+               lambda x, w, b: torch.ops.pyowt.conv2d_bias_act_triton(x, w, b, [2, 2], [1, 1], [1, 1], 1, "relu"),
+               lambda x, w, b: conv2d_bias_act_reference(x, w, b, 2, 1), False),
+    "linear": ("pyowt.ops.linear", "_TritonLinearEager", "linear_bias_act_triton",
+               lambda d: _leaves(d, (2, 3, 13), (9, 13), (9,)),
+               lambda x, w, b: linear_bias_act(x, w, b, backend="triton"),
+               lambda x, w, b: torch.ops.pyowt.linear_bias_act_triton(x, w, b, "relu"),
+               lambda x, w, b: linear_bias_act_reference(x, w, b), False),
+    "bias_relu": ("pyowt.ops.bias_relu", "_TritonBiasReluEager", "bias_relu_triton",
+                  lambda d: _leaves(d, (2, 5, 3, 4), (5,), channels_last_first=True),
+                  lambda x, b: bias_relu(x, b, 1, backend="triton"),
+                  lambda x, b: torch.ops.pyowt.bias_relu_triton(x, b, 1),
+                  lambda x, b: bias_relu_reference(x, b, 1), True),
+}
+
+
+def _out_and_grads(fn, tensors):
+    out = fn(*tensors)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    return [out.detach()] + list(torch.autograd.grad(out, tensors, grad))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_eager_path_equals_the_registered_op(triton_device, monkeypatch, case):
+    # pyowt.ops.bias_relu is also the name of the function: import the module by name.
+    module, eager_fn, _, inputs, call, op, ref, _ = CASES[case]
+    calls = record_calls(monkeypatch, getattr(importlib.import_module(module), eager_fn), "apply")
+    tensors = inputs(triton_device)
+    eager = _out_and_grads(call, tensors)
+    assert calls == ["apply"], "an eager call did not take the direct Triton path"
+    names = ["out"] + [f"grad of input {i}" for i in range(len(tensors))]
+    for name, a, r in zip(names, eager, _out_and_grads(op, tensors)):
+        assert torch.equal(a, r), f"{name}: the eager path differs from the registered op"
+    for name, a, r in zip(names, eager, _out_and_grads(ref, tensors)):
+        assert_close_rel(a, r, torch.float32, name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_modes_and_fake_tensors_take_the_registered_op(triton_device, monkeypatch, case):
+    module, eager_fn, op_name, inputs, call, _, ref, ref_exact = CASES[case]
+    calls = record_calls(monkeypatch, getattr(importlib.import_module(module), eager_fn), "apply")
+    tensors = [t.detach() for t in inputs(triton_device)]
+    with recorded_torch_functions() as seen:
+        out = call(*tensors)
+    assert any(op_name in str(f) for f in seen), seen
+    if ref_exact:
+        assert torch.equal(out, ref(*tensors))
+    else:
+        assert_close_rel(out, ref(*tensors), torch.float32, "under a mode")
+    with FakeTensorMode() as mode:
+        fake = call(*(mode.from_tensor(t) for t in tensors))
+    assert fake.shape == out.shape and fake.stride() == out.stride()
+    assert not calls, "a mode or fake tensors reached the direct Triton path"
+
+
+def test_launch_skips_the_autotuner_once_tuned(triton_device, monkeypatch):
+    from pyowt.kernels import autotuned, conv2d as kconv
+
+    monkeypatch.setattr(autotuned, "_PICKED", {})
+    tuner = kconv.conv2d_fwd_kernel
+    tuner_runs = []
+    monkeypatch.setattr(tuner, "run", lambda *a, real=tuner.run, **k: tuner_runs.append(1) or real(*a, **k))
+    x, w, b = (t.detach() for t in CASES["conv2d"][3](triton_device, seed=3))
+    first = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
+    assert len(tuner_runs) == 1 and len(autotuned._PICKED) == 1
+    (kernel, key), config = next(iter(autotuned._PICKED.items()))
+    assert kernel is kconv.conv2d_fwd_kernel and config is kconv.conv2d_fwd_kernel.best_config
+    again = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
+    assert len(tuner_runs) == 1, "the second call of a tuned shape went through the autotuner"
+    assert torch.equal(first, again)
+    conv2d_bias_act(x[:1], w, b, 1, 1, backend="triton")  # a new shape is tuned first
+    assert len(tuner_runs) == 2 and len(autotuned._PICKED) == 2
