@@ -26,8 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks import rel_l2
-from benchmarks.test_bench_conv import ALEXNET, ERR_TOL, LAYERS, Layer, _inputs, measure
+from benchmarks import ERR_TOL, rel_l2
+from benchmarks.test_bench_conv import ALEXNET, LAYERS, Layer, _inputs, measure
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M = 8 throughout.
 CONFIGS = [

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import pyowt
-from benchmarks import rel_l2
+from benchmarks import ERR_TOL, rel_l2
 from pyowt.ops import conv2d_bias_act
 from pyowt.ops.backend import unavailable_reason
 
@@ -218,11 +218,6 @@ def _record(layer, mode, dtype, device, batch, times: dict, ours: str, notes="",
         ))
 
 
-# Largest relative L2 error (output and, for fwd+bwd, every gradient) against ATen before a
-# row's times count: a kernel that is fast and wrong must not show up as a speedup.
-ERR_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-
-
 def _errors(impls: dict, layer, x, w, b, mode) -> dict:
     """{impl: (error, part)}: the largest relative L2 error of each impl's output and
     gradients (``part``: which, "y", "dw", "db" or "dx") against ATen in float64 on the
@@ -360,8 +355,8 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
         times = measure(fns, device, reps=GPU_REPS, warmup=3, inner=GPU_INNER)
     latency = measure(fns, device, reps=GPU_REPS, warmup=0, inner=1)
     ours = "ours:triton" if "ours:triton" in times else f"ours:{backends[0]}"
-    notes = {impl: "; ".join(n for n in (_error_notes(errors, dtype).get(impl, ""), extra) if n)
-             for impl in times}
+    error_notes = _error_notes(errors, dtype)
+    notes = {impl: "; ".join(n for n in (error_notes.get(impl, ""), extra) if n) for impl in times}
     if "ours:triton" in notes:
         notes["ours:triton"] = "; ".join(n for n in (notes["ours:triton"], _tuned_since(tuned_before)) if n)
     _record(layer, mode, dtype, device, GPU_BATCH, times, ours, notes, latency)

@@ -14,8 +14,8 @@ ours and the reference in the same run, interleaved. The table prints
   K = 4 and 8 shards: the full fc6/fc7 GEMMs take seconds per repeat on a small CPU);
   wall-clock median. Target: >= 1.0x.
 
-Before timing, ours is checked against the reference on the same input (output, dX, dW,
-db; relative L2 error at most 2e-2 in bf16, 1e-4 in fp32): the error is a column of the
+Before timing, ours is checked against the reference in float64 on the same input
+(output, dX, dW, db; relative L2 error at most 2e-2 in bf16, 1e-4 in fp32): the error is a column of the
 table, and a shape above the bound fails the test after the table is printed.
 
 ``PYOWT_BENCH_JSON=<path>`` writes every row as JSON. Run:
@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import rel_l2
+from benchmarks import ERR_TOL, rel_l2
 from pyowt import _extension
 from pyowt.ops import linear_bias_act
 from pyowt.ops.backend import unavailable_reason
@@ -95,13 +95,12 @@ def _cpu_timer(run, reps):
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
-ERR_TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-4}
-
-
 def _max_rel_err(ours, s) -> float:
-    """Largest relative L2 error of ours' output and gradients against the reference."""
+    """Largest relative L2 error of ours' output and gradients against the reference in
+    float64 (ATen's own bf16 is no reference: its conv backward was 3e-2 off, RESULTS.md)."""
+    s64 = [t.detach().double().requires_grad_(t.requires_grad) for t in s]
     got = [_fwd(ours, s), *_fwd_bwd(ours, s)]
-    ref = [_fwd(_reference, s), *_fwd_bwd(_reference, s)]
+    ref = [_fwd(_reference, s64), *_fwd_bwd(_reference, s64)]
     return max(rel_l2(a, r) for a, r in zip(got, ref))
 
 
@@ -154,7 +153,7 @@ def _print_table(rows, title):
 def _assert_correct(rows, dtype):
     wrong = [(r["layer"], r["K"], r["batch"], r["backend"], r["rel_err"]) for r in rows
              if not r["rel_err"] <= ERR_TOL[dtype]]
-    assert not wrong, f"relative error above {ERR_TOL[dtype]:g} against F.relu(F.linear): {wrong}"
+    assert not wrong, f"relative error above {ERR_TOL[dtype]:g} against F.relu(F.linear) in float64: {wrong}"
 
 
 @pytest.fixture(scope="module", autouse=True)
