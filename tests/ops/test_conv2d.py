@@ -187,7 +187,6 @@ def test_triton_fp16(triton_device, k_walk, cfg):
     check_config(cfg, "triton", torch.float16, triton_device)
 
 
-
 # RGB first layers in the packed walk: AlexNet's 11x11 stride 4 and ResNet's 7x7 stride 2
 # (scaled down), a dilated one with 4*S a multiple of the block (the row change lands exactly
 # on a block edge), and channel counts 1-4 in one image layout or the other.
