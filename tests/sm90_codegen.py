@@ -130,16 +130,17 @@ def sass_functions(cubin: bytes) -> dict:
     return functions
 
 
-def main_loop(lines) -> list:
+def main_loop(lines, marker: str = "MMA") -> list:
     """Instructions of a kernel's main loop: the largest backward branch whose body holds
-    tensor-core MMAs (HMMA / HGMMA); [] if there is none."""
+    ``marker`` (default tensor-core MMAs, HMMA / HGMMA; "FFMA" for a SIMT kernel); [] if
+    there is none."""
     labels = {line.strip()[1:-1]: i for i, line in enumerate(lines)
               if re.match(r"^\.L_x_\d+:$", line.strip())}
     best = []
     for i, line in enumerate(lines):
         target = re.search(r"BRA `\(\.(L_x_\d+)\)", line)
         start = labels.get(target.group(1)) if target else None
-        if start is not None and start < i and any("MMA" in s for s in lines[start:i]):
+        if start is not None and start < i and any(marker in s for s in lines[start:i]):
             body = [s for s in lines[start:i] if "/*" in s]
             if len(body) > len(best):
                 best = body

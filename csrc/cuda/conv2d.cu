@@ -1,4 +1,4 @@
-// CUDA kernels of pyowt::conv2d_bias_act and its backward (schemas: csrc/conv2d.cpp).
+// CUDA forward of pyowt::conv2d_bias_act (schema: csrc/conv2d.cpp).
 //
 // Forward: out = act(conv2d(x, weight) + bias), act in {relu, none}, as an implicit GEMM
 // (M = N * H_out * W_out, N_gemm = C_out, K = C_in * R * S) over NHWC activations:
@@ -12,12 +12,7 @@
 // cover: groups > 1, fp16/bf16 on GPUs below sm_80, and problems whose indices would not
 // fit in 32 bits. The fallback follows torch's cuDNN TF32 setting for fp32.
 //
-// Backward (a documented fallback that a fused kernel can replace piece by piece), each
-// gradient only when output_mask asks for it (else an empty (0,) tensor):
-//   grad_pre = grad_out * (out > 0)   (relu; identity for "none"), our own kernel;
-//   grad_x, grad_weight = at::convolution_backward(grad_pre, ...)  (cuDNN; follows torch's
-//                         TF32 flags in fp32);
-//   grad_bias = grad_pre summed over (N, H, W) in fp32 (an empty (0,) tensor without bias).
+// Backward: conv2d_backward.cu.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -27,11 +22,9 @@
 
 #include <cstdint>
 #include <optional>
-#include <tuple>
 
 #include "channel_layout.h"
 #include "conv2d_common.cuh"
-#include "conv2d_output_mask.h"
 #include "conv2d_simt.cuh"
 #include "conv2d_tc.cuh"
 
@@ -40,7 +33,6 @@ namespace conv2d_cuda {
 namespace {
 
 constexpr const char* kFwd = "conv2d_bias_act";
-constexpr const char* kBwd = "conv2d_bias_act_backward";
 
 // act(at::convolution(...) + bias) in x's memory format.
 at::Tensor conv2d_aten_fallback(const at::Tensor& x, const at::Tensor& weight,
@@ -151,98 +143,11 @@ at::Tensor conv2d_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
-// grad_pre[i] = out[i] > 0 ? grad[i] : 0 over dense tensors of one memory format.
-template <typename scalar_t>
-__global__ void relu_grad_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ out,
-                                 scalar_t* __restrict__ grad_pre, int64_t n) {
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += step) {
-    grad_pre[i] = out[i] > scalar_t(0) ? grad[i] : scalar_t(0);
-  }
-}
-
-at::Tensor relu_grad(const at::Tensor& grad_out, const at::Tensor& out_in, at::MemoryFormat fmt) {
-  const at::Tensor out = out_in.contiguous(fmt);
-  const at::Tensor grad = grad_out.contiguous(fmt);
-  at::Tensor grad_pre = at::empty_like(out, out.options().memory_format(fmt));
-  const int64_t n = out.numel();
-  if (n == 0) return grad_pre;
-  constexpr int kThreads = 256;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, sms * 32));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv2d_relu_grad", [&] {
-    relu_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-        grad_pre.mutable_data_ptr<scalar_t>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return grad_pre;
-}
-
-void check_like_output(const at::Tensor& t, const char* name, const Geometry& g, const at::Tensor& x) {
-  TORCH_CHECK(t.defined(), kBwd, ": ", name, " must be a defined tensor");
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.N && t.size(1) == g.Cout && t.size(2) == g.Ho &&
-                  t.size(3) == g.Wo,
-              kBwd, ": ", name, " must have the forward output's shape [", g.N, ", ", g.Cout, ", ",
-              g.Ho, ", ", g.Wo, "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), kBwd, ": ", name, " dtype ", t.scalar_type(),
-              " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), kBwd, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_bias_act_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    c10::string_view activation, bool has_bias, const c10::List<bool>& output_mask) {
-  const Geometry g = check_conv2d_args(x, weight, std::nullopt, stride, padding, dilation, groups,
-                                       activation, kBwd);
-  check_like_output(grad_out, "grad_out", g, x);
-  check_like_output(out, "out", g, x);
-  const auto [want_x, want_w, want_b_arg] = read_output_mask(output_mask, kBwd);
-  const bool want_b = has_bias && want_b_arg;
-  // Distinct (0,) tensors: outputs of a custom op may not alias each other.
-  at::Tensor grad_x = want_x ? at::Tensor() : at::empty({0}, x.options());
-  at::Tensor grad_w = want_w ? at::Tensor() : at::empty({0}, x.options());
-  at::Tensor grad_b = want_b ? at::Tensor() : at::empty({0}, x.options());
-  if (!want_x && !want_w && !want_b) return {grad_x, grad_w, grad_b};
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat fmt = preferred_format(out, 1);
-
-  // Replaceable stage 1: the activation's gradient.
-  const at::Tensor grad_pre = is_relu(activation) ? relu_grad(grad_out, out, fmt) : grad_out.contiguous(fmt);
-  // Replaceable stage 2: data and weight gradients (cuDNN through ATen), only those asked
-  // for: grad_x of a stride-4 first layer costs several times the rest of its backward.
-  if (want_x || want_w) {
-    const at::MemoryFormat x_fmt = preferred_format(x, 1);
-    const at::MemoryFormat w_fmt = preferred_format(weight, 1);
-    if (grad_pre.numel() == 0) {
-      if (want_x) grad_x = at::zeros(x.sizes(), x.options().memory_format(x_fmt));
-      if (want_w) grad_w = at::zeros(weight.sizes(), weight.options().memory_format(w_fmt));
-    } else {
-      at::Tensor gx, gw, unused;
-      std::tie(gx, gw, unused) = at::convolution_backward(
-          grad_pre, x, weight, /*bias_sizes=*/std::nullopt, stride, padding, dilation,
-          /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {want_x, want_w, false});
-      // Same layouts as the other backends (cuDNN may pick its own).
-      if (want_x) grad_x = gx.contiguous(x_fmt);
-      if (want_w) grad_w = gw.contiguous(w_fmt);
-    }
-  }
-  // Stage 3: the bias gradient, accumulated in fp32.
-  if (want_b) {
-    grad_b = grad_pre.sum(at::IntArrayRef{0, 2, 3}, /*keepdim=*/false, at::kFloat).to(x.scalar_type());
-  }
-  return {grad_x, grad_w, grad_b};
-}
-
 }  // namespace
 }  // namespace conv2d_cuda
 
 TORCH_LIBRARY_IMPL(pyowt, CUDA, m) {
   m.impl("conv2d_bias_act", &conv2d_cuda::conv2d_bias_act_cuda);
-  m.impl("conv2d_bias_act_backward", &conv2d_cuda::conv2d_bias_act_backward_cuda);
 }
 
 }  // namespace pyowt

@@ -212,6 +212,44 @@ __device__ __forceinline__ bool a_offset(const ConvParams& p, const RowInfo& ri,
   return ok;
 }
 
+// ---- the data gradient as the same implicit GEMM ----------------------------------------
+// grad_x[n, ih, iw, c] = sum over (r, s, co) of grad_pre[n, oh, ow, co] * weight[co, c, r, s]
+// for the taps that land on an output pixel: ih + ph - r*dh = oh*sh with 0 <= oh < H_out
+// (and likewise along w). That is the forward's GEMM with the roles moved (make_dgrad_params
+// in conv2d_backward.cu): rows m = (n, ih, iw) of x, columns c, k = (r, s, co) with co
+// innermost, A = the NHWC grad_pre gathered as below, B[c, k] = the weight stored
+// (C_in, R, S, C_out). In those ConvParams C, H, W are grad_pre's C_out, H_out, W_out; Cout,
+// Ho, Wo are x's C_in, H, W; stride, padding and dilation are the forward's.
+
+// Row m = (n, ih, iw) of the data-gradient GEMM: RowInfo with ih0 = ih + ph, iw0 = iw + pw.
+__device__ __forceinline__ RowInfo decode_row_dgrad(const ConvParams& p, int m) {
+  RowInfo ri;
+  ri.ok = m < p.M;
+  const int mm = ri.ok ? m : 0;
+  const int n = mm / p.HoWo;
+  const int pix = mm - n * p.HoWo;
+  const int ih = pix / p.Wo;
+  const int iw = pix - ih * p.Wo;
+  ri.base = n * p.HWC;
+  ri.ih0 = ih + p.ph;
+  ri.iw0 = iw + p.pw;
+  return ri;
+}
+
+// Element offset of grad_pre[n, oh, ow, c] for tap (r, s) of row ri, and whether the tap
+// lands on an output pixel (a multiple of the stride, inside H_out x W_out).
+__device__ __forceinline__ bool a_offset_dgrad(const ConvParams& p, const RowInfo& ri, int r, int s,
+                                               int c, int& off) {
+  const int th = ri.ih0 - r * p.dh;
+  const int tw = ri.iw0 - s * p.dw;
+  const int oh = p.sh == 1 ? th : th / p.sh;
+  const int ow = p.sw == 1 ? tw : tw / p.sw;
+  const bool ok = ri.ok && th >= 0 && tw >= 0 && oh * p.sh == th && ow * p.sw == tw && oh < p.H &&
+                  ow < p.W;
+  off = ok ? ri.base + (oh * p.W + ow) * p.C + c : 0;
+  return ok;
+}
+
 // Offset of out[m, co] for an NHWC (channels_last) or NCHW output.
 template <bool kNhwcOut>
 __device__ __forceinline__ int out_offset(const ConvParams& p, int m, int co) {

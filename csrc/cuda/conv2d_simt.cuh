@@ -7,6 +7,9 @@
 // (rows tid/16 + 16*i, column tid % 16: consecutive threads read consecutive channels of
 // the NHWC input) and 4 B elements into registers, stores them k-major into shared memory,
 // and prefetches the next tile's registers while computing on the current one.
+//
+// With kDgrad the same kernel computes the fp32 data gradient: the rows are x's pixels and
+// A gathers grad_pre through decode_row_dgrad / a_offset_dgrad (conv2d_common.cuh).
 #pragma once
 
 #include <cstdint>
@@ -32,8 +35,9 @@ constexpr int kLoadRows = kThreads / kBK;  // 16 rows per load pass
 static_assert((kBM / kTM) * (kBN / kTN) == kThreads, "one 4x4 block per thread");
 static_assert(kBM == 4 * kLoadRows && kBN == 4 * kLoadRows, "4 A and 4 B elements per thread");
 
-// x: NHWC fp32 input; w: (C_out, ldw) fp32 weight; bias may be null.
-template <bool kNhwcOut>
+// x: NHWC fp32 input; w: (C_out, ldw) fp32 weight; bias may be null. With kDgrad, x is the
+// NHWC grad_pre, w the (C_in, R*S*C_out) weight, bias null and p from make_dgrad_params.
+template <bool kNhwcOut, bool kDgrad = false>
 __global__ void __launch_bounds__(kThreads)
     conv2d_simt_kernel(const ConvParams p, const float* __restrict__ x, const float* __restrict__ w,
                        const float* __restrict__ bias, float* __restrict__ out) {
@@ -49,7 +53,10 @@ __global__ void __launch_bounds__(kThreads)
   const int ld_row = tid / kBK;  // + kLoadRows * i
   RowInfo rows[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) rows[i] = decode_row(p, m_block + ld_row + kLoadRows * i);
+  for (int i = 0; i < 4; ++i) {
+    const int m = m_block + ld_row + kLoadRows * i;
+    rows[i] = kDgrad ? decode_row_dgrad(p, m) : decode_row(p, m);
+  }
 
   float a_reg[4];
   float b_reg[4];
@@ -61,7 +68,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       int off;
-      const bool ok = a_offset(p, rows[i], r, s, c, off) && k_ok;
+      const bool ok =
+          (kDgrad ? a_offset_dgrad(p, rows[i], r, s, c, off) : a_offset(p, rows[i], r, s, c, off)) && k_ok;
       a_reg[i] = ok ? x[off] : 0.f;
       const int co = n_block + ld_row + kLoadRows * i;
       const bool wok = k_ok && co < p.Cout;

@@ -359,10 +359,11 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype first, as
     ATen's conv2d is.
 
-    Precision: float32 runs in full precision in our kernels (Triton with IEEE dots, the
-    CUDA SIMT kernel). The ``cuda`` backend's backward and its grouped forward run through
-    cuDNN and follow torch's TF32 settings like ``F.conv2d`` (TF32 by default for
-    convolutions; ``torch.backends.cudnn.conv.fp32_precision = "ieee"`` for full fp32).
+    Precision: float32 runs in full precision in our kernels, forward and backward (Triton
+    with IEEE dots; the CUDA SIMT kernels, whatever torch's TF32 flags say). What the
+    ``cuda`` backend hands to cuDNN - the 16-bit backward and everything with ``groups > 1``
+    - follows torch's TF32 settings like ``F.conv2d`` (TF32 by default for convolutions;
+    ``torch.backends.cudnn.conv.fp32_precision = "ieee"`` for full fp32).
     """
     x, weight, bias = autocast_inputs(x, weight, bias)
     if not isinstance(x, torch.Tensor) or not _checks.tensors_on_one_device(x, weight, bias):

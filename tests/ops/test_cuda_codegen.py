@@ -72,3 +72,41 @@ def test_tc_vector_path_loop(tc_loops):
             # the three-stage pipeline: one barrier and one wait per K step
             barriers = sum(op.startswith("BAR") for op in ops)
             assert barriers == 1, f"{dtype} nhwc={nhwc}: {barriers} barriers per K step"
+
+
+@pytest.fixture(scope="module")
+def simt_backward_sass():
+    """SASS of the fp32 backward kernels (conv2d_backward.cu): name -> instruction lines."""
+    if not _extension.STATUS.with_cuda:
+        pytest.skip("the extension was built without CUDA")
+    import pyowt._C as ext
+
+    if nvidia_tool("cuobjdump") is None or nvidia_tool("nvdisasm") is None:
+        pytest.skip("no cuobjdump/nvdisasm (neither bundled with Triton nor on PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([nvidia_tool("cuobjdump"), "-xelf", "all", ext.__file__], cwd=tmp,
+                              capture_output=True, text=True)
+        cubins = glob.glob(str(Path(tmp) / "conv2d_backward.sm_90*.cubin"))
+        if proc.returncode != 0 or not cubins:
+            pytest.skip(f"no sm_90 conv2d_backward code in the extension ({proc.stderr.strip()[:200]})")
+        functions = sass_functions(Path(cubins[0]).read_bytes())
+    kernels = {}
+    for name, lines in functions.items():
+        if "conv2d_wgrad_simt_kernel" in name:
+            kernels["wgrad"] = lines
+        match = re.search(r"conv2d_simt_kernelILb([01])ELb1E", name)
+        if match:
+            kernels[f"dgrad nhwc={match.group(1)}"] = lines
+    assert sorted(kernels) == ["dgrad nhwc=0", "dgrad nhwc=1", "wgrad"], sorted(kernels)
+    return kernels
+
+
+def test_simt_backward_kernels_loop_and_registers(simt_backward_sass):
+    # Each K step (16 reduction rows) is 16 x 16 FMAs per thread on its 4x4 block, from
+    # registers: no local memory (spills or a dynamically indexed array) anywhere.
+    for key, lines in simt_backward_sass.items():
+        ops = [_opcode(s) for s in main_loop(lines, marker="FFMA")]
+        ffma = sum(op.startswith("FFMA") for op in ops)
+        assert ffma == 256, f"{key}: {ffma} FFMA per K step, expected 256"
+        local = [_opcode(s) for s in lines if re.search(r"\b(LDL|STL)\b", s)]
+        assert not local, f"{key}: local memory {local[:4]}"
