@@ -2,7 +2,8 @@
 //
 // Forward: out = act(conv2d(x, weight) + bias), act in {relu, none}, as an implicit GEMM
 // (M = N * H_out * W_out, N_gemm = C_out, K = C_in * R * S) over NHWC activations:
-//   * fp16 / bf16: tensor cores through WMMA, fp32 accumulation (conv2d_tc.cuh), sm_80+;
+//   * fp16 / bf16: tensor cores through WMMA, fp32 accumulation (conv2d_tc.cuh), sm_80+, in
+//     the tile shape conv2d_tile_choice.h picks (timed on a problem's first call);
 //   * fp32: a register-blocked SIMT kernel without TF32 (conv2d_simt.cuh).
 // The input is read channels_last (an NCHW input is copied once), the weight reordered to
 // (C_out, R, S, C_in) so that k runs along contiguous channels; the output is written
@@ -27,6 +28,7 @@
 #include "conv2d_common.cuh"
 #include "conv2d_simt.cuh"
 #include "conv2d_tc.cuh"
+#include "conv2d_tile_choice.h"
 
 namespace pyowt {
 namespace conv2d_cuda {
@@ -63,19 +65,50 @@ at::Tensor reorder_weight(const at::Tensor& weight, int64_t ldw) {
   return wk;
 }
 
+template <typename scalar_t, typename Tile, bool kVecA>
+void launch_tc(const ConvParams& p, const uint16_t* x, const uint16_t* w, const scalar_t* bias, scalar_t* out,
+               bool nhwc_out, cudaStream_t stream) {
+  const dim3 grid((p.M + tc::kBM - 1) / tc::kBM, (p.Cout + Tile::kBN - 1) / Tile::kBN);
+  auto* kernel = nhwc_out ? tc::conv2d_tc_kernel<scalar_t, Tile, kVecA, true>
+                          : tc::conv2d_tc_kernel<scalar_t, Tile, kVecA, false>;
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), Tile::kSmemBytes);
+  kernel<<<grid, tc::kThreads, Tile::kSmemBytes, stream>>>(p, x, w, bias, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t, bool kVecA>
-void launch_tc(const ConvParams& p, const at::Tensor& xc, const at::Tensor& wk,
-               const scalar_t* bias, at::Tensor& out, bool nhwc_out, cudaStream_t stream) {
-  const dim3 grid((p.M + tc::kBM - 1) / tc::kBM, (p.Cout + tc::kBN - 1) / tc::kBN);
+void launch_tc(TcTile tile, const ConvParams& p, const uint16_t* x, const uint16_t* w, const scalar_t* bias,
+               scalar_t* out, bool nhwc_out, cudaStream_t stream) {
+  if (tile == TcTile::k128x128) {
+    launch_tc<scalar_t, tc::Tile128x128, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+  } else {
+    launch_tc<scalar_t, tc::Tile128x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+  }
+}
+
+// Runs the tensor-core kernel with the tile shape conv2d_tile_choice.h picks for g.
+template <typename scalar_t>
+void run_tc(const Geometry& g, const ConvParams& p, const at::Tensor& xc, const at::Tensor& wk,
+            const at::Tensor& bias, at::Tensor& out, bool vec_a, bool nhwc_out) {
   const auto* x = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<scalar_t>());
   const auto* w = reinterpret_cast<const uint16_t*>(wk.const_data_ptr<scalar_t>());
+  const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  if (nhwc_out) {
-    tc::conv2d_tc_kernel<scalar_t, kVecA, true><<<grid, tc::kThreads, 0, stream>>>(p, x, w, bias, o);
-  } else {
-    tc::conv2d_tc_kernel<scalar_t, kVecA, false><<<grid, tc::kThreads, 0, stream>>>(p, x, w, bias, o);
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  auto launch = [&](TcTile tile) {
+    if (vec_a) {
+      launch_tc<scalar_t, true>(tile, p, x, w, b, o, nhwc_out, stream.stream());
+    } else {
+      launch_tc<scalar_t, false>(tile, p, x, w, b, o, nhwc_out, stream.stream());
+    }
+  };
+  std::optional<TcTile> tile = forced_tile(kFwd);
+  if (!tile) {
+    const TileKey key{xc.get_device(), static_cast<int64_t>(xc.scalar_type()), vec_a, nhwc_out, b != nullptr,
+                      g.N, g.C, g.H, g.W, g.Cout, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, p.relu};
+    tile = pick_tile(key, launch, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(*tile);
 }
 
 at::Tensor conv2d_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -95,7 +128,7 @@ at::Tensor conv2d_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight,
   const int64_t K = g.R * g.S * g.C;
   const int64_t ldw = half_like ? (K + 7) / 8 * 8 : K;
   const int64_t tile_m = half_like ? tc::kBM : simt::kBM;
-  const int64_t tile_n = half_like ? tc::kBN : simt::kBN;
+  const int64_t tile_n = half_like ? tc::Tile128x64::kBN : simt::kBN;  // the most column blocks
   const bool tc_capable = !half_like || at::cuda::getCurrentDeviceProperties()->major >= 8;
   if (groups != 1 || !tc_capable || !fits_int32(g, ldw, tile_m, tile_n)) {
     // groups > 1 (and the cases above) run on ATen/cuDNN; see the file comment.
@@ -130,16 +163,8 @@ at::Tensor conv2d_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight,
   const bool vec_a = g.C % 8 == 0 && aligned16(xc.const_data_ptr());
   TORCH_INTERNAL_ASSERT(aligned16(wk.const_data_ptr()) && ldw % 8 == 0);
   AT_DISPATCH_SWITCH(x.scalar_type(), "conv2d_bias_act_cuda",
-      AT_DISPATCH_CASE(at::kHalf, [&] {
-        const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
-        if (vec_a) launch_tc<scalar_t, true>(p, xc, wk, b, out, nhwc_out, stream);
-        else launch_tc<scalar_t, false>(p, xc, wk, b, out, nhwc_out, stream);
-      })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] {
-        const scalar_t* b = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
-        if (vec_a) launch_tc<scalar_t, true>(p, xc, wk, b, out, nhwc_out, stream);
-        else launch_tc<scalar_t, false>(p, xc, wk, b, out, nhwc_out, stream);
-      }));
+      AT_DISPATCH_CASE(at::kHalf, [&] { run_tc<scalar_t>(g, p, xc, wk, bias, out, vec_a, nhwc_out); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { run_tc<scalar_t>(g, p, xc, wk, bias, out, vec_a, nhwc_out); }));
   return out;
 }
 

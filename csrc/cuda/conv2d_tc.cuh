@@ -1,10 +1,12 @@
 // Tensor-core implicit-GEMM conv2d + bias + activation for fp16 / bf16 (sm_80+).
 //
 // One block computes a kBM x kBN tile of out[m, co] (m = output pixel, co = output channel)
-// with 4 warps in a 2 x 2 grid, each warp a 64 x 32 sub-tile as 4 x 2 WMMA 16x16x16
-// fragments accumulating in fp32. The K loop walks kBK = 32 columns at a time through
-// shared-memory stages (three when A arrives by cp.async, two when it is staged through
-// registers):
+// with 4 warps in a 2 x 2 grid, each warp a 64 x kBN/2 sub-tile of 16x16x16 WMMA fragments
+// accumulating in fp32. Two tile shapes (TileShape): 128 x 64 (warp tiles 64 x 32) and
+// 128 x 128 (warp tiles 64 x 64: twice the MMAs per fragment load, half the blocks, two
+// blocks per SM); the host picks one per problem by timing both (conv2d.cu). The K loop
+// walks kBK = 32 columns at a time through shared-memory stages (three when A arrives by
+// cp.async, two when it is staged through registers):
 //   * B (weight, (C_out, ldw) with ldw a multiple of 8 and zero columns past K) always
 //     arrives by 16-byte cp.async, zero-filled past C_out and past ldw.
 //   * A (NHWC activations) arrives by 16-byte cp.async when C_in % 8 == 0 and x is 16-byte
@@ -31,38 +33,49 @@ namespace conv2d_cuda {
 namespace tc {
 
 constexpr int kBM = 128;
-constexpr int kBN = 64;
 constexpr int kBK = 32;
-constexpr int kThreads = 128;
+constexpr int kThreads = 128;  // 4 warps, 2 x 2
 constexpr int kWarpM = 64;
-constexpr int kWarpN = 32;
 constexpr int kFragM = kWarpM / 16;
-constexpr int kFragN = kWarpN / 16;
 // Shared row pitch in elements: 80 bytes keeps every 8-element chunk 16-byte aligned
 // (cp.async, uint4 stores), every 16x16 fragment origin 32-byte aligned (WMMA), and puts
 // consecutive rows on different banks.
 constexpr int kLds = kBK + 8;
 constexpr int kAStage = kBM * kLds;  // elements per A stage
-constexpr int kBStage = kBN * kLds;  // elements per B stage
 // Pipeline depth: the vector path (cp.async for A and B) keeps kVecStages tiles in flight;
 // the scalar path (A staged through registers) double-buffers.
 constexpr int kVecStages = 3;
 constexpr int kScalarStages = 2;
 constexpr int kMaxStages = kVecStages > kScalarStages ? kVecStages : kScalarStages;
-constexpr int kPipeBytes = kMaxStages * (kAStage + kBStage) * 2;
-// fp32 staging tile for the epilogue; +4 floats per row/column against bank conflicts
-// (WMMA needs the pitch to be a multiple of 4 floats).
-constexpr int kLdcRow = kBN + 4;  // row-major [kBM][kLdcRow] for NHWC output
-constexpr int kLdcCol = kBM + 4;  // column-major [kBN][kLdcCol] for NCHW output
-constexpr int kCBytes = (kBM * kLdcRow > kBN * kLdcCol ? kBM * kLdcRow : kBN * kLdcCol) * 4;
-constexpr int kSmemBytes = kPipeBytes > kCBytes ? kPipeBytes : kCBytes;
 
-static_assert(kThreads == 32 * (kBM / kWarpM) * (kBN / kWarpN), "one warp per warp tile");
+static_assert(kThreads == 32 * (kBM / kWarpM) * 2, "2 x 2 warps");
 static_assert(kBM * kBK / 8 == 4 * kThreads, "vector A load: 4 chunks of 8 per thread");
-static_assert(kBN * kBK / 8 == 2 * kThreads, "B load: 2 chunks of 8 per thread");
 static_assert(kBM == kThreads && kBK == 32, "scalar A load: one row of 32 per thread");
-static_assert(kSmemBytes <= 48 * 1024, "static shared memory limit");
-static_assert(kBN % 8 == 0 && kLdcRow % 4 == 0, "NHWC epilogue: 8-channel runs, 16-byte rows");
+
+// The block tile's C_out extent and what follows from it: kBN = 64 or 128.
+template <int BN>
+struct TileShape {
+  static constexpr int kBN = BN;
+  static constexpr int kWarpN = kBN / 2;
+  static constexpr int kFragN = kWarpN / 16;
+  static constexpr int kBStage = kBN * kLds;              // elements per B stage
+  static constexpr int kBChunks = kBN * kBK / 8 / kThreads;  // 16-byte B chunks per thread
+  static constexpr int kPipeBytes = kMaxStages * (kAStage + kBStage) * 2;
+  // fp32 staging tile for the epilogue; +4 floats per row/column against bank conflicts
+  // (WMMA needs the pitch to be a multiple of 4 floats).
+  static constexpr int kLdcRow = kBN + 4;  // row-major [kBM][kLdcRow] for NHWC output
+  static constexpr int kLdcCol = kBM + 4;  // column-major [kBN][kLdcCol] for NCHW output
+  static constexpr int kCBytes = (kBM * kLdcRow > kBN * kLdcCol ? kBM * kLdcRow : kBN * kLdcCol) * 4;
+  // Dynamic shared memory per block (above 48 KB needs the host's opt-in).
+  static constexpr int kSmemBytes = kPipeBytes > kCBytes ? kPipeBytes : kCBytes;
+
+  static_assert(kBN == 64 || kBN == 128, "tile shapes 128 x 64 and 128 x 128");
+  static_assert(kBN * kBK / 8 == kBChunks * kThreads, "B load: whole chunks per thread");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_80 / sm_90");
+  static_assert(kBN % 8 == 0 && kLdcRow % 4 == 0, "NHWC epilogue: 8-channel runs, 16-byte rows");
+};
+using Tile128x64 = TileShape<64>;
+using Tile128x128 = TileShape<128>;
 
 // Maps at::Half / at::BFloat16 to the CUDA type WMMA takes (same bits).
 template <typename scalar_t>
@@ -116,7 +129,8 @@ static_assert(sizeof(nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, 
               "bf16 matrix_b fragment: 4 x b32");
 
 // x: NHWC input as raw 16-bit words; w: (C_out, ldw) weight words; bias may be null.
-template <typename scalar_t, bool kVecA, bool kNhwcOut>
+// Launched with Tile::kSmemBytes of dynamic shared memory.
+template <typename scalar_t, typename Tile, bool kVecA, bool kNhwcOut>
 __global__ void __launch_bounds__(kThreads)
     conv2d_tc_kernel(const ConvParams p, const uint16_t* __restrict__ x, const uint16_t* __restrict__ w,
                      const scalar_t* __restrict__ bias, scalar_t* __restrict__ out) {
@@ -125,15 +139,21 @@ __global__ void __launch_bounds__(kThreads)
 #else
   using namespace nvcuda;
   using T = typename WmmaType<scalar_t>::type;
+  constexpr int kBN = Tile::kBN;
+  constexpr int kWarpN = Tile::kWarpN;
+  constexpr int kFragN = Tile::kFragN;
+  constexpr int kBStage = Tile::kBStage;
+  constexpr int kLdcRow = Tile::kLdcRow;
+  constexpr int kLdcCol = Tile::kLdcCol;
 
-  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  extern __shared__ __align__(128) unsigned char smem[];
   uint16_t* const As = reinterpret_cast<uint16_t*>(smem);  // [stages][kBM][kLds]
   uint16_t* const Bs = As + kMaxStages * kAStage;           // [stages][kBN][kLds]
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int wm = warp >> 1;  // warp row: pixels wm*64 .. +63 of the tile
-  const int wn = warp & 1;   // warp column: channels wn*32 .. +31 of the tile
+  const int wn = warp & 1;   // warp column: channels wn*kWarpN .. +kWarpN-1 of the tile
   const int m_block = blockIdx.x * kBM;
   const int n_block = blockIdx.y * kBN;
   const int num_kt = (p.K + kBK - 1) / kBK;
@@ -213,7 +233,7 @@ __global__ void __launch_bounds__(kThreads)
   auto load_b = [&](int kt, int stage) {
     const int k0 = kt * kBK + ld_col;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < Tile::kBChunks; ++i) {
       const int co = n_block + ld_row + 32 * i;
       const bool ok = co < p.Cout && k0 < p.ldw;
       cp_async_16(Bs + stage * kBStage + (ld_row + 32 * i) * kLds + ld_col,

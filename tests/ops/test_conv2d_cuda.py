@@ -18,9 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyowt import _extension
-
-from ..utils import assert_close_rel, fp32_precision, rel_err, torch_threads
+from ..utils import assert_close_rel, rel_err
 
 
 def _reference(x, weight, bias, stride, padding, dilation, groups, activation):
@@ -97,9 +95,12 @@ def _epilogue(p, v, bias, co, relu):
     return torch.where(v < 0, torch.zeros_like(v), v) if relu else v
 
 
-def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a):
-    """conv2d_tc_kernel (BM=128, BN=64, BK=32, 128 threads, 2x2 warps of 4x2 16x16 frags)."""
-    BM, BN, BK, LDS, NT, LDC_ROW, LDC_COL, SMEM = 128, 64, 32, 40, 128, 68, 132, 34816
+def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=64):
+    """conv2d_tc_kernel with TileShape<BN> (BM=128, BN=64 or 128, BK=32, 128 threads, 2x2
+    warps of 4 x BN/32 16x16 frags)."""
+    BM, BK, LDS, NT = 128, 32, 40, 128
+    LDC_ROW, LDC_COL = BN + 4, BM + 4
+    SMEM = max(BM * LDC_ROW, BN * LDC_COL) * 4  # the epilogue's staging tile (kCBytes)
     K = x.shape[1] * w.shape[2] * w.shape[3]
     p = _Params(tuple(x.shape), tuple(w.shape), stride, padding, dilation, (K + 7) // 8 * 8)
     assert not vec_a or p.C % 8 == 0
@@ -153,7 +154,7 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a):
                 s = torch.where(wrap_s, 0, s)
                 r = torch.where(wrap_s, r + 1, r)
         k0 = kt * BK + ld_col
-        for i in range(2):
+        for i in range(BN // 32):  # Tile::kBChunks
             co = by * BN + ld_row + 32 * i
             ok = (co < p.Cout) & (k0 < p.ldw)
             vals = _gather(wf, ok, torch.where(ok, co * p.ldw + k0, 0), 8)
@@ -165,8 +166,8 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a):
             for wn in range(2):
                 for ks in range(BK // 16):
                     for i in range(4):
-                        for j in range(2):
-                            m0, n0 = wm * 64 + i * 16, wn * 32 + j * 16
+                        for j in range(BN // 32):
+                            m0, n0 = wm * 64 + i * 16, wn * (BN // 2) + j * 16
                             fa = As[:, m0:m0 + 16, ks * 16:ks * 16 + 16]
                             fb = Bs[:, n0:n0 + 16, ks * 16:ks * 16 + 16]
                             acc[:, :, m0:m0 + 16, n0:n0 + 16] += torch.einsum("amk,bnk->abmn", fa, fb)
@@ -273,13 +274,6 @@ EMU_CASES = [
 ]
 
 
-@pytest.fixture
-def one_thread():
-    # The emulation runs thousands of tiny ops: intra-op threads only add overhead.
-    with torch_threads(1):
-        yield
-
-
 @pytest.mark.parametrize("nhwc_out", [False, True])
 @pytest.mark.parametrize("case", EMU_CASES)
 def test_emulated_kernels_match_conv2d(case, nhwc_out, one_thread):
@@ -290,10 +284,13 @@ def test_emulated_kernels_match_conv2d(case, nhwc_out, one_thread):
     b = torch.randn(co, generator=g, dtype=torch.float64)
     for relu, bias in ((True, b), (False, None)):
         ref = _reference(x, w, bias, stride, padding, dilation, 1, "relu" if relu else "none")
-        runs = {"simt": emulate_simt(x, w, bias, stride, padding, dilation, relu, nhwc_out),
-                "tc scalar A": emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, False)}
-        if c % 8 == 0:
-            runs["tc vector A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, True)
+        runs = {"simt": emulate_simt(x, w, bias, stride, padding, dilation, relu, nhwc_out)}
+        for bn in (64, 128):
+            runs[f"tc 128x{bn} scalar A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
+                                                       nhwc_out, False, bn)
+            if c % 8 == 0:
+                runs[f"tc 128x{bn} vector A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
+                                                           nhwc_out, True, bn)
         for name, out in runs.items():
             assert out.shape == ref.shape, name
             assert rel_err(out, ref) < 1e-12, f"{name}: relative error {rel_err(out, ref):.3g}"
@@ -346,24 +343,6 @@ def test_tc_vector_pipeline_schedule(num_kt):
 # ---------------------------------------------------------------------------------------
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-@pytest.fixture
-def ops():
-    """(forward, backward) ops; fails if the CUDA kernels are missing from a built extension."""
-    if not _extension.STATUS.loaded:
-        pytest.skip(f"pyowt._C not loaded: {_extension.STATUS.reason}")
-    assert _extension.STATUS.with_cuda, "pyowt._C was built without CUDA on a machine with a GPU"
-    for name in ("conv2d_bias_act", "conv2d_bias_act_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyowt::{name}", "CUDA"), name
-    return torch.ops.pyowt.conv2d_bias_act, torch.ops.pyowt.conv2d_bias_act_backward
-
-
-@pytest.fixture
-def tf32(request):
-    """Set torch's TF32 flags to ``request.param`` for the test, then restore them."""
-    with fp32_precision(request.param):
-        yield request.param
 
 
 def _random_configs(count, seed):
@@ -436,35 +415,70 @@ def _check_forward(fwd, x, w, b, args, tol):
     return out
 
 
+@pytest.fixture
+def tile(request, monkeypatch):
+    """Force the tensor-core kernel's tile shape (PYOWT_CUDA_CONV_TILE) for the test."""
+    monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", request.param)
+    return request.param
+
+
+# fp32 runs the SIMT kernel (no tile choice); each 16-bit dtype runs both tile shapes.
+DTYPE_TILES = [(torch.float32, "auto")] + [(d, t) for d in DTYPES[1:] for t in ("128x64", "128x128")]
+DTYPE_TILE_IDS = [f"{DTYPE_IDS[d]}-{t}" for d, t in DTYPE_TILES]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [True], indirect=True)  # our fp32 kernel must ignore TF32
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype,tile", DTYPE_TILES, ids=DTYPE_TILE_IDS, indirect=["tile"])
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
-def test_forward_random_configs(ops, tf32, dtype, index):
-    _check_forward(ops[0], *_inputs(CONFIGS[index], dtype), tol=None)
+def test_forward_random_configs(conv_cuda_ops, tf32, dtype, tile, index):
+    _check_forward(conv_cuda_ops[0], *_inputs(CONFIGS[index], dtype), tol=None)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [True], indirect=True)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("dtype,tile", DTYPE_TILES, ids=DTYPE_TILE_IDS, indirect=["tile"])
 @pytest.mark.parametrize("layer", range(len(ALEXNET)))
-def test_forward_alexnet_layers(ops, tf32, dtype, layer, channels_last):
+def test_forward_alexnet_layers(conv_cuda_ops, tf32, dtype, tile, layer, channels_last):
     cfg = {**ALEXNET[layer], "channels_last": channels_last, "seed": layer}
-    _check_forward(ops[0], *_inputs(cfg, dtype), tol=None)
+    _check_forward(conv_cuda_ops[0], *_inputs(cfg, dtype), tol=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS.get)
+def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monkeypatch):
+    # Both shapes sum every output's k in the same order (K tiles in sequence, the same
+    # fragments), so they agree bit for bit; "auto" (timed on the first call, cached after)
+    # returns one of them on every call.
+    cases = [{**ALEXNET[2], "channels_last": True}, {**ALEXNET[1], "channels_last": False},
+             {**CONFIGS[4], "channels_last": True}, {**ALEXNET[0], "channels_last": True}]
+    for cfg in cases:
+        x, w, b, args = _inputs(cfg, dtype)
+        outs = {}
+        for t in ("128x64", "128x128", "auto", "auto"):
+            monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", t)
+            outs.setdefault(t, []).append(conv_cuda_ops[0](x, w, b, *args))
+        assert torch.equal(outs["128x64"][0], outs["128x128"][0]), cfg
+        for auto in outs["auto"]:
+            assert torch.equal(auto, outs["128x64"][0]), cfg
+    monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", "256x64")
+    with pytest.raises(RuntimeError, match=r'PYOWT_CUDA_CONV_TILE must be "auto", "128x64" or "128x128", '
+                                           r'got "256x64"'):
+        conv_cuda_ops[0](x, w, b, *args)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [False], indirect=True)  # the fallback is cuDNN
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("cfg", GROUPED)
-def test_forward_grouped_fallback(ops, tf32, dtype, cfg):
-    _check_forward(ops[0], *_inputs({**cfg, "channels_last": True}, dtype), tol=None)
+def test_forward_grouped_fallback(conv_cuda_ops, tf32, dtype, cfg):
+    _check_forward(conv_cuda_ops[0], *_inputs({**cfg, "channels_last": True}, dtype), tol=None)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_output_fully_written(ops, dtype):
+def test_output_fully_written(conv_cuda_ops, dtype):
     # NaN-filled memory handed back by the caching allocator, and a second run on fresh
     # inputs: any element the kernel skips shows up as NaN or as the previous run's value.
     for layout in (False, True):
@@ -474,13 +488,13 @@ def test_output_fully_written(ops, dtype):
             x, w, b, args = _inputs(cfg, dtype, seed=10 + trial)
             poison = torch.full((3, 70, 19, 17), float("nan"), device="cuda", dtype=dtype)
             del poison
-            out = _check_forward(ops[0], x, w, b, args, tol=None)
+            out = _check_forward(conv_cuda_ops[0], x, w, b, args, tol=None)
             del out
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_misaligned_channels_last_tensors(ops, dtype):
+def test_misaligned_channels_last_tensors(conv_cuda_ops, dtype):
     # C_in % 8 == 0 and K % 8 == 0, but x and weight start 2 or 4 bytes off a 16-byte
     # boundary: the 16-byte cp.async path must not read them as they are (nor the
     # epilogue's vector bias load a misaligned bias).
@@ -491,22 +505,22 @@ def test_misaligned_channels_last_tensors(ops, dtype):
     weight = flat_w[1:].view(cout, 3, 3, c).permute(0, 3, 1, 2)
     for t in (x, weight):
         assert t.is_contiguous(memory_format=torch.channels_last) and t.data_ptr() % 16 != 0
-    _check_forward(ops[0], x, weight, None, ((1, 1), (1, 1), (1, 1), 1, "relu"), tol=None)
+    _check_forward(conv_cuda_ops[0], x, weight, None, ((1, 1), (1, 1), (1, 1), 1, "relu"), tol=None)
     # A bias 2 bytes off: the NHWC epilogue's 16-byte stores (C_out % 8 == 0) with scalar
     # bias loads.
     bias = torch.randn(cout + 1, device="cuda").to(dtype)[1:]
     assert bias.data_ptr() % 16 != 0
-    _check_forward(ops[0], x, weight, bias, ((1, 1), (1, 1), (1, 1), 1, "relu"), tol=None)
+    _check_forward(conv_cuda_ops[0], x, weight, bias, ((1, 1), (1, 1), (1, 1), 1, "relu"), tol=None)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-def test_strided_input_and_empty_batch(ops, dtype):
+def test_strided_input_and_empty_batch(conv_cuda_ops, dtype):
     x = torch.randn(2, 5, 13, 11, device="cuda").to(dtype).transpose(2, 3)  # neither format
     w = torch.randn(7, 5, 3, 2, device="cuda").to(dtype)
-    _check_forward(ops[0], x, w, torch.randn(7, device="cuda").to(dtype),
+    _check_forward(conv_cuda_ops[0], x, w, torch.randn(7, device="cuda").to(dtype),
                    ((2, 1), (1, 0), (1, 2), 1, "relu"), tol=None)
-    out = ops[0](x[:0], w, None, (1, 1), (0, 0), (1, 1), 1, "relu")
+    out = conv_cuda_ops[0](x[:0], w, None, (1, 1), (0, 0), (1, 1), 1, "relu")
     assert out.shape == (0, 7, 9, 12)
 
 
@@ -519,8 +533,8 @@ def _bad(**over):
 
 
 @pytest.mark.gpu
-def test_forward_argument_errors(ops):
-    fwd, bwd = ops
+def test_forward_argument_errors(conv_cuda_ops):
+    fwd, bwd = conv_cuda_ops
     cases = [
         (dict(x=torch.randn(4, 9, 9, device="cuda")), "x must be 4-d"),
         (dict(weight=torch.randn(6, 4, 3, 3, device="cuda", dtype=torch.float16)),

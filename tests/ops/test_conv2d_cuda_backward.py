@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from ..utils import REL_TOL, assert_close_rel, rel_err
 from .test_conv2d_cuda import (ALEXNET, CONFIGS, DTYPE_IDS, DTYPES, EMU_CASES, GROUPED, _gather, _inputs,
                                _Params, _put, a_offset, decode_k, decode_row, emulate_simt_gemm)
-from .test_conv2d_cuda import one_thread, ops, tf32  # noqa: F401 (fixtures, found by name)
 
 
 def _cdiv(a, b):
@@ -202,8 +201,8 @@ def test_wgrad_slicing_covers_m_without_empty_slices():
 CUDNN_FP32_TOL = 1e-4
 
 
-def _check_backward(ops, cfg, dtype, tol):
-    fwd, bwd = ops
+def _check_backward(conv_cuda_ops, cfg, dtype, tol):
+    fwd, bwd = conv_cuda_ops
     x, w, b, args = _inputs(cfg, dtype)
     stride, padding, dilation, groups, activation = args
     out = fwd(x, w, b, *args)
@@ -232,35 +231,35 @@ def _check_backward(ops, cfg, dtype, tol):
 @pytest.mark.parametrize("tf32", [True], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("index", range(0, len(CONFIGS), 3))
-def test_backward_random_configs(ops, tf32, dtype, index):
-    _check_backward(ops, CONFIGS[index], dtype, REL_TOL[dtype])
+def test_backward_random_configs(conv_cuda_ops, tf32, dtype, index):
+    _check_backward(conv_cuda_ops, CONFIGS[index], dtype, REL_TOL[dtype])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [True], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("layer", range(len(ALEXNET)))
-def test_backward_alexnet_layers(ops, tf32, dtype, layer):
-    _check_backward(ops, {**ALEXNET[layer], "channels_last": layer % 2 == 1}, dtype, REL_TOL[dtype])
+def test_backward_alexnet_layers(conv_cuda_ops, tf32, dtype, layer):
+    _check_backward(conv_cuda_ops, {**ALEXNET[layer], "channels_last": layer % 2 == 1}, dtype, REL_TOL[dtype])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [False], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("cfg", GROUPED)
-def test_backward_grouped_fallback(ops, tf32, dtype, cfg):
+def test_backward_grouped_fallback(conv_cuda_ops, tf32, dtype, cfg):
     tol = CUDNN_FP32_TOL if dtype == torch.float32 else REL_TOL[dtype]
-    _check_backward(ops, cfg, dtype, tol)
+    _check_backward(conv_cuda_ops, cfg, dtype, tol)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [True], indirect=True)
-def test_fp32_backward_is_deterministic(ops, tf32):
+def test_fp32_backward_is_deterministic(conv_cuda_ops, tf32):
     # AlexNet conv2's weight gradient runs in several M slices (wgrad_slicing): summed in a
     # fixed order, so two calls agree bit for bit.
     cfg = {**ALEXNET[1], "channels_last": True}
-    first = _check_backward(ops, cfg, torch.float32, REL_TOL[torch.float32])
-    second = _check_backward(ops, cfg, torch.float32, REL_TOL[torch.float32])
+    first = _check_backward(conv_cuda_ops, cfg, torch.float32, REL_TOL[torch.float32])
+    second = _check_backward(conv_cuda_ops, cfg, torch.float32, REL_TOL[torch.float32])
     for name, a, b in zip(("grad x", "grad weight", "grad bias"), first, second):
         assert torch.equal(a, b), name
 
@@ -271,9 +270,9 @@ MASKS = [[a, b, c] for a in (False, True) for b in (False, True) for c in (False
 @pytest.mark.gpu
 @pytest.mark.parametrize("tf32", [False], indirect=True)
 @pytest.mark.parametrize("cfg", [ALEXNET[0], GROUPED[0], {**CONFIGS[1], "bias": False}])
-def test_backward_output_mask(ops, tf32, cfg):
+def test_backward_output_mask(conv_cuda_ops, tf32, cfg):
     """Each gradient the mask asks for equals the full backward's; the others are (0,)."""
-    fwd, bwd = ops
+    fwd, bwd = conv_cuda_ops
     x, w, b, args = _inputs(cfg, torch.float32)
     out = fwd(x, w, b, *args)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to("cuda")
@@ -293,8 +292,8 @@ def test_backward_output_mask(ops, tf32, cfg):
 
 
 @pytest.mark.gpu
-def test_fp32_backward_degenerate_shapes(ops):
-    fwd, bwd = ops
+def test_fp32_backward_degenerate_shapes(conv_cuda_ops):
+    fwd, bwd = conv_cuda_ops
     b = torch.randn(4, device="cuda")
     # H = 0 with padding: every tap reads padding. No rows for the data gradient (no
     # launch), a zero weight gradient.
