@@ -159,13 +159,27 @@ __global__ void __launch_bounds__(kThreads)
   const int num_kt = (p.K + kBK - 1) / kBK;
 
   // Vector A loader: chunk q = tid + 128 * i (i < 4) is row q / 4 = tid / 4 + 32 * i,
-  // columns (tid % 4) * 8 .. +7. The same column chunk for all four rows of a thread.
+  // columns (tid % 4) * 8 .. +7. The same column chunk, so the same tap (r, s, c), for all
+  // four rows of a thread: per row it keeps the corner (ih0, iw0) of its receptive field and
+  // the corner's element offset, and a tap costs each row one add and two unsigned range
+  // checks, its offset tap = (r*dh*W + s*dw)*C + c being computed once. Offsets are
+  // unsigned: the corner's may lie in the padding (negative), the sum wraps to the element's
+  // true offset whenever the range checks pass. A row past M gets ih0 = kOutside, which no
+  // tap brings into [0, H).
   const int ld_row = tid >> 2;
   const int ld_col = (tid & 3) * 8;
-  RowInfo vrow[kVecA ? 4 : 1];
+  constexpr int kOutside = -(1 << 30);
+  int vrow_ih0[kVecA ? 4 : 1], vrow_iw0[kVecA ? 4 : 1];
+  unsigned vrow_off[kVecA ? 4 : 1];
   if constexpr (kVecA) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) vrow[i] = decode_row(p, m_block + ld_row + 32 * i);
+    for (int i = 0; i < 4; ++i) {
+      const RowInfo ri = decode_row(p, m_block + ld_row + 32 * i);
+      vrow_ih0[i] = ri.ok ? ri.ih0 : kOutside;
+      vrow_iw0[i] = ri.iw0;
+      vrow_off[i] = static_cast<unsigned>(ri.base) +
+                    (static_cast<unsigned>(ri.ih0) * p.W + static_cast<unsigned>(ri.iw0)) * p.C;
+    }
   }
   // Scalar A loader: thread tid owns row tid and all 32 columns.
   const RowInfo srow = decode_row(p, m_block + tid);
@@ -182,11 +196,15 @@ __global__ void __launch_bounds__(kThreads)
   }
   auto load_a_vec = [&](int stage) {
     const bool k_ok = va_k < p.K;
+    const int rdh = va_r * p.dh;
+    const int sdw = va_s * p.dw;
+    const unsigned tap = (static_cast<unsigned>(rdh) * p.W + static_cast<unsigned>(sdw)) * p.C + va_c;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      int off;
-      const bool ok = a_offset(p, vrow[i], va_r, va_s, va_c, off) && k_ok;
-      cp_async_16(As + stage * kAStage + (ld_row + 32 * i) * kLds + ld_col, x + (ok ? off : 0), ok);
+      const bool ok = k_ok && static_cast<unsigned>(vrow_ih0[i] + rdh) < static_cast<unsigned>(p.H) &&
+                      static_cast<unsigned>(vrow_iw0[i] + sdw) < static_cast<unsigned>(p.W);
+      const unsigned off = vrow_off[i] + tap;
+      cp_async_16(As + stage * kAStage + (ld_row + 32 * i) * kLds + ld_col, x + (ok ? off : 0u), ok);
     }
     va_k += kBK;
     va_c += va_dc;

@@ -116,15 +116,26 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
     va_k = ld_col
     va_r, va_s, va_c = decode_k(p, ld_col)
     va_dr, va_ds, va_dc = decode_k(p, BK)
+    # vector loader's rows: the receptive field's corner and its offset, unsigned (mod 2**32)
+    OUTSIDE, U32 = -(1 << 30), 1 << 32
+    vrow_ih0, vrow_iw0, vrow_off = [], [], []
+    for i in range(4):
+        base, ih0, iw0, row_ok = decode_row(p, bx * BM + ld_row + 32 * i)
+        vrow_ih0.append(torch.where(row_ok, ih0, OUTSIDE))
+        vrow_iw0.append(iw0)
+        vrow_off.append((base + (ih0 * p.W + iw0) * p.C) % U32)
     for kt in range(num_kt):
         As = torch.full((gm, BM, LDS), float("nan"), dtype=x.dtype)
         Bs = torch.full((gn, BN, LDS), float("nan"), dtype=x.dtype)
         a_cnt, b_cnt = torch.zeros(As.shape, dtype=torch.int32), torch.zeros(Bs.shape, dtype=torch.int32)
         if vec_a:
             assert bool((va_k == kt * BK + ld_col).all())
+            rdh, sdw = va_r * p.dh, va_s * p.dw
+            tap = ((rdh * p.W + sdw) * p.C + va_c) % U32
             for i in range(4):
-                ok, off = a_offset(p, decode_row(p, bx * BM + ld_row + 32 * i), va_r, va_s, va_c)
-                ok = ok & (va_k < p.K)
+                ih, iw = vrow_ih0[i] + rdh, vrow_iw0[i] + sdw  # unsigned(v) < n: 0 <= v < n
+                ok = (va_k < p.K) & (ih >= 0) & (ih < p.H) & (iw >= 0) & (iw < p.W)
+                off = torch.where(ok, (vrow_off[i] + tap) % U32, 0)
                 # a chunk never straddles a pixel: its 8 channels are c .. c+7 < C
                 assert bool(((off % p.C) + 7 < p.C)[ok].all())
                 vals = _gather(xf, ok, off, 8)
