@@ -72,7 +72,7 @@ stage_tests() {
   # The quick files first (the CUDA conv kernels' next to them: their pipeline is the
   # code a CPU cannot run), the Triton conv grid (the slow tail) last: a run cut by its
   # time limit loses the fewest results.
-  local files=(tests/ops/test_conv2d_cuda_backward.py tests/ops/test_linear.py tests/ops/test_conv2d_cuda.py
+  local files=(tests/ops/test_conv2d_cuda_backward.py tests/ops/test_conv2d_cuda.py tests/ops/test_linear.py
                tests/ops/test_bias_relu.py tests/distributed/test_nccl_single_gpu.py)
   for f in tests/ops/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
   PYOWT_FAILURE_LOG="$OUT/failures.log" timeout "${TESTS_S:-240}" $PY -m pytest "${files[@]}" "${xdist[@]}" \

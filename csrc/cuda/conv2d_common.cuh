@@ -215,7 +215,7 @@ __device__ __forceinline__ bool a_offset(const ConvParams& p, const RowInfo& ri,
 // ---- the data gradient as the same implicit GEMM ----------------------------------------
 // grad_x[n, ih, iw, c] = sum over (r, s, co) of grad_pre[n, oh, ow, co] * weight[co, c, r, s]
 // for the taps that land on an output pixel: ih + ph - r*dh = oh*sh with 0 <= oh < H_out
-// (and likewise along w). That is the forward's GEMM with the roles moved (make_dgrad_params
+// (and likewise along w). That is the forward's GEMM with the roles moved (dgrad_geometry
 // in conv2d_backward.cu): rows m = (n, ih, iw) of x, columns c, k = (r, s, co) with co
 // innermost, A = the NHWC grad_pre gathered as below, B[c, k] = the weight stored
 // (C_in, R, S, C_out). In those ConvParams C, H, W are grad_pre's C_out, H_out, W_out; Cout,

@@ -36,7 +36,7 @@ static_assert((kBM / kTM) * (kBN / kTN) == kThreads, "one 4x4 block per thread")
 static_assert(kBM == 4 * kLoadRows && kBN == 4 * kLoadRows, "4 A and 4 B elements per thread");
 
 // x: NHWC fp32 input; w: (C_out, ldw) fp32 weight; bias may be null. With kDgrad, x is the
-// NHWC grad_pre, w the (C_in, R*S*C_out) weight, bias null and p from make_dgrad_params.
+// NHWC grad_pre, w the (C_in, R*S*C_out) weight, bias null and p from dgrad_geometry.
 template <bool kNhwcOut, bool kDgrad = false>
 __global__ void __launch_bounds__(kThreads)
     conv2d_simt_kernel(const ConvParams p, const float* __restrict__ x, const float* __restrict__ w,

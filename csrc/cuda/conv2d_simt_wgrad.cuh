@@ -8,11 +8,12 @@
 // The reduction runs over M = N * H_out * W_out, large next to the C_out x K result, so
 // blockIdx.z splits M into slices of m_per_split rows: slice z writes its partial tile to
 // gw + z * C_out * K and the host sums the slices in a fixed order (deterministic, no
-// atomics). One block of 256 threads computes a kBCo x kBK = 64 (co) x 64 (k) tile over its
-// slice, kRows = 16 rows of M per step; thread (tm, tn) = (tid / 16, tid % 16) owns the 4 x 4
-// register block co tm*4..+3, k tn*4..+3. Loads: thread tid fetches row tid / 16 of the step
-// and the four consecutive columns (tid % 16) * 4..+3 of both A and G. Its k columns are the
-// same for the whole block, so their (r, s, c) are decoded once; each step decodes one row.
+// atomics). One block of 256 threads computes a 64 (co) x 64 (k) tile (kWgradBCo x
+// kWgradBK) of its slice, kWgradRows = 16 rows of M per step; thread (tm, tn) =
+// (tid / 16, tid % 16) owns the 4 x 4 register block co tm*4..+3, k tn*4..+3. Loads: thread
+// tid fetches row tid / 16 of the step and the four consecutive columns (tid % 16) * 4..+3
+// of both A and G. Its k columns are the same for the whole block, so their (r, s, c) are
+// decoded once; each step decodes one row.
 #pragma once
 
 #include "conv2d_common.cuh"
