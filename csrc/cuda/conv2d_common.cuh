@@ -10,7 +10,7 @@
 //   A[m, k] = x_nhwc[n, oh*sh - ph + r*dh, ow*sw - pw + s*dw, c]  (0 outside the image)
 //   B[co, k] = weight[co, c, r, s], stored (C_out, ldw) with k contiguous (ldw >= K,
 //              columns K..ldw-1 zero).
-// The Python emulation in tests/ops/test_conv2d_cuda.py mirrors this index mapping; keep
+// The Python emulation in tests/ops/conv2d_cuda_emulation.py mirrors this index mapping; keep
 // the two in sync.
 #pragma once
 

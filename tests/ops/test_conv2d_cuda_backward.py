@@ -1,144 +1,20 @@
 """The CUDA backend's backward of conv2d_bias_act (csrc/cuda/conv2d_backward.cu).
 
 Two parts:
-* a CPU emulation (no GPU needed) of the fp32 kernels' exact index arithmetic, against
-  autograd's gradients of F.conv2d in float64: the data gradient as conv2d_simt_kernel with
-  kDgrad (the forward's GEMM emulation of test_conv2d_cuda.py, driven by the data-gradient
-  row decoder and A offset of conv2d_common.cuh) and the split-M weight-gradient kernel of
-  conv2d_simt_wgrad.cuh (every thread's loads, the M slices, the partial tiles and the
-  host's sum over them). Unwritten shared slots are NaN; every partial element must be
-  written exactly once. Keep these functions in step with the CUDA sources (same names).
+* the CPU emulation of the fp32 kernels' index arithmetic (conv2d_cuda_emulation.py: the
+  data gradient as conv2d_simt_kernel with kDgrad, the split-M weight-gradient kernel with
+  its slices and the host's sum over them) must equal autograd's gradients of F.conv2d in
+  float64, every shared slot and partial element written exactly once;
 * GPU tests (``@pytest.mark.gpu``) of ``torch.ops.pyowt.conv2d_bias_act_backward`` against a
   float64 CPU reference, by relative L2 error.
 """
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ..utils import REL_TOL, assert_close_rel, rel_err
-from .test_conv2d_cuda import (ALEXNET, CONFIGS, DTYPE_IDS, DTYPES, EMU_CASES, GROUPED, _gather, _inputs,
-                               _Params, _put, a_offset, decode_k, decode_row, emulate_simt_gemm)
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-# ---------------------------------------------------------------------------------------
-# The data gradient: conv2d_simt_kernel<kNhwcOut, /*kDgrad=*/true>
-# ---------------------------------------------------------------------------------------
-def dgrad_params(x_shape, w_shape, stride, padding, dilation):
-    """ConvParams of the data-gradient GEMM (make_params(dgrad_geometry(g)))."""
-    f = _Params(x_shape, w_shape, stride, padding, dilation, 0)
-    t = copy.copy(f)
-    t.C, t.H, t.W, t.Cout, t.Ho, t.Wo = f.Cout, f.Ho, f.Wo, f.C, f.H, f.W
-    t.HoWo, t.HWC = f.H * f.W, f.Ho * f.Wo * f.Cout
-    t.M, t.K = f.N * f.H * f.W, f.R * f.S * f.Cout
-    t.ldw = t.K
-    return t
-
-
-def decode_row_dgrad(p, m):
-    ok = m < p.M
-    mm = torch.where(ok, m, 0)
-    n = mm // p.HoWo
-    pix = mm - n * p.HoWo
-    ih = pix // p.Wo
-    iw = pix - ih * p.Wo
-    return (n * p.HWC, ih + p.ph, iw + p.pw, ok)
-
-
-def a_offset_dgrad(p, row, r, s, c):
-    base, ih0, iw0, row_ok = row
-    th, tw = ih0 - r * p.dh, iw0 - s * p.dw
-    # C's integer division truncates toward zero (th, tw may be negative here).
-    oh = th if p.sh == 1 else torch.div(th, p.sh, rounding_mode="trunc")
-    ow = tw if p.sw == 1 else torch.div(tw, p.sw, rounding_mode="trunc")
-    ok = (row_ok & (th >= 0) & (tw >= 0) & (oh * p.sh == th) & (ow * p.sw == tw)
-          & (oh < p.H) & (ow < p.W))
-    return ok, torch.where(ok, base + (oh * p.W + ow) * p.C + c, 0)
-
-
-def emulate_dgrad(grad_pre, w, x_shape, stride, padding, dilation, nhwc_out):
-    """grad_x as dgrad_simt launches it: grad_pre NHWC, the weight stored (C_in, R, S, C_out)."""
-    p = dgrad_params(x_shape, tuple(w.shape), stride, padding, dilation)
-    gf = grad_pre.permute(0, 2, 3, 1).reshape(-1)
-    wt = w.permute(1, 2, 3, 0).reshape(-1)
-    return emulate_simt_gemm(p, gf, wt, None, False, nhwc_out, decode_row_dgrad, a_offset_dgrad)
-
-
-# ---------------------------------------------------------------------------------------
-# The weight gradient: conv2d_wgrad_simt_kernel and its host (wgrad_simt)
-# ---------------------------------------------------------------------------------------
-BCO, BK, ROWS, NT, LD = 64, 64, 16, 256, 68
-
-
-def wgrad_slicing(M, K, cout, sms):
-    """(slices, rows per slice) as wgrad_splits / wgrad_simt choose them."""
-    tiles = _cdiv(K, BK) * _cdiv(cout, BCO)
-    wanted = _cdiv(4 * sms, tiles)
-    splits = max(1, min(wanted, max(1, M // 256), max(1, ((1 << 30) - 1) // (cout * K)), 64))
-    m_per_split = _cdiv(_cdiv(M, splits), ROWS) * ROWS
-    return _cdiv(M, m_per_split), m_per_split
-
-
-def emulate_wgrad(x, grad_pre, w_shape, stride, padding, dilation, m_per_split):
-    """grad_weight (C_out, C_in, R, S) from conv2d_wgrad_simt_kernel's slices, summed."""
-    K = x.shape[1] * w_shape[2] * w_shape[3]
-    p = _Params(tuple(x.shape), tuple(w_shape), stride, padding, dilation, K)
-    xf = x.permute(0, 2, 3, 1).reshape(-1)
-    gf = grad_pre.permute(0, 2, 3, 1).reshape(-1)
-    splits = _cdiv(p.M, m_per_split)
-    gk, gc = _cdiv(p.K, BK), _cdiv(p.Cout, BCO)
-    tid = torch.arange(NT)
-    ld_row, ld_col = tid // 16, (tid % 16) * 4
-    tm, tn = tid // (BK // 4), tid % (BK // 4)
-    partial = torch.full((splits * p.Cout * p.K,), float("nan"), dtype=x.dtype)
-    written = torch.zeros(partial.shape, dtype=torch.int32)
-    for z in range(splits):
-        m_begin = z * m_per_split
-        m_end = min(p.M, m_begin + m_per_split)
-        num_steps = _cdiv(m_end - m_begin, ROWS) if m_end > m_begin else 0
-        # blocks (k block bx, co block by) flattened to blk = by * gk + bx
-        bx = torch.arange(gk).repeat(gc)[:, None]
-        by = torch.arange(gc).repeat_interleave(gk)[:, None]
-        acc = torch.zeros(gc * gk, 16, 16, 4, 4, dtype=x.dtype)  # [blk][tm][tn][i][j]
-        for step in range(num_steps):
-            As = torch.full((gc * gk, ROWS, LD), float("nan"), dtype=x.dtype)
-            Gs = torch.full((gc * gk, ROWS, LD), float("nan"), dtype=x.dtype)
-            a_cnt, g_cnt = torch.zeros(As.shape, dtype=torch.int32), torch.zeros(Gs.shape, dtype=torch.int32)
-            blk = torch.arange(gc * gk)[:, None]
-            m = m_begin + step * ROWS + ld_row
-            row = decode_row(p, torch.where(m < m_end, m, p.M))
-            for j in range(4):
-                k = bx * BK + ld_col + j
-                k_ok = k < p.K
-                r, s, c = decode_k(p, torch.where(k_ok, k, 0))
-                ok, off = a_offset(p, row, r, s, c)
-                ok = ok & k_ok
-                _put(As, a_cnt, blk, ld_row, ld_col + j, _gather(xf, ok, off, 1)[..., 0])
-                co = by * BCO + ld_col + j
-                g_ok = row[3] & (co < p.Cout)
-                _put(Gs, g_cnt, blk, ld_row, ld_col + j,
-                     _gather(gf, g_ok, torch.where(g_ok, m * p.Cout + co, 0), 1)[..., 0])
-            assert bool((a_cnt[..., :BK] == 1).all() and (a_cnt[..., BK:] == 0).all())
-            assert bool((g_cnt[..., :BCO] == 1).all() and (g_cnt[..., BCO:] == 0).all())
-            g4 = Gs[:, :, :BCO].reshape(-1, ROWS, 16, 4)  # [kk][tm][i] = Gs[kk][tm*4 + i]
-            a4 = As[:, :, :BK].reshape(-1, ROWS, 16, 4)
-            acc += torch.einsum("bksi,bktj->bstij", g4, a4)
-        for i in range(4):
-            for j in range(4):
-                co = by * BCO + tm * 4 + i
-                k = bx * BK + tn * 4 + j
-                ok = (co < p.Cout) & (k < p.K)
-                dst = (z * p.Cout * p.K + co * p.K + k)[ok]
-                partial[dst] = acc[:, tm, tn, i, j][ok]
-                written.index_put_((dst,), torch.ones_like(dst, dtype=torch.int32), accumulate=True)
-    assert bool((written == 1).all()), "a partial element was written zero or several times"
-    grad_w = partial.view(splits, p.Cout, p.K).sum(0)  # the host's at::sum_out over slices
-    return grad_w.view(p.Cout, p.R, p.S, p.C).permute(0, 3, 1, 2)
+from .conv2d_cuda_emulation import WGRAD_ROWS, cdiv, emulate_dgrad, emulate_wgrad, wgrad_slicing
+from .test_conv2d_cuda import ALEXNET, CONFIGS, DTYPE_IDS, DTYPES, EMU_CASES, GROUPED, _inputs
 
 
 # Strides with taps between output pixels, padding past the dilated kernel's reach, a
@@ -176,7 +52,7 @@ def test_emulated_wgrad_matches_autograd(case, slicing, one_thread):
     x, w, grad_pre, _, gw, (stride, padding, dilation) = _case_tensors(case)
     M = grad_pre.shape[0] * grad_pre.shape[2] * grad_pre.shape[3]
     K = w.shape[1] * w.shape[2] * w.shape[3]
-    m_per_split = {"one slice": _cdiv(M, ROWS) * ROWS, "16 rows": ROWS, "24 rows": 24,
+    m_per_split = {"one slice": cdiv(M, WGRAD_ROWS) * WGRAD_ROWS, "16 rows": WGRAD_ROWS, "24 rows": 24,
                    "host rule, 132 SMs": wgrad_slicing(M, K, w.shape[0], 132)[1]}[slicing]
     got = emulate_wgrad(x, grad_pre, tuple(w.shape), stride, padding, dilation, m_per_split)
     assert got.shape == gw.shape
@@ -187,7 +63,7 @@ def test_wgrad_slicing_covers_m_without_empty_slices():
     # AlexNet conv2 at batch 2 (the GPU test's shape) and batch 128, a tiny and a huge M.
     for M, K, cout in [(1458, 1600, 192), (93312, 1600, 192), (5, 27, 3), (1 << 24, 4608, 512)]:
         splits, rows = wgrad_slicing(M, K, cout, 132)
-        assert rows % ROWS == 0 and 1 <= splits <= 64
+        assert rows % WGRAD_ROWS == 0 and 1 <= splits <= 64
         assert (splits - 1) * rows < M <= splits * rows, (M, splits, rows)
         assert splits * cout * K < (1 << 30)
     assert wgrad_slicing(1458, 1600, 192, 132)[0] > 1  # the GPU test runs several slices

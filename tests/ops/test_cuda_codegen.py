@@ -4,7 +4,7 @@ The built extension carries sm_90 SASS (the dev/CI build compiles for 9.0); the 
 the conv2d cubin out with cuobjdump and reads the main loop of every conv2d_tc_kernel
 instantiation (fp16/bf16 x 128x64/128x128 tiles x vector/scalar A loader x NHWC/NCHW
 output; none may touch local memory). Two defects it pins down, both found this way and
-invisible to the CPU emulation in test_conv2d_cuda.py:
+invisible to the CPU emulation in conv2d_cuda_emulation.py:
 
 * nvcc compiled WMMA's bf16 fragment loads as generic 32-bit loads (48 ``LD.E`` per K step)
   where its fp16 loads became 12 ``LDSM`` (ldmatrix); the bf16 loads are now PTX with the
