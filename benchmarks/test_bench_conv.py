@@ -13,8 +13,8 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
   (``PYOWT_BENCH_COMPILE``: ``1`` forward only (default), ``all``, ``0`` none; skipped once
   ``PYOWT_BENCH_BUDGET_S`` seconds (default 100) have passed, to fit the GPU check).
   Ours: the ``triton`` and, when built, the ``cuda`` backend; in 16-bit forward rows also
-  the ``cuda`` backend with each tensor-core tile shape forced (``ours:cuda/128x64``,
-  ``ours:cuda/128x128``), next to its own first-call pick (``ours:cuda``).
+  the ``cuda`` backend with each tensor-core tile shape forced (``ours:cuda/128x64x32``,
+  ``/128x128x32``, ``/128x128x64``), next to its own first-call pick (``ours:cuda``).
 * CPU: batch 8 (224x224 inputs: batch 128 would take minutes per layer on a small CPU),
   float32, NCHW, fastest of the repeats; ours is the ``cpu`` backend (the notes column
   says which forward it ran: ``winograd``, our F(2x2, 3x3) kernel, or ``onednn``, the fused
@@ -356,7 +356,7 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
         impls[f"ours:{be}"] = _ours(layer, be)
     if "cuda" in backends and mode == "fwd" and dtype != torch.float32:
         # each tile shape alone: what the cuda backend's first-call timing chose between
-        for tile in ("128x64", "128x128"):
+        for tile in ("128x64x32", "128x128x32", "128x128x64"):
             impls[f"ours:cuda/{tile}"] = _ours_cuda_tile(layer, tile)
     errors = _errors(impls, layer, xs[0], w, b, mode)  # ours only: before "compile" joins
     extra = ""
@@ -411,14 +411,14 @@ def summarize(rows):
 
 
 def format_table(rows, summary):
-    head = (f"{'layer':<18}| {'mode':<8}| {'dtype':<8}| {'impl':<17}| {'ms':>9} | {'TFLOP/s':>8} "
+    head = (f"{'layer':<18}| {'mode':<8}| {'dtype':<8}| {'impl':<20}| {'ms':>9} | {'TFLOP/s':>8} "
             f"| {'floor ms':>8} | {'vs aten':>7} | {'vs compile':>10} | {'sync ms':>8} | notes")
     lines = [head, "-" * len(head)]
     for r in rows:
         va = f"{r['speedup_vs_aten']:.2f}x" if r["speedup_vs_aten"] else "-"
         vc = f"{r['speedup_vs_compile']:.2f}x" if r["speedup_vs_compile"] else "-"
         sync = f"{r['sync_ms']:.3f}" if r.get("sync_ms") else "-"
-        lines.append(f"{r['layer']:<18}| {r['mode']:<8}| {r['dtype']:<8}| {r['impl']:<17}| "
+        lines.append(f"{r['layer']:<18}| {r['mode']:<8}| {r['dtype']:<8}| {r['impl']:<20}| "
                      f"{r['ms']:9.3f} | {r['tflops']:8.2f} | {r['floor_ms']:8.3f} | {va:>7} | {vc:>10} | "
                      f"{sync:>8} | {r['notes']}")
     lines.append("")

@@ -76,14 +76,22 @@ void launch_tc(const ConvParams& p, const uint16_t* x, const uint16_t* w, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// K steps of 64 exist for the vector A loader only: the scalar path runs 128x128x64 as
+// 128x128x32.
 template <typename scalar_t, bool kVecA>
 void launch_tc(TcTile tile, const ConvParams& p, const uint16_t* x, const uint16_t* w, const scalar_t* bias,
                scalar_t* out, bool nhwc_out, cudaStream_t stream) {
-  if (tile == TcTile::k128x128) {
-    launch_tc<scalar_t, tc::Tile128x128, kVecA>(p, x, w, bias, out, nhwc_out, stream);
-  } else {
-    launch_tc<scalar_t, tc::Tile128x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+  if (tile == TcTile::k128x64x32) {
+    launch_tc<scalar_t, tc::Tile128x64x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+    return;
   }
+  if constexpr (kVecA) {
+    if (tile == TcTile::k128x128x64) {
+      launch_tc<scalar_t, tc::Tile128x128x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+      return;
+    }
+  }
+  launch_tc<scalar_t, tc::Tile128x128x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
 }
 
 // Runs the tensor-core kernel with the tile shape conv2d_tile_choice.h picks for g.
@@ -106,7 +114,8 @@ void run_tc(const Geometry& g, const ConvParams& p, const at::Tensor& xc, const 
   if (!tile) {
     const TileKey key{xc.get_device(), static_cast<int64_t>(xc.scalar_type()), vec_a, nhwc_out, b != nullptr,
                       g.N, g.C, g.H, g.W, g.Cout, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, p.relu};
-    tile = pick_tile(key, launch, stream);
+    tile = vec_a ? pick_tile(key, {TcTile::k128x64x32, TcTile::k128x128x32, TcTile::k128x128x64}, launch, stream)
+                 : pick_tile(key, {TcTile::k128x64x32, TcTile::k128x128x32}, launch, stream);
   }
   launch(*tile);
 }
@@ -128,7 +137,7 @@ at::Tensor conv2d_bias_act_cuda(const at::Tensor& x, const at::Tensor& weight,
   const int64_t K = g.R * g.S * g.C;
   const int64_t ldw = half_like ? (K + 7) / 8 * 8 : K;
   const int64_t tile_m = half_like ? tc::kBM : simt::kBM;
-  const int64_t tile_n = half_like ? tc::Tile128x64::kBN : simt::kBN;  // the most column blocks
+  const int64_t tile_n = half_like ? tc::Tile128x64x32::kBN : simt::kBN;  // the most column blocks
   const bool tc_capable = !half_like || at::cuda::getCurrentDeviceProperties()->major >= 8;
   if (groups != 1 || !tc_capable || !fits_int32(g, ldw, tile_m, tile_n)) {
     // groups > 1 (and the cases above) run on ATen/cuDNN; see the file comment.

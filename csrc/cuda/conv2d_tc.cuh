@@ -2,17 +2,20 @@
 //
 // One block computes a kBM x kBN tile of out[m, co] (m = output pixel, co = output channel)
 // with 4 warps in a 2 x 2 grid, each warp a 64 x kBN/2 sub-tile of 16x16x16 WMMA fragments
-// accumulating in fp32. Two tile shapes (TileShape): 128 x 64 (warp tiles 64 x 32) and
-// 128 x 128 (warp tiles 64 x 64: twice the MMAs per fragment load, half the blocks, two
-// blocks per SM); the host picks one per problem by timing both (conv2d.cu). The K loop
-// walks kBK = 32 columns at a time through shared-memory stages (three when A arrives by
-// cp.async, two when it is staged through registers):
+// accumulating in fp32. Three tile shapes (TileShape, M x N x K step): 128x64x32 (warp tiles
+// 64 x 32), 128x128x32 (warp tiles 64 x 64: twice the MMAs per fragment load, half the
+// blocks, two blocks per SM) and 128x128x64 (the same with half the K steps, so half the
+// barriers and loop overhead per MMA; 108 KB of shared memory, vector path only); the host
+// picks one per problem by timing them (conv2d_tile_choice.h). The K loop walks kBK
+// columns at a time through shared-memory stages (three when A arrives by cp.async, two
+// when it is staged through registers):
 //   * B (weight, (C_out, ldw) with ldw a multiple of 8 and zero columns past K) always
 //     arrives by 16-byte cp.async, zero-filled past C_out and past ldw.
 //   * A (NHWC activations) arrives by 16-byte cp.async when C_in % 8 == 0 and x is 16-byte
 //     aligned (8 consecutive k then share one (r, s) and are contiguous channels), and
 //     otherwise (e.g. AlexNet's conv1, C_in = 3) element by element through registers:
-//     each thread owns one row and gathers its 32 k's, stepping (r, s, c) incrementally.
+//     each thread owns one row and gathers its 32 k's (kBK = 32), stepping (r, s, c)
+//     incrementally.
 //     Out-of-image, past-M and past-K elements are zero, so the K tail needs no special case.
 // The epilogue stages the fp32 tile through shared memory (reusing the pipeline buffers),
 // adds the bias, applies ReLU and writes every in-range element once, in NHWC or NCHW
@@ -33,15 +36,9 @@ namespace conv2d_cuda {
 namespace tc {
 
 constexpr int kBM = 128;
-constexpr int kBK = 32;
 constexpr int kThreads = 128;  // 4 warps, 2 x 2
 constexpr int kWarpM = 64;
 constexpr int kFragM = kWarpM / 16;
-// Shared row pitch in elements: 80 bytes keeps every 8-element chunk 16-byte aligned
-// (cp.async, uint4 stores), every 16x16 fragment origin 32-byte aligned (WMMA), and puts
-// consecutive rows on different banks.
-constexpr int kLds = kBK + 8;
-constexpr int kAStage = kBM * kLds;  // elements per A stage
 // Pipeline depth: the vector path (cp.async for A and B) keeps kVecStages tiles in flight;
 // the scalar path (A staged through registers) double-buffers.
 constexpr int kVecStages = 3;
@@ -49,17 +46,28 @@ constexpr int kScalarStages = 2;
 constexpr int kMaxStages = kVecStages > kScalarStages ? kVecStages : kScalarStages;
 
 static_assert(kThreads == 32 * (kBM / kWarpM) * 2, "2 x 2 warps");
-static_assert(kBM * kBK / 8 == 4 * kThreads, "vector A load: 4 chunks of 8 per thread");
-static_assert(kBM == kThreads && kBK == 32, "scalar A load: one row of 32 per thread");
+static_assert(kBM == kThreads, "scalar A load: one row per thread");
 
-// The block tile's C_out extent and what follows from it: kBN = 64 or 128.
-template <int BN>
+// A block tile: kBM = 128 output pixels x kBN = 64 or 128 channels, K steps of kBK = 32 or
+// 64 (64: the vector path only), and what follows from them.
+template <int BN, int BK>
 struct TileShape {
   static constexpr int kBN = BN;
+  static constexpr int kBK = BK;
   static constexpr int kWarpN = kBN / 2;
   static constexpr int kFragN = kWarpN / 16;
-  static constexpr int kBStage = kBN * kLds;              // elements per B stage
-  static constexpr int kBChunks = kBN * kBK / 8 / kThreads;  // 16-byte B chunks per thread
+  // Shared row pitch in elements: kBK + 8 (80 or 144 bytes) keeps every 8-element chunk
+  // 16-byte aligned (cp.async, uint4 stores), every 16x16 fragment origin 32-byte aligned
+  // (WMMA), and puts the 8 rows an ldmatrix reads on different banks.
+  static constexpr int kLds = kBK + 8;
+  static constexpr int kAStage = kBM * kLds;  // elements per A stage
+  static constexpr int kBStage = kBN * kLds;  // elements per B stage
+  // Loaders: a row of the tile is kChunks16 16-byte chunks; thread tid takes chunk
+  // tid % kChunks16 of rows tid / kChunks16 + kRowsPerPass * i.
+  static constexpr int kChunks16 = kBK / 8;
+  static constexpr int kRowsPerPass = kThreads / kChunks16;
+  static constexpr int kAChunks = kBM / kRowsPerPass;  // A chunks per thread (vector path)
+  static constexpr int kBChunks = kBN / kRowsPerPass;  // B chunks per thread
   static constexpr int kPipeBytes = kMaxStages * (kAStage + kBStage) * 2;
   // fp32 staging tile for the epilogue; +4 floats per row/column against bank conflicts
   // (WMMA needs the pitch to be a multiple of 4 floats).
@@ -69,13 +77,16 @@ struct TileShape {
   // Dynamic shared memory per block (above 48 KB needs the host's opt-in).
   static constexpr int kSmemBytes = kPipeBytes > kCBytes ? kPipeBytes : kCBytes;
 
-  static_assert(kBN == 64 || kBN == 128, "tile shapes 128 x 64 and 128 x 128");
-  static_assert(kBN * kBK / 8 == kBChunks * kThreads, "B load: whole chunks per thread");
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_80 / sm_90");
+  static_assert((kBN == 64 || kBN == 128) && (kBK == 32 || kBK == 64), "tile shapes");
+  static_assert(kThreads % kChunks16 == 0 && kBM % kRowsPerPass == 0 && kBN % kRowsPerPass == 0,
+                "whole chunks per thread");
+  // Two blocks of the largest tile must fit an SM's 228 KB (1 KB per block reserved).
+  static_assert(kSmemBytes <= 113 * 1024, "shared memory per block");
   static_assert(kBN % 8 == 0 && kLdcRow % 4 == 0, "NHWC epilogue: 8-channel runs, 16-byte rows");
 };
-using Tile128x64 = TileShape<64>;
-using Tile128x128 = TileShape<128>;
+using Tile128x64x32 = TileShape<64, 32>;
+using Tile128x128x32 = TileShape<128, 32>;
+using Tile128x128x64 = TileShape<128, 64>;  // vector path only
 
 // Maps at::Half / at::BFloat16 to the CUDA type WMMA takes (same bits).
 template <typename scalar_t>
@@ -140,11 +151,17 @@ __global__ void __launch_bounds__(kThreads)
   using namespace nvcuda;
   using T = typename WmmaType<scalar_t>::type;
   constexpr int kBN = Tile::kBN;
+  constexpr int kBK = Tile::kBK;
+  constexpr int kLds = Tile::kLds;
   constexpr int kWarpN = Tile::kWarpN;
   constexpr int kFragN = Tile::kFragN;
+  constexpr int kAStage = Tile::kAStage;
   constexpr int kBStage = Tile::kBStage;
+  constexpr int kAChunks = Tile::kAChunks;
+  constexpr int kRowsPerPass = Tile::kRowsPerPass;
   constexpr int kLdcRow = Tile::kLdcRow;
   constexpr int kLdcCol = Tile::kLdcCol;
+  static_assert(kVecA || kBK == 32, "the scalar A loader gathers one row of 32 per thread");
 
   extern __shared__ __align__(128) unsigned char smem[];
   uint16_t* const As = reinterpret_cast<uint16_t*>(smem);  // [stages][kBM][kLds]
@@ -158,23 +175,22 @@ __global__ void __launch_bounds__(kThreads)
   const int n_block = blockIdx.y * kBN;
   const int num_kt = (p.K + kBK - 1) / kBK;
 
-  // Vector A loader: chunk q = tid + 128 * i (i < 4) is row q / 4 = tid / 4 + 32 * i,
-  // columns (tid % 4) * 8 .. +7. The same column chunk, so the same tap (r, s, c), for all
-  // four rows of a thread: per row it keeps the corner (ih0, iw0) of its receptive field and
-  // the corner's element offset, and a tap costs each row one add and two unsigned range
-  // checks, its offset tap = (r*dh*W + s*dw)*C + c being computed once. Offsets are
-  // unsigned: the corner's may lie in the padding (negative), the sum wraps to the element's
-  // true offset whenever the range checks pass. A row past M gets ih0 = kOutside, which no
-  // tap brings into [0, H).
-  const int ld_row = tid >> 2;
-  const int ld_col = (tid & 3) * 8;
+  // Vector A loader: thread tid loads columns ld_col .. +7 of rows ld_row + kRowsPerPass * i
+  // (i < kAChunks). The same column chunk, so the same tap (r, s, c), for all its rows: per
+  // row it keeps the corner (ih0, iw0) of its receptive field and the corner's element
+  // offset, and a tap costs each row one add and two unsigned range checks, its offset
+  // tap = (r*dh*W + s*dw)*C + c being computed once. Offsets are unsigned: the corner's may
+  // lie in the padding (negative), the sum wraps to the element's true offset whenever the
+  // range checks pass. A row past M gets ih0 = kOutside, which no tap brings into [0, H).
+  const int ld_row = tid / Tile::kChunks16;
+  const int ld_col = (tid % Tile::kChunks16) * 8;
   constexpr int kOutside = -(1 << 30);
-  int vrow_ih0[kVecA ? 4 : 1], vrow_iw0[kVecA ? 4 : 1];
-  unsigned vrow_off[kVecA ? 4 : 1];
+  int vrow_ih0[kVecA ? kAChunks : 1], vrow_iw0[kVecA ? kAChunks : 1];
+  unsigned vrow_off[kVecA ? kAChunks : 1];
   if constexpr (kVecA) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const RowInfo ri = decode_row(p, m_block + ld_row + 32 * i);
+    for (int i = 0; i < kAChunks; ++i) {
+      const RowInfo ri = decode_row(p, m_block + ld_row + kRowsPerPass * i);
       vrow_ih0[i] = ri.ok ? ri.ih0 : kOutside;
       vrow_iw0[i] = ri.iw0;
       vrow_off[i] = static_cast<unsigned>(ri.base) +
@@ -200,11 +216,12 @@ __global__ void __launch_bounds__(kThreads)
     const int sdw = va_s * p.dw;
     const unsigned tap = (static_cast<unsigned>(rdh) * p.W + static_cast<unsigned>(sdw)) * p.C + va_c;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < kAChunks; ++i) {
       const bool ok = k_ok && static_cast<unsigned>(vrow_ih0[i] + rdh) < static_cast<unsigned>(p.H) &&
                       static_cast<unsigned>(vrow_iw0[i] + sdw) < static_cast<unsigned>(p.W);
       const unsigned off = vrow_off[i] + tap;
-      cp_async_16(As + stage * kAStage + (ld_row + 32 * i) * kLds + ld_col, x + (ok ? off : 0u), ok);
+      cp_async_16(As + stage * kAStage + (ld_row + kRowsPerPass * i) * kLds + ld_col, x + (ok ? off : 0u),
+                  ok);
     }
     va_k += kBK;
     va_c += va_dc;
@@ -252,9 +269,9 @@ __global__ void __launch_bounds__(kThreads)
     const int k0 = kt * kBK + ld_col;
 #pragma unroll
     for (int i = 0; i < Tile::kBChunks; ++i) {
-      const int co = n_block + ld_row + 32 * i;
+      const int co = n_block + ld_row + kRowsPerPass * i;
       const bool ok = co < p.Cout && k0 < p.ldw;
-      cp_async_16(Bs + stage * kBStage + (ld_row + 32 * i) * kLds + ld_col,
+      cp_async_16(Bs + stage * kBStage + (ld_row + kRowsPerPass * i) * kLds + ld_col,
                   w + (ok ? co * p.ldw + k0 : 0), ok);
     }
   };

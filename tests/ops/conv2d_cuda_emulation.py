@@ -82,10 +82,14 @@ def epilogue(p, v, bias, co, relu):
     return torch.where(v < 0, torch.zeros_like(v), v) if relu else v
 
 
-def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=64):
-    """conv2d_tc_kernel with TileShape<BN> (BM=128, BN=64 or 128, BK=32, 128 threads, 2x2
-    warps of 4 x BN/32 16x16 frags)."""
-    BM, BK, LDS, NT = 128, 32, 40, 128
+def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=64, BK=32):
+    """conv2d_tc_kernel with TileShape<BN, BK> (BM=128, BN=64 or 128, BK=32 or 64 (vector
+    loader only), 128 threads, 2x2 warps of 4 x BN/32 16x16 frags)."""
+    BM, NT = 128, 128
+    assert BK == 32 or vec_a, "K steps of 64 exist for the vector loader only"
+    LDS = BK + 8
+    CHUNKS16 = BK // 8                 # Tile::kChunks16
+    ROWS_PER_PASS = NT // CHUNKS16     # Tile::kRowsPerPass
     LDC_ROW, LDC_COL = BN + 4, BM + 4
     SMEM = max(BM * LDC_ROW, BN * LDC_COL) * 4  # the epilogue's staging tile (kCBytes)
     K = x.shape[1] * w.shape[2] * w.shape[3]
@@ -97,7 +101,7 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
     wf = wk.reshape(-1)
     gm, gn, num_kt = -(-p.M // BM), -(-p.Cout // BN), -(-p.K // BK)
     bx, by, tid = torch.arange(gm)[:, None], torch.arange(gn)[:, None], torch.arange(NT)[None, :]
-    ld_row, ld_col = tid >> 2, (tid & 3) * 8
+    ld_row, ld_col = tid // CHUNKS16, (tid % CHUNKS16) * 8
     acc = torch.zeros(gm, gn, BM, BN, dtype=x.dtype)
     # vector loader: (k, r, s, c) of the next tile, advanced by BK as a mixed-radix addition
     va_k = ld_col
@@ -106,8 +110,8 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
     # vector loader's rows: the receptive field's corner and its offset, unsigned (mod 2**32)
     OUTSIDE, U32 = -(1 << 30), 1 << 32
     vrow_ih0, vrow_iw0, vrow_off = [], [], []
-    for i in range(4):
-        base, ih0, iw0, row_ok = decode_row(p, bx * BM + ld_row + 32 * i)
+    for i in range(BM // ROWS_PER_PASS):  # Tile::kAChunks
+        base, ih0, iw0, row_ok = decode_row(p, bx * BM + ld_row + ROWS_PER_PASS * i)
         vrow_ih0.append(torch.where(row_ok, ih0, OUTSIDE))
         vrow_iw0.append(iw0)
         vrow_off.append((base + (ih0 * p.W + iw0) * p.C) % U32)
@@ -119,15 +123,15 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
             assert bool((va_k == kt * BK + ld_col).all())
             rdh, sdw = va_r * p.dh, va_s * p.dw
             tap = ((rdh * p.W + sdw) * p.C + va_c) % U32
-            for i in range(4):
+            for i in range(len(vrow_off)):
                 ih, iw = vrow_ih0[i] + rdh, vrow_iw0[i] + sdw  # unsigned(v) < n: 0 <= v < n
                 ok = (va_k < p.K) & (ih >= 0) & (ih < p.H) & (iw >= 0) & (iw < p.W)
                 off = torch.where(ok, (vrow_off[i] + tap) % U32, 0)
                 # a chunk never straddles a pixel: its 8 channels are c .. c+7 < C
                 assert bool(((off % p.C) + 7 < p.C)[ok].all())
                 vals = gather(xf, ok, off, 8)
-                put(As, a_cnt, bx[..., None], (ld_row + 32 * i)[..., None],
-                     ld_col[..., None] + torch.arange(8), vals)
+                put(As, a_cnt, bx[..., None], (ld_row + ROWS_PER_PASS * i)[..., None],
+                    ld_col[..., None] + torch.arange(8), vals)
             va_k = va_k + BK
             va_c = va_c + va_dc
             carry_c = va_c >= p.C
@@ -152,11 +156,12 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
                 s = torch.where(wrap_s, 0, s)
                 r = torch.where(wrap_s, r + 1, r)
         k0 = kt * BK + ld_col
-        for i in range(BN // 32):  # Tile::kBChunks
-            co = by * BN + ld_row + 32 * i
+        for i in range(BN // ROWS_PER_PASS):  # Tile::kBChunks
+            co = by * BN + ld_row + ROWS_PER_PASS * i
             ok = (co < p.Cout) & (k0 < p.ldw)
             vals = gather(wf, ok, torch.where(ok, co * p.ldw + k0, 0), 8)
-            put(Bs, b_cnt, by[..., None], (ld_row + 32 * i)[..., None], ld_col[..., None] + torch.arange(8), vals)
+            put(Bs, b_cnt, by[..., None], (ld_row + ROWS_PER_PASS * i)[..., None],
+                ld_col[..., None] + torch.arange(8), vals)
         # every slot the MMAs read written exactly once, the pad columns never
         assert bool((a_cnt[..., :BK] == 1).all() and (a_cnt[..., BK:] == 0).all())
         assert bool((b_cnt[..., :BK] == 1).all() and (b_cnt[..., BK:] == 0).all())

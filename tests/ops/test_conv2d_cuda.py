@@ -48,12 +48,13 @@ def test_emulated_kernels_match_conv2d(case, nhwc_out, one_thread):
     for relu, bias in ((True, b), (False, None)):
         ref = _reference(x, w, bias, stride, padding, dilation, 1, "relu" if relu else "none")
         runs = {"simt": emulate_simt(x, w, bias, stride, padding, dilation, relu, nhwc_out)}
-        for bn in (64, 128):
-            runs[f"tc 128x{bn} scalar A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
-                                                       nhwc_out, False, bn)
+        for bn, bk in ((64, 32), (128, 32), (128, 64)):
+            if bk == 32:
+                runs[f"tc 128x{bn}x{bk} scalar A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
+                                                                nhwc_out, False, bn, bk)
             if c % 8 == 0:
-                runs[f"tc 128x{bn} vector A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
-                                                           nhwc_out, True, bn)
+                runs[f"tc 128x{bn}x{bk} vector A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
+                                                                nhwc_out, True, bn, bk)
         for name, out in runs.items():
             assert out.shape == ref.shape, name
             assert rel_err(out, ref) < 1e-12, f"{name}: relative error {rel_err(out, ref):.3g}"
@@ -148,8 +149,10 @@ def tile(request, monkeypatch):
     return request.param
 
 
-# fp32 runs the SIMT kernel (no tile choice); each 16-bit dtype runs both tile shapes.
-DTYPE_TILES = [(torch.float32, "auto")] + [(d, t) for d in DTYPES[1:] for t in ("128x64", "128x128")]
+# fp32 runs the SIMT kernel (no tile choice); each 16-bit dtype runs every tile shape
+# (128x128x64 only where the A operand takes the vector loader: C_in % 8 == 0).
+TILES = ("128x64x32", "128x128x32", "128x128x64")
+DTYPE_TILES = [(torch.float32, "auto")] + [(d, t) for d in DTYPES[1:] for t in TILES]
 DTYPE_TILE_IDS = [f"{DTYPE_IDS[d]}-{t}" for d, t in DTYPE_TILES]
 
 
@@ -174,23 +177,24 @@ def test_forward_alexnet_layers(conv_cuda_ops, tf32, dtype, tile, layer, channel
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS.get)
 def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monkeypatch):
-    # Both shapes sum every output's k in the same order (K tiles in sequence, the same
+    # Every shape sums each output's k in the same order (k16 slices in sequence, the same
     # fragments), so they agree bit for bit; "auto" (timed on the first call, cached after)
-    # returns one of them on every call.
+    # returns one of them on every call. ALEXNET[0] (C_in = 3) takes the scalar loader, which
+    # runs 128x128x64 as 128x128x32.
     cases = [{**ALEXNET[2], "channels_last": True}, {**ALEXNET[1], "channels_last": False},
              {**CONFIGS[4], "channels_last": True}, {**ALEXNET[0], "channels_last": True}]
     for cfg in cases:
         x, w, b, args = _inputs(cfg, dtype)
         outs = {}
-        for t in ("128x64", "128x128", "auto", "auto"):
+        for t in TILES + ("auto", "auto"):
             monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", t)
             outs.setdefault(t, []).append(conv_cuda_ops[0](x, w, b, *args))
-        assert torch.equal(outs["128x64"][0], outs["128x128"][0]), cfg
-        for auto in outs["auto"]:
-            assert torch.equal(auto, outs["128x64"][0]), cfg
-    monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", "256x64")
-    with pytest.raises(RuntimeError, match=r'PYOWT_CUDA_CONV_TILE must be "auto", "128x64" or "128x128", '
-                                           r'got "256x64"'):
+        for t in TILES[1:] + ("auto",):
+            for out in outs[t]:
+                assert torch.equal(out, outs[TILES[0]][0]), (t, cfg)
+    monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", "256x64x32")
+    with pytest.raises(RuntimeError, match=r'PYOWT_CUDA_CONV_TILE must be "auto", "128x64x32", "128x128x32" '
+                                           r'or "128x128x64", got "256x64x32"'):
         conv_cuda_ops[0](x, w, b, *args)
 
 

@@ -2,9 +2,9 @@
 
 The built extension carries sm_90 SASS (the dev/CI build compiles for 9.0); the test pulls
 the conv2d cubin out with cuobjdump and reads the main loop of every conv2d_tc_kernel
-instantiation (fp16/bf16 x 128x64/128x128 tiles x vector/scalar A loader x NHWC/NCHW
-output; none may touch local memory). Two defects it pins down, both found this way and
-invisible to the CPU emulation in conv2d_cuda_emulation.py:
+instantiation (fp16/bf16 x 128x64x32/128x128x32/128x128x64 tiles x vector/scalar A loader
+x NHWC/NCHW output; none may touch local memory). Two defects it pins down, both found this
+way and invisible to the CPU emulation in conv2d_cuda_emulation.py:
 
 * nvcc compiled WMMA's bf16 fragment loads as generic 32-bit loads (48 ``LD.E`` per K step)
   where its fp16 loads became 12 ``LDSM`` (ldmatrix); the bf16 loads are now PTX with the
@@ -24,7 +24,7 @@ from pyowt import _extension
 
 from ..sm90_codegen import nvidia_tool, main_loop, sass_functions
 
-KERNEL = re.compile(r"conv2d_tc_kernelIN3c10(?:8(BFloat16)|4(Half))ENS\d+_9TileShapeILi(\d+)EEELb([01])ELb([01])E")
+KERNEL = re.compile(r"conv2d_tc_kernelIN3c10(?:8(BFloat16)|4(Half))ENS\d+_9TileShapeILi(\d+)ELi(\d+)EEELb([01])ELb([01])E")
 
 
 def _opcode(line: str) -> str:
@@ -51,42 +51,45 @@ def tc_loops():
     for name, lines in functions.items():
         match = KERNEL.search(name)
         if match:
-            bf16, _, bn, vec_a, nhwc = match.groups()
-            key = ("bf16" if bf16 else "fp16", int(bn), vec_a == "1", nhwc == "1")
+            bf16, _, bn, bk, vec_a, nhwc = match.groups()
+            key = ("bf16" if bf16 else "fp16", int(bn), int(bk), vec_a == "1", nhwc == "1")
             # 128x128 holds 64 fp32 accumulators per thread near the 255-register cap.
             local = [_opcode(s) for s in lines if re.search(r"\b(LDL|STL)\b", s)]
             assert not local, f"{key}: local memory (spills?) {local[:4]}"
             loops[key] = [_opcode(s) for s in main_loop(lines)]
-    assert len(loops) == 16, f"expected 16 conv2d_tc_kernel instantiations, found {sorted(loops)}"
+    # (64, 32) and (128, 32) with both loaders, (128, 64) with the vector loader only
+    assert len(loops) == 20, f"expected 20 conv2d_tc_kernel instantiations, found {sorted(loops)}"
     return loops
 
 
 def test_tc_fragments_load_with_ldmatrix(tc_loops):
-    # Per warp and K step (k 32 = two k16 slices): a 64 x bn/2 warp tile is 4 x bn/32 WMMA
+    # Per warp and K step (bk / 16 k16 slices): a 64 x bn/2 warp tile is 4 x bn/32 WMMA
     # fragments, each two HMMA.16816; its fragment loads are 4 A + bn/32 B LDSM.x4 per slice.
     for key, ops in tc_loops.items():
-        bn = key[1]
+        bn, bk = key[1], key[2]
         mma = sum(op.startswith("HMMA") for op in ops)
         ldsm = sum(op.startswith("LDSM") for op in ops)
         generic = [op for op in ops if op == "LD" or op.startswith("LD.")]
-        assert mma == 2 * 4 * (bn // 32) * 2, f"{key}: {mma} HMMA per K step"
-        assert ldsm == 2 * (4 + bn // 32) and not generic, \
+        assert mma == (bk // 16) * 4 * (bn // 32) * 2, f"{key}: {mma} HMMA per K step"
+        assert ldsm == (bk // 16) * (4 + bn // 32) and not generic, \
             f"{key}: {ldsm} LDSM and {len(generic)} generic loads per K step"
 
 
 def test_tc_vector_path_loop(tc_loops):
-    for (dtype, bn, vec_a, nhwc), ops in tc_loops.items():
+    for (dtype, bn, bk, vec_a, nhwc), ops in tc_loops.items():
+        tile = f"{dtype} 128x{bn}x{bk} nhwc={nhwc}"
         if vec_a:
-            assert "MUFU.RCP" not in ops, f"{dtype} 128x{bn} nhwc={nhwc}: integer division in the main loop"
+            assert "MUFU.RCP" not in ops, f"{tile}: integer division in the main loop"
             # the three-stage pipeline: one barrier and one wait per K step
             barriers = sum(op.startswith("BAR") for op in ops)
-            assert barriers == 1, f"{dtype} 128x{bn} nhwc={nhwc}: {barriers} barriers per K step"
+            assert barriers == 1, f"{tile}: {barriers} barriers per K step"
             # The loop is issue-bound before it is MMA-bound: an SM sub-partition issues one
             # instruction per clock and needs an HMMA about every fourth to keep its tensor
-            # core busy. Sharing each tap's offset across a thread's four rows took the loop
-            # from 212 / 257 instructions (128x64 / 128x128) to 176-180 / 219-226 (nvcc 13.0).
-            limit = {64: 195, 128: 240}[bn]
-            assert len(ops) <= limit, f"{dtype} 128x{bn} nhwc={nhwc}: {len(ops)} instructions per K step"
+            # core busy. Sharing each tap's offset across a thread's rows took the loop from
+            # 212 / 257 instructions (128x64x32 / 128x128x32) to 176-180 / 219-226 (nvcc 13.0);
+            # 128x128x64: 432-442.
+            limit = {(64, 32): 195, (128, 32): 240, (128, 64): 480}[(bn, bk)]
+            assert len(ops) <= limit, f"{tile}: {len(ops)} instructions per K step"
 
 
 @pytest.fixture(scope="module")
