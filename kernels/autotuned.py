@@ -1,6 +1,7 @@
 """Launching ``@triton.autotune`` kernels with less host time once a shape is tuned."""
 
-# (autotuned kernel, launcher's key) -> the triton.Config its autotuner picked.
+# (autotuned kernel, launcher's key) -> (the triton.Config its autotuner picked, that
+# config's launch keyword arguments).
 _PICKED: dict = {}
 
 
@@ -13,14 +14,16 @@ def launch_autotuned(launch, kernel, key: tuple, grid, *args, **kwargs) -> None:
     Triton's ``Autotuner.run`` rebuilds a dict of every argument on each call: ~9 us of
     the ~26 us that the conv forward's launcher spent on the 2-core dev CPU, on ops whose
     H100 kernels take ~80 us. ``key`` must determine the autotuner's own key (its key
-    arguments' values and the tensor arguments' dtypes).
+    arguments' values and the tensor arguments' dtypes). ``grid(meta)`` may read only the
+    config's meta-parameters (BLOCK_M, ...): once tuned it is evaluated on them directly.
     """
     if launch is not None:
         launch(kernel)[grid](*args, **kwargs)
         return
-    config = _PICKED.get((kernel, key))
-    if config is None:
+    picked = _PICKED.get((kernel, key))
+    if picked is None:
         kernel[grid](*args, **kwargs)
-        _PICKED[(kernel, key)] = kernel.best_config
+        _PICKED[(kernel, key)] = (kernel.best_config, kernel.best_config.all_kwargs())
     else:
-        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        config, config_kwargs = picked
+        kernel.fn.run(*args, grid=grid(config.kwargs), warmup=False, **kwargs, **config_kwargs)

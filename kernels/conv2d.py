@@ -32,6 +32,8 @@ Every load and store is masked, so any shape is safe. Offsets inside one image a
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -57,12 +59,10 @@ GEOMETRY_ARGS = ["M", "C", "H", "W", "CO", "HO", "WO", "R", "S", "stride_h", "st
 
 
 def pow2_align(*values: int, cap: int = 16) -> int:
-    """Largest power of two (<= cap) dividing every value: a tl.multiple_of hint."""
-    a = cap
-    for v in values:
-        while a > 1 and v % a:
-            a //= 2
-    return a
+    """Largest power of two (<= cap, itself a power of two) dividing every value: a
+    tl.multiple_of hint. (The gcd with a power of two is the largest power of two, up to
+    it, that divides; 0 is divisible by anything.)"""
+    return math.gcd(cap, *values)
 
 
 def channel_align(channels: int, t: torch.Tensor) -> int:
@@ -73,9 +73,10 @@ def channel_align(channels: int, t: torch.Tensor) -> int:
     The channel stride itself (1) is left out: including it made every hint 1, and the
     gathers compiled to scalar loads with no async-copy pipelining.
     """
-    if t.stride(1) != 1:
+    sn, sc, sh, sw = t.stride()
+    if sc != 1:
         return 1
-    return pow2_align(channels, t.stride(0), t.stride(2), t.stride(3))
+    return pow2_align(channels, sn, sh, sw)
 
 
 def make_pruner(rows: str, cols: str):

@@ -75,8 +75,9 @@ class ConvShape(NamedTuple):
 
 def conv_shape(x_shape, w_shape, stride, padding, dilation, groups) -> ConvShape:
     """The geometry of a conv whose arguments were validated (see :func:`conv2d_bias_act`)."""
-    n, c_in, h, w = (int(v) for v in x_shape)
-    c_out, _, r, s = (int(v) for v in w_shape)
+    n, c_in, h, w = x_shape
+    c_out, _, r, s = w_shape
+    n, c_in, h, w, c_out, r, s = int(n), int(c_in), int(h), int(w), int(c_out), int(r), int(s)
     h_out = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     w_out = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
     return ConvShape(n, c_in, h, w, c_out, r, s, h_out, w_out, tuple(stride), tuple(padding),

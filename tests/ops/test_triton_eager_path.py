@@ -94,8 +94,9 @@ def test_launch_skips_the_autotuner_once_tuned(triton_device, monkeypatch):
     x, w, b = (t.detach() for t in CASES["conv2d"][3](triton_device, seed=3))
     first = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
     assert len(tuner_runs) == 1 and len(autotuned._PICKED) == 1
-    (kernel, key), config = next(iter(autotuned._PICKED.items()))
+    (kernel, key), (config, config_kwargs) = next(iter(autotuned._PICKED.items()))
     assert kernel is kconv.conv2d_fwd_kernel and config is kconv.conv2d_fwd_kernel.best_config
+    assert config_kwargs == config.all_kwargs()
     again = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
     assert len(tuner_runs) == 1, "the second call of a tuned shape went through the autotuner"
     assert torch.equal(first, again)
