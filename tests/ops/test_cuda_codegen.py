@@ -32,8 +32,9 @@ def _opcode(line: str) -> str:
     return tokens[1] if tokens and tokens[0].startswith("@") and len(tokens) > 1 else (tokens or [""])[0]
 
 
-@pytest.fixture(scope="module")
-def tc_loops():
+def _extension_sass(stem: str) -> dict:
+    """SASS of every kernel in the extension's sm_90 cubin of csrc/cuda/<stem>.cu: mangled
+    name -> instruction lines; skips when the extension or the tools are missing."""
     if not _extension.STATUS.with_cuda:
         pytest.skip("the extension was built without CUDA")
     import pyowt._C as ext
@@ -43,10 +44,20 @@ def tc_loops():
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([nvidia_tool("cuobjdump"), "-xelf", "all", ext.__file__], cwd=tmp,
                               capture_output=True, text=True)
-        cubins = glob.glob(str(Path(tmp) / "conv2d.sm_90*.cubin"))
+        cubins = glob.glob(str(Path(tmp) / f"{stem}.sm_90*.cubin"))
         if proc.returncode != 0 or not cubins:
-            pytest.skip(f"no sm_90 conv2d code in the extension ({proc.stderr.strip()[:200]})")
-        functions = sass_functions(Path(cubins[0]).read_bytes())
+            pytest.skip(f"no sm_90 {stem} code in the extension ({proc.stderr.strip()[:200]})")
+        return sass_functions(Path(cubins[0]).read_bytes())
+
+
+def _local_memory(lines) -> list:
+    """The local-memory accesses (register spills, dynamically indexed arrays) of a kernel."""
+    return [_opcode(s) for s in lines if re.search(r"\b(LDL|STL)\b", s)]
+
+
+@pytest.fixture(scope="module")
+def tc_loops():
+    functions = _extension_sass("conv2d")
     loops = {}
     for name, lines in functions.items():
         match = KERNEL.search(name)
@@ -54,7 +65,7 @@ def tc_loops():
             bf16, _, bn, bk, vec_a, nhwc = match.groups()
             key = ("bf16" if bf16 else "fp16", int(bn), int(bk), vec_a == "1", nhwc == "1")
             # 128x128 holds 64 fp32 accumulators per thread near the 255-register cap.
-            local = [_opcode(s) for s in lines if re.search(r"\b(LDL|STL)\b", s)]
+            local = _local_memory(lines)
             assert not local, f"{key}: local memory (spills?) {local[:4]}"
             loops[key] = [_opcode(s) for s in main_loop(lines)]
     # (64, 32) and (128, 32) with both loaders, (128, 64) with the vector loader only
@@ -95,19 +106,7 @@ def test_tc_vector_path_loop(tc_loops):
 @pytest.fixture(scope="module")
 def simt_backward_sass():
     """SASS of the fp32 backward kernels (conv2d_backward.cu): name -> instruction lines."""
-    if not _extension.STATUS.with_cuda:
-        pytest.skip("the extension was built without CUDA")
-    import pyowt._C as ext
-
-    if nvidia_tool("cuobjdump") is None or nvidia_tool("nvdisasm") is None:
-        pytest.skip("no cuobjdump/nvdisasm (neither bundled with Triton nor on PATH)")
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([nvidia_tool("cuobjdump"), "-xelf", "all", ext.__file__], cwd=tmp,
-                              capture_output=True, text=True)
-        cubins = glob.glob(str(Path(tmp) / "conv2d_backward.sm_90*.cubin"))
-        if proc.returncode != 0 or not cubins:
-            pytest.skip(f"no sm_90 conv2d_backward code in the extension ({proc.stderr.strip()[:200]})")
-        functions = sass_functions(Path(cubins[0]).read_bytes())
+    functions = _extension_sass("conv2d_backward")
     kernels = {}
     for name, lines in functions.items():
         if "conv2d_wgrad_simt_kernel" in name:
@@ -126,5 +125,5 @@ def test_simt_backward_kernels_loop_and_registers(simt_backward_sass):
         ops = [_opcode(s) for s in main_loop(lines, marker="FFMA")]
         ffma = sum(op.startswith("FFMA") for op in ops)
         assert ffma == 256, f"{key}: {ffma} FFMA per K step, expected 256"
-        local = [_opcode(s) for s in lines if re.search(r"\b(LDL|STL)\b", s)]
+        local = _local_memory(lines)
         assert not local, f"{key}: local memory {local[:4]}"
