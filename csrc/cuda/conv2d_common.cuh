@@ -179,14 +179,22 @@ struct RowInfo {
   bool ok;
 };
 
+// GEMM row m -> its pixel (n, y, x) among N images of Ho x Wo; a row past M decodes as
+// row 0 and returns false.
+__device__ __forceinline__ bool split_row(const ConvParams& p, int m, int& n, int& y, int& x) {
+  const bool ok = m < p.M;
+  const int mm = ok ? m : 0;
+  n = mm / p.HoWo;
+  const int pix = mm - n * p.HoWo;
+  y = pix / p.Wo;
+  x = pix - y * p.Wo;
+  return ok;
+}
+
 __device__ __forceinline__ RowInfo decode_row(const ConvParams& p, int m) {
   RowInfo ri;
-  ri.ok = m < p.M;
-  const int mm = ri.ok ? m : 0;
-  const int n = mm / p.HoWo;
-  const int pix = mm - n * p.HoWo;
-  const int oh = pix / p.Wo;
-  const int ow = pix - oh * p.Wo;
+  int n, oh, ow;
+  ri.ok = split_row(p, m, n, oh, ow);
   ri.base = n * p.HWC;
   ri.ih0 = oh * p.sh - p.ph;
   ri.iw0 = ow * p.sw - p.pw;
@@ -224,12 +232,8 @@ __device__ __forceinline__ bool a_offset(const ConvParams& p, const RowInfo& ri,
 // Row m = (n, ih, iw) of the data-gradient GEMM: RowInfo with ih0 = ih + ph, iw0 = iw + pw.
 __device__ __forceinline__ RowInfo decode_row_dgrad(const ConvParams& p, int m) {
   RowInfo ri;
-  ri.ok = m < p.M;
-  const int mm = ri.ok ? m : 0;
-  const int n = mm / p.HoWo;
-  const int pix = mm - n * p.HoWo;
-  const int ih = pix / p.Wo;
-  const int iw = pix - ih * p.Wo;
+  int n, ih, iw;
+  ri.ok = split_row(p, m, n, ih, iw);
   ri.base = n * p.HWC;
   ri.ih0 = ih + p.ph;
   ri.iw0 = iw + p.pw;

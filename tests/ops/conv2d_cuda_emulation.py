@@ -30,13 +30,17 @@ class ConvParams:
         self.M, self.K, self.ldw = self.N * self.HoWo, self.R * self.S * self.C, ldw
 
 
-def decode_row(p, m):
+def split_row(p, m):
     ok = m < p.M
     mm = torch.where(ok, m, 0)
     n = mm // p.HoWo
     pix = mm - n * p.HoWo
-    oh = pix // p.Wo
-    ow = pix - oh * p.Wo
+    y = pix // p.Wo
+    return n, y, pix - y * p.Wo, ok
+
+
+def decode_row(p, m):
+    n, oh, ow, ok = split_row(p, m)
     return (n * p.HWC, oh * p.sh - p.ph, ow * p.sw - p.pw, ok)
 
 
@@ -321,12 +325,7 @@ def dgrad_params(x_shape, w_shape, stride, padding, dilation):
 
 
 def decode_row_dgrad(p, m):
-    ok = m < p.M
-    mm = torch.where(ok, m, 0)
-    n = mm // p.HoWo
-    pix = mm - n * p.HoWo
-    ih = pix // p.Wo
-    iw = pix - ih * p.Wo
+    n, ih, iw, ok = split_row(p, m)
     return (n * p.HWC, ih + p.ph, iw + p.pw, ok)
 
 
