@@ -10,9 +10,10 @@ PIP := $(PY) -m pip
 MAX_JOBS ?= 2
 export MAX_JOBS
 # The dev/CI build compiles the CUDA sources for one architecture (it only has to prove they
-# compile, and nvcc dominates the 2-core build); `pip install .` builds setup.py's default,
-# sm_80 and sm_90. Override: make test TORCH_CUDA_ARCH_LIST="8.0;9.0".
-TORCH_CUDA_ARCH_LIST ?= 9.0
+# compile, and nvcc dominates the 2-core build): sm_90a, Hopper's own instruction set, so
+# the conv's wgmma code is compiled and its SASS checked too; `pip install .` builds
+# setup.py's default, sm_80 and sm_90a. Override: make test TORCH_CUDA_ARCH_LIST="8.0;9.0".
+TORCH_CUDA_ARCH_LIST ?= 9.0a
 export TORCH_CUDA_ARCH_LIST
 # Builds are serialized: two builds into one tree would tear the extension.
 LOCK := flock $(CURDIR)/build/.lock

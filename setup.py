@@ -7,7 +7,9 @@ Environment knobs:
     FORCE_CUDA=1          build the CUDA sources even without a visible GPU, and fail if
                           that is impossible (no toolkit, or a CPU-only torch)
     PYOWT_SKIP_CUDA=1     build only the C++ CPU sources
-    TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST  CUDA architectures (default "8.0;9.0a": 9.0a is Hopper's own
+                          instruction set, which the conv's wgmma tiles need; a "9.0" build
+                          runs on Hopper without them)
     MAX_JOBS              parallel compile jobs (ninja)
     CUDA_HOME             the CUDA toolkit (default: found from /usr/local/cuda or nvcc)
 """
@@ -23,7 +25,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0a"
 
 
 def _flag(name):
@@ -174,7 +176,14 @@ cxx_flags = ["-O3"]
 if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
     cxx_flags.append("-fopenmp")
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-define_macros = [("PYOWT_WITH_CUDA", "1" if with_cuda else "0")]
+
+def _has_sm90a(arch_list):
+    """Whether TORCH_CUDA_ARCH_LIST ("8.0;9.0a", "9.0a+PTX", space separated too) names 9.0a."""
+    return any(a.strip().lower().split("+")[0] == "9.0a" for a in arch_list.replace(" ", ";").split(";"))
+
+
+define_macros = [("PYOWT_WITH_CUDA", "1" if with_cuda else "0"),
+                 ("PYOWT_SM90A", "1" if with_cuda and _has_sm90a(os.environ.get("TORCH_CUDA_ARCH_LIST", "")) else "0")]
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 include_dirs = [os.path.join(ROOT, "csrc")]
 libraries = []

@@ -43,7 +43,8 @@ if [ -f .gpubuild/build_C.tgz ]; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   log "reusing the carried build .gpubuild/build_C.tgz"
 else
-  arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}")')
+  # 9.0 -> 9.0a: Hopper's own instruction set (the conv's wgmma tiles); it runs on cc 9.0 only.
+  arch=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}.{n}" + ("a" if (m, n) == (9, 0) else ""))')
   log "build for sm_${arch/./} ..."
   if ! TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" FORCE_CUDA=1 \
        timeout "${BUILD_S:-200}" $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then

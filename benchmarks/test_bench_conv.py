@@ -14,7 +14,8 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
   ``PYOWT_BENCH_BUDGET_S`` seconds (default 100) have passed, to fit the GPU check).
   Ours: the ``triton`` and, when built, the ``cuda`` backend; in 16-bit forward rows also
   the ``cuda`` backend with each tensor-core tile shape forced (``ours:cuda/128x64x32``,
-  ``/128x128x32``, ``/128x128x64``), next to its own first-call pick (``ours:cuda``).
+  ``/128x128x32``, ``/128x128x64``, and on sm_90 with an sm_90a build ``/wgmma128x64x64``,
+  ``/wgmma128x128x64``), next to its own first-call pick (``ours:cuda``).
 * CPU: batch 8 (224x224 inputs: batch 128 would take minutes per layer on a small CPU),
   float32, NCHW, fastest of the repeats; ours is the ``cpu`` backend (the notes column
   says which forward it ran: ``winograd``, our F(2x2, 3x3) kernel, or ``onednn``, the fused
@@ -295,6 +296,13 @@ def _ours_cuda_tile(layer, tile):
     return forced
 
 
+def _wgmma_usable():
+    """The cuda backend's wgmma tiles can run: an sm_90 GPU and an sm_90a build."""
+    from pyowt import _extension
+    return (_extension.STATUS.loaded and bool(_extension.STATUS.module.build_config().get("sm90a"))
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
 def _autotuner_caches():
     """Snapshot of the Triton conv kernels' autotuner caches: {(kernel, key): config}."""
     from pyowt.kernels import conv2d, conv2d_backward
@@ -356,7 +364,8 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
         impls[f"ours:{be}"] = _ours(layer, be)
     if "cuda" in backends and mode == "fwd" and dtype != torch.float32:
         # each tile shape alone: what the cuda backend's first-call timing chose between
-        for tile in ("128x64x32", "128x128x32", "128x128x64"):
+        for tile in ("128x64x32", "128x128x32", "128x128x64") + (("wgmma128x64x64", "wgmma128x128x64")
+                                                                 if _wgmma_usable() else ()):
             impls[f"ours:cuda/{tile}"] = _ours_cuda_tile(layer, tile)
     errors = _errors(impls, layer, xs[0], w, b, mode)  # ours only: before "compile" joins
     extra = ""

@@ -16,6 +16,10 @@
 #define PYOWT_WITH_CUDA 0
 #endif
 
+#ifndef PYOWT_SM90A
+#define PYOWT_SM90A 0
+#endif
+
 #if PYOWT_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -28,6 +32,8 @@ namespace {
 pybind11::dict build_config() {
   pybind11::dict d;
   d["with_cuda"] = static_cast<bool>(PYOWT_WITH_CUDA);
+  // Device code for sm_90a (TORCH_CUDA_ARCH_LIST has 9.0a): the conv's wgmma tiles.
+  d["sm90a"] = static_cast<bool>(PYOWT_WITH_CUDA && PYOWT_SM90A);
 #if PYOWT_WITH_CUDA
   d["cudart_version"] = CUDART_VERSION;
 #else

@@ -2,8 +2,9 @@
 //
 // Forward: out = act(conv2d(x, weight) + bias), act in {relu, none}, as an implicit GEMM
 // (M = N * H_out * W_out, N_gemm = C_out, K = C_in * R * S) over NHWC activations:
-//   * fp16 / bf16: tensor cores through WMMA, fp32 accumulation (conv2d_tc.cuh), sm_80+, in
-//     the tile shape conv2d_tile_choice.h picks (timed on a problem's first call);
+//   * fp16 / bf16: tensor cores through WMMA (sm_80+) or wgmma (sm_90 with an sm_90a build),
+//     fp32 accumulation (conv2d_tc.cuh), in the tile shape conv2d_tile_choice.h picks (timed
+//     on a problem's first call);
 //   * fp32: a register-blocked SIMT kernel without TF32 (conv2d_simt.cuh).
 // The input is read channels_last (an NCHW input is copied once), the weight reordered to
 // (C_out, R, S, C_in) so that k runs along contiguous channels; the output is written
@@ -23,6 +24,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "channel_layout.h"
 #include "conv2d_common.cuh"
@@ -30,11 +32,22 @@
 #include "conv2d_tc.cuh"
 #include "conv2d_tile_choice.h"
 
+#ifndef PYOWT_SM90A
+#define PYOWT_SM90A 0
+#endif
+
 namespace pyowt {
 namespace conv2d_cuda {
 namespace {
 
 constexpr const char* kFwd = "conv2d_bias_act";
+
+// The wgmma tiles run where their sm_90a code exists: an sm_90 device (sm_90a code runs on
+// compute capability 9.0 only) and an extension compiled with 9.0a in TORCH_CUDA_ARCH_LIST.
+bool wgmma_usable() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return PYOWT_SM90A && prop->major == 9 && prop->minor == 0;
+}
 
 // act(at::convolution(...) + bias) in x's memory format.
 at::Tensor conv2d_aten_fallback(const at::Tensor& x, const at::Tensor& weight,
@@ -76,22 +89,46 @@ void launch_tc(const ConvParams& p, const uint16_t* x, const uint16_t* w, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// K steps of 64 exist for the vector A loader only: the scalar path runs 128x128x64 as
-// 128x128x32.
+// K steps of 64 exist for the vector A loader only: the scalar path runs 128x128x64 and
+// the wgmma tiles as the WMMA K-32 tile of their width.
 template <typename scalar_t, bool kVecA>
 void launch_tc(TcTile tile, const ConvParams& p, const uint16_t* x, const uint16_t* w, const scalar_t* bias,
                scalar_t* out, bool nhwc_out, cudaStream_t stream) {
-  if (tile == TcTile::k128x64x32) {
-    launch_tc<scalar_t, tc::Tile128x64x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
-    return;
-  }
   if constexpr (kVecA) {
-    if (tile == TcTile::k128x128x64) {
-      launch_tc<scalar_t, tc::Tile128x128x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
-      return;
+    switch (tile) {
+      case TcTile::k128x128x64:
+        launch_tc<scalar_t, tc::Tile128x128x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+        return;
+      case TcTile::kWgmma128x64x64:
+        launch_tc<scalar_t, tc::TileWgmma128x64x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+        return;
+      case TcTile::kWgmma128x128x64:
+        launch_tc<scalar_t, tc::TileWgmma128x128x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+        return;
+      default:
+        break;
     }
   }
-  launch_tc<scalar_t, tc::Tile128x128x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+  if (tile == TcTile::k128x64x32 || tile == TcTile::kWgmma128x64x64) {
+    launch_tc<scalar_t, tc::Tile128x64x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+  } else {
+    launch_tc<scalar_t, tc::Tile128x128x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+  }
+}
+
+// Whether `out` (just written by some tile) matches `ref` (the first candidate's output)
+// within what a different fp32 summation order and one 16-bit rounding can explain:
+// |out - ref| <= 1/64 of ref's largest magnitude, everywhere, NaN/Inf where ref has them.
+bool outputs_agree(const at::Tensor& out, const at::Tensor& ref) {
+  const at::Tensor o = out.to(at::kFloat);
+  const at::Tensor r = ref.to(at::kFloat);
+  const at::Tensor finite = r.isfinite();
+  if (!at::equal(o.isfinite(), finite)) return false;
+  const at::Tensor of = o.masked_fill(finite.logical_not(), 0.f);
+  const at::Tensor rf = r.masked_fill(finite.logical_not(), 0.f);
+  const float scale = rf.numel() == 0 ? 0.f : rf.abs().max().item<float>();
+  const float diff = rf.numel() == 0 ? 0.f : (of - rf).abs().max().item<float>();
+  return diff <= scale / 64.f;
 }
 
 // Runs the tensor-core kernel with the tile shape conv2d_tile_choice.h picks for g.
@@ -111,11 +148,28 @@ void run_tc(const Geometry& g, const ConvParams& p, const at::Tensor& xc, const 
     }
   };
   std::optional<TcTile> tile = forced_tile(kFwd);
+  TORCH_CHECK(!tile || !is_wgmma(*tile) || wgmma_usable(), kFwd, ": PYOWT_CUDA_CONV_TILE=", tile_name(*tile),
+              " needs an sm_90 GPU (this one is sm_", at::cuda::getCurrentDeviceProperties()->major,
+              at::cuda::getCurrentDeviceProperties()->minor, ") and an extension built with 9.0a in "
+              "TORCH_CUDA_ARCH_LIST (this one: ", PYOWT_SM90A ? "yes" : "no", ")");
   if (!tile) {
     const TileKey key{xc.get_device(), static_cast<int64_t>(xc.scalar_type()), vec_a, nhwc_out, b != nullptr,
                       g.N, g.C, g.H, g.W, g.Cout, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, p.relu};
-    tile = vec_a ? pick_tile(key, {TcTile::k128x64x32, TcTile::k128x128x32, TcTile::k128x128x64}, launch, stream)
-                 : pick_tile(key, {TcTile::k128x64x32, TcTile::k128x128x32}, launch, stream);
+    std::vector<TcTile> candidates{TcTile::k128x64x32, TcTile::k128x128x32};
+    if (vec_a) candidates.push_back(TcTile::k128x128x64);
+    if (vec_a && wgmma_usable()) {
+      candidates.push_back(TcTile::kWgmma128x64x64);
+      candidates.push_back(TcTile::kWgmma128x128x64);
+    }
+    at::Tensor ref;
+    auto agrees = [&](TcTile) {
+      if (!ref.defined()) {
+        ref = out.clone();
+        return true;
+      }
+      return outputs_agree(out, ref);
+    };
+    tile = pick_tile(key, candidates, launch, agrees, stream);
   }
   launch(*tile);
 }

@@ -5,8 +5,11 @@
 // accumulating in fp32. Three tile shapes (TileShape, M x N x K step): 128x64x32 (warp tiles
 // 64 x 32), 128x128x32 (warp tiles 64 x 64: twice the MMAs per fragment load, half the
 // blocks, two blocks per SM) and 128x128x64 (the same with half the K steps, so half the
-// barriers and loop overhead per MMA; 108 KB of shared memory, vector path only); the host
-// picks one per problem by timing them (conv2d_tile_choice.h). The K loop walks kBK
+// barriers and loop overhead per MMA; 108 KB of shared memory, vector path only). On sm_90
+// with an sm_90a build two more run the same block tile on Hopper's wgmma instead of WMMA
+// (128x64x64 and 128x128x64, the 4 warps as one warpgroup, swizzled stages, vector path
+// only: conv2d_wgmma.cuh). The host picks one per problem by timing them
+// (conv2d_tile_choice.h). The K loop walks kBK
 // columns at a time through shared-memory stages (three when A arrives by cp.async, two
 // when it is staged through registers):
 //   * B (weight, (C_out, ldw) with ldw a multiple of 8 and zero columns past K) always
@@ -28,8 +31,10 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "conv2d_common.cuh"
+#include "conv2d_wgmma.cuh"
 
 namespace pyowt {
 namespace conv2d_cuda {
@@ -49,17 +54,20 @@ static_assert(kThreads == 32 * (kBM / kWarpM) * 2, "2 x 2 warps");
 static_assert(kBM == kThreads, "scalar A load: one row per thread");
 
 // A block tile: kBM = 128 output pixels x kBN = 64 or 128 channels, K steps of kBK = 32 or
-// 64 (64: the vector path only), and what follows from them.
-template <int BN, int BK>
+// 64 (64: the vector path only), multiplied by WMMA or (Wgmma, sm_90a, K steps of 64, vector
+// path only) by wgmma (conv2d_wgmma.cuh), and what follows from them.
+template <int BN, int BK, bool Wgmma = false>
 struct TileShape {
   static constexpr int kBN = BN;
   static constexpr int kBK = BK;
+  static constexpr bool kWgmma = Wgmma;
   static constexpr int kWarpN = kBN / 2;
   static constexpr int kFragN = kWarpN / 16;
-  // Shared row pitch in elements: kBK + 8 (80 or 144 bytes) keeps every 8-element chunk
-  // 16-byte aligned (cp.async, uint4 stores), every 16x16 fragment origin 32-byte aligned
-  // (WMMA), and puts the 8 rows an ldmatrix reads on different banks.
-  static constexpr int kLds = kBK + 8;
+  // Shared row pitch in elements. WMMA: kBK + 8 (80 or 144 bytes) keeps every 8-element
+  // chunk 16-byte aligned (cp.async, uint4 stores), every 16x16 fragment origin 32-byte
+  // aligned, and puts the 8 rows an ldmatrix reads on different banks. wgmma: 64, the
+  // 128-byte swizzled rows its descriptors describe (the XOR does what the padding does).
+  static constexpr int kLds = kWgmma ? kBK : kBK + 8;
   static constexpr int kAStage = kBM * kLds;  // elements per A stage
   static constexpr int kBStage = kBN * kLds;  // elements per B stage
   // Loaders: a row of the tile is kChunks16 16-byte chunks; thread tid takes chunk
@@ -74,8 +82,10 @@ struct TileShape {
   static constexpr int kLdcRow = kBN + 4;  // row-major [kBM][kLdcRow] for NHWC output
   static constexpr int kLdcCol = kBM + 4;  // column-major [kBN][kLdcCol] for NCHW output
   static constexpr int kCBytes = (kBM * kLdcRow > kBN * kLdcCol ? kBM * kLdcRow : kBN * kLdcCol) * 4;
-  // Dynamic shared memory per block (above 48 KB needs the host's opt-in).
-  static constexpr int kSmemBytes = kPipeBytes > kCBytes ? kPipeBytes : kCBytes;
+  // Dynamic shared memory per block (above 48 KB needs the host's opt-in); wgmma tiles add
+  // the slack that aligns their stages to 1024 bytes.
+  static constexpr int kSmemBytes =
+      (kPipeBytes > kCBytes ? kPipeBytes : kCBytes) + (kWgmma ? kSwizzleAtomBytes : 0);
 
   static_assert((kBN == 64 || kBN == 128) && (kBK == 32 || kBK == 64), "tile shapes");
   static_assert(kThreads % kChunks16 == 0 && kBM % kRowsPerPass == 0 && kBN % kRowsPerPass == 0,
@@ -83,10 +93,14 @@ struct TileShape {
   // Two blocks of the largest tile must fit an SM's 228 KB (1 KB per block reserved).
   static_assert(kSmemBytes <= 113 * 1024, "shared memory per block");
   static_assert(kBN % 8 == 0 && kLdcRow % 4 == 0, "NHWC epilogue: 8-channel runs, 16-byte rows");
+  static_assert(!kWgmma || (kBK * 2 == kSwizzleRowBytes && kRowsPerPass % 8 == 0),
+                "wgmma: one swizzled 128-byte row per K step, a thread's rows in one swizzle phase");
 };
 using Tile128x64x32 = TileShape<64, 32>;
 using Tile128x128x32 = TileShape<128, 32>;
-using Tile128x128x64 = TileShape<128, 64>;  // vector path only
+using Tile128x128x64 = TileShape<128, 64>;                  // vector path only
+using TileWgmma128x64x64 = TileShape<64, 64, true>;         // vector path, sm_90a only
+using TileWgmma128x128x64 = TileShape<128, 64, true>;       // vector path, sm_90a only
 
 // Maps at::Half / at::BFloat16 to the CUDA type WMMA takes (same bits).
 template <typename scalar_t>
@@ -161,9 +175,15 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kRowsPerPass = Tile::kRowsPerPass;
   constexpr int kLdcRow = Tile::kLdcRow;
   constexpr int kLdcCol = Tile::kLdcCol;
+  constexpr bool kWgmma = Tile::kWgmma;
   static_assert(kVecA || kBK == 32, "the scalar A loader gathers one row of 32 per thread");
+  static_assert(kVecA || !kWgmma, "wgmma tiles take the vector A loader");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw;
+  if constexpr (kWgmma) {  // stages start on a 1024-byte swizzle atom
+    smem += (kSwizzleAtomBytes - (shared_address(smem_raw) & (kSwizzleAtomBytes - 1))) & (kSwizzleAtomBytes - 1);
+  }
   uint16_t* const As = reinterpret_cast<uint16_t*>(smem);  // [stages][kBM][kLds]
   uint16_t* const Bs = As + kMaxStages * kAStage;           // [stages][kBN][kLds]
 
@@ -184,6 +204,10 @@ __global__ void __launch_bounds__(kThreads)
   // range checks pass. A row past M gets ih0 = kOutside, which no tap brings into [0, H).
   const int ld_row = tid / Tile::kChunks16;
   const int ld_col = (tid % Tile::kChunks16) * 8;
+  // Shared offset of this thread's chunk in tile row `row` (A and B alike). wgmma tiles: row
+  // & 7 == ld_row & 7 for all the thread's rows (kRowsPerPass % 8 == 0), one XOR per thread.
+  const int swizzled_col = (((ld_col >> 3) ^ (ld_row & 7)) << 3);
+  auto chunk_slot = [&](int row) { return row * kLds + (kWgmma ? swizzled_col : ld_col); };
   constexpr int kOutside = -(1 << 30);
   int vrow_ih0[kVecA ? kAChunks : 1], vrow_iw0[kVecA ? kAChunks : 1];
   unsigned vrow_off[kVecA ? kAChunks : 1];
@@ -220,8 +244,7 @@ __global__ void __launch_bounds__(kThreads)
       const bool ok = k_ok && static_cast<unsigned>(vrow_ih0[i] + rdh) < static_cast<unsigned>(p.H) &&
                       static_cast<unsigned>(vrow_iw0[i] + sdw) < static_cast<unsigned>(p.W);
       const unsigned off = vrow_off[i] + tap;
-      cp_async_16(As + stage * kAStage + (ld_row + kRowsPerPass * i) * kLds + ld_col, x + (ok ? off : 0u),
-                  ok);
+      cp_async_16(As + stage * kAStage + chunk_slot(ld_row + kRowsPerPass * i), x + (ok ? off : 0u), ok);
     }
     va_k += kBK;
     va_c += va_dc;
@@ -271,19 +294,58 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < Tile::kBChunks; ++i) {
       const int co = n_block + ld_row + kRowsPerPass * i;
       const bool ok = co < p.Cout && k0 < p.ldw;
-      cp_async_16(Bs + stage * kBStage + (ld_row + kRowsPerPass * i) * kLds + ld_col,
-                  w + (ok ? co * p.ldw + k0 : 0), ok);
+      cp_async_16(Bs + stage * kBStage + chunk_slot(ld_row + kRowsPerPass * i), w + (ok ? co * p.ldw + k0 : 0),
+                  ok);
     }
   };
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragM][kFragN];
+  // wgmma tiles: the two m64 halves of the tile, kBN / 2 accumulators each per thread.
+  float wacc[2][kWgmma ? kBN / 2 : 1];
+  if constexpr (kWgmma) {
 #pragma unroll
-  for (int i = 0; i < kFragM; ++i) {
+    for (int h = 0; h < 2; ++h) {
 #pragma unroll
-    for (int j = 0; j < kFragN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+      for (int i = 0; i < kBN / 2; ++i) wacc[h][i] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kFragM; ++i) {
+#pragma unroll
+      for (int j = 0; j < kFragN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    }
   }
+  auto pin_accumulators = [&] {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int i = 0; i < (kWgmma ? kBN / 2 : 1); ++i) pin_register(wacc[h][i]);
+    }
+  };
 
-  auto compute = [&](int stage) {
+  // wgmma: 4 k16 steps x 2 m64 halves; the k16 step j starts 32*j bytes into the swizzled
+  // rows. Synchronous (waits for its products): the next barrier frees the stage.
+  auto compute_wgmma = [&](int stage) {
+    if constexpr (kWgmma) {
+      const uint32_t a0 = shared_address(As + stage * kAStage);
+      const uint32_t b0 = shared_address(Bs + stage * kBStage);
+      pin_accumulators();
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kBK / 16; ++ks) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          wgmma_m64k16<kBN, std::is_same<scalar_t, at::BFloat16>::value>(
+              wacc[h], swizzled_descriptor(a0 + h * 64 * kSwizzleRowBytes + ks * 32),
+              swizzled_descriptor(b0 + ks * 32));
+        }
+      }
+      wgmma_commit_and_wait_all();
+      pin_accumulators();
+    }
+  };
+
+  auto compute_wmma = [&](int stage) {
     const T* a_s = reinterpret_cast<const T*>(As + stage * kAStage);
     const T* b_s = reinterpret_cast<const T*>(Bs + stage * kBStage);
 #pragma unroll
@@ -306,6 +368,13 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   };
+  auto compute = [&](int stage) {
+    if constexpr (kWgmma) {
+      compute_wgmma(stage);
+    } else {
+      compute_wmma(stage);
+    }
+  };
 
   if constexpr (kVecA) {
     // kVecStages-deep cp.async pipeline, one barrier per K step. Tiles load in order into
@@ -325,6 +394,7 @@ __global__ void __launch_bounds__(kThreads)
     int stage = 0;  // kt % kVecStages
     for (int kt = 0; kt < num_kt; ++kt) {
       cp_async_wait<kVecStages - 2>();
+      if constexpr (kWgmma) fence_shared_for_async_proxy();
       __syncthreads();
       const int next = kt + kVecStages - 1;
       if (next < num_kt) {
@@ -369,16 +439,35 @@ __global__ void __launch_bounds__(kThreads)
   // Epilogue: the pipeline buffers are free (closing barrier above, no cp.async pending).
   __syncthreads();
   float* const Cs = reinterpret_cast<float*>(smem);
+  if constexpr (kWgmma) {
+    // Accumulator (h, g8, hh, j) of this thread is D[h*64 + warp*16 + lane/4 + 8*hh]
+    // [g8*8 + 2*(lane%4) + j] (conv2d_wgmma.cuh).
+    const int lane = tid & 31;
 #pragma unroll
-  for (int i = 0; i < kFragM; ++i) {
+    for (int h = 0; h < 2; ++h) {
 #pragma unroll
-    for (int j = 0; j < kFragN; ++j) {
-      const int m0 = wm * kWarpM + i * 16;
-      const int n0 = wn * kWarpN + j * 16;
-      if constexpr (kNhwcOut) {
-        wmma::store_matrix_sync(Cs + m0 * kLdcRow + n0, acc[i][j], kLdcRow, wmma::mem_row_major);
-      } else {
-        wmma::store_matrix_sync(Cs + n0 * kLdcCol + m0, acc[i][j], kLdcCol, wmma::mem_col_major);
+      for (int i = 0; i < kBN / 2; ++i) {
+        const int ml = h * 64 + warp * 16 + (lane >> 2) + 8 * ((i >> 1) & 1);
+        const int nl = (i >> 2) * 8 + 2 * (lane & 3) + (i & 1);
+        if constexpr (kNhwcOut) {
+          Cs[ml * kLdcRow + nl] = wacc[h][i];
+        } else {
+          Cs[nl * kLdcCol + ml] = wacc[h][i];
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kFragM; ++i) {
+#pragma unroll
+      for (int j = 0; j < kFragN; ++j) {
+        const int m0 = wm * kWarpM + i * 16;
+        const int n0 = wn * kWarpN + j * 16;
+        if constexpr (kNhwcOut) {
+          wmma::store_matrix_sync(Cs + m0 * kLdcRow + n0, acc[i][j], kLdcRow, wmma::mem_row_major);
+        } else {
+          wmma::store_matrix_sync(Cs + n0 * kLdcCol + m0, acc[i][j], kLdcCol, wmma::mem_col_major);
+        }
       }
     }
   }

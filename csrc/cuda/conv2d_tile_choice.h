@@ -3,14 +3,17 @@
 // No shape wins everywhere: 128x128 halves the fragment loads per MMA but leaves a quarter
 // of its tiles empty when C_out is 192 (AlexNet's conv2) and makes half as many blocks
 // (fewer waves to balance over 132 SMs); K steps of 64 halve the barriers per MMA but need
-// 108 KB of shared memory per block. So, like cuDNN's benchmark mode, the first call of each
-// problem (device, dtype, loader, output layout, geometry) times every candidate on the GPU
-// and later calls reuse the fastest. The environment variable PYOWT_CUDA_CONV_TILE =
-// "128x64x32" | "128x128x32" | "128x128x64" forces a shape (tests, benchmarks; a problem
-// whose A operand takes the scalar loader, which steps K by 32, runs 128x128x64 as
-// 128x128x32); "auto" or unset times them. During CUDA graph capture nothing is timed (no
-// synchronization is allowed there): an untimed problem runs 128x64x32, the shape measured
-// longest.
+// 108 KB of shared memory per block; the wgmma tiles (sm_90a) are Hopper's own tensor-core
+// path. So, like cuDNN's benchmark mode, the first call of each problem (device, dtype,
+// loader, output layout, geometry) times every candidate on the GPU and later calls reuse
+// the fastest. A candidate whose output disagrees with the first candidate's (128x64x32,
+// the shape measured longest) is never picked: the wgmma tiles were written and checked on
+// machines without a Hopper GPU, so the first call checks them against it (warning once).
+// The environment variable PYOWT_CUDA_CONV_TILE = one of kTileNames forces a shape (tests,
+// benchmarks; a problem whose A operand takes the scalar loader, which steps K by 32, runs
+// 128x128x64 and the wgmma tiles as their WMMA K-32 counterparts); "auto" or unset times
+// them. During CUDA graph capture nothing is timed (no synchronization is allowed there):
+// an untimed problem runs 128x64x32.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -22,29 +25,44 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <initializer_list>
 #include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string>
 #include <utility>
+#include <vector>
 
 namespace pyowt {
 namespace conv2d_cuda {
 
-enum class TcTile : int { k128x64x32 = 0, k128x128x32 = 1, k128x128x64 = 2 };
+enum class TcTile : int { k128x64x32, k128x128x32, k128x128x64, kWgmma128x64x64, kWgmma128x128x64 };
+
+constexpr std::pair<TcTile, const char*> kTileNames[] = {
+    {TcTile::k128x64x32, "128x64x32"},           {TcTile::k128x128x32, "128x128x32"},
+    {TcTile::k128x128x64, "128x128x64"},         {TcTile::kWgmma128x64x64, "wgmma128x64x64"},
+    {TcTile::kWgmma128x128x64, "wgmma128x128x64"}};
+
+inline const char* tile_name(TcTile tile) {
+  for (const auto& [t, name] : kTileNames) {
+    if (t == tile) return name;
+  }
+  return "?";
+}
+
+inline bool is_wgmma(TcTile tile) { return tile == TcTile::kWgmma128x64x64 || tile == TcTile::kWgmma128x128x64; }
 
 // The shape PYOWT_CUDA_CONV_TILE forces, or nullopt for "auto" / unset.
 inline std::optional<TcTile> forced_tile(const char* op) {
   const char* env = std::getenv("PYOWT_CUDA_CONV_TILE");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return std::nullopt;
-  if (std::strcmp(env, "128x64x32") == 0) return TcTile::k128x64x32;
-  if (std::strcmp(env, "128x128x32") == 0) return TcTile::k128x128x32;
-  if (std::strcmp(env, "128x128x64") == 0) return TcTile::k128x128x64;
-  TORCH_CHECK(false, op,
-              ": PYOWT_CUDA_CONV_TILE must be \"auto\", \"128x64x32\", \"128x128x32\" or \"128x128x64\", "
-              "got \"", env, "\"");
+  std::string choices = "\"auto\"";
+  for (const auto& [t, name] : kTileNames) {
+    if (std::strcmp(env, name) == 0) return t;
+    choices += std::string(", \"") + name + "\"";
+  }
+  TORCH_CHECK(false, op, ": PYOWT_CUDA_CONV_TILE must be one of ", choices, ", got \"", env, "\"");
   return std::nullopt;  // unreachable
 }
 
@@ -52,10 +70,12 @@ using TileKey = std::array<int64_t, 19>;
 
 // The fastest of `candidates` for `key`, timing `launch(shape)` on `stream` the first time
 // (a warm-up launch and three timed ones per shape; every launch writes the same output,
-// so the caller's final launch overwrites nothing of value).
-template <typename Launch>
-TcTile pick_tile(const TileKey& key, std::initializer_list<TcTile> candidates, const Launch& launch,
-                 const at::cuda::CUDAStream& stream) {
+// so the caller's final launch overwrites nothing of value). `agrees(shape)`, called after
+// each shape's launches, says whether the output it left matches the first candidate's;
+// a shape that does not is skipped with a warning.
+template <typename Launch, typename Agrees>
+TcTile pick_tile(const TileKey& key, const std::vector<TcTile>& candidates, const Launch& launch,
+                 const Agrees& agrees, const at::cuda::CUDAStream& stream) {
   static std::mutex mu;
   static std::map<TileKey, TcTile> picked;
   {
@@ -77,6 +97,12 @@ TcTile pick_tile(const TileKey& key, std::initializer_list<TcTile> candidates, c
     stop.record(stream);
     stop.synchronize();
     const float ms = start.elapsed_time(stop);
+    if (!agrees(t)) {
+      TORCH_WARN("conv2d_bias_act (cuda): the ", tile_name(t), " tile's output differs from the ",
+                 tile_name(candidates[0]), " tile's on this problem, so it is not used for it; please "
+                 "report this with the GPU and the conv's shape");
+      continue;
+    }
     if (ms < best_ms) {
       best_ms = ms;
       best = t;

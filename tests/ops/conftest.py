@@ -33,3 +33,11 @@ def conv_cuda_ops():
     for name in ("conv2d_bias_act", "conv2d_bias_act_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyowt::{name}", "CUDA"), name
     return torch.ops.pyowt.conv2d_bias_act, torch.ops.pyowt.conv2d_bias_act_backward
+
+
+def wgmma_tiles_usable() -> bool:
+    """Whether the CUDA conv's wgmma tiles can run here: an sm_90 GPU and an extension
+    compiled for sm_90a (csrc/cuda/conv2d.cu, wgmma_usable)."""
+    return (_extension.STATUS.loaded and torch.cuda.is_available()
+            and bool(_extension.STATUS.module.build_config().get("sm90a"))
+            and torch.cuda.get_device_capability() == (9, 0))

@@ -86,12 +86,33 @@ def epilogue(p, v, bias, co, relu):
     return torch.where(v < 0, torch.zeros_like(v), v) if relu else v
 
 
-def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=64, BK=32):
-    """conv2d_tc_kernel with TileShape<BN, BK> (BM=128, BN=64 or 128, BK=32 or 64 (vector
-    loader only), 128 threads, 2x2 warps of 4 x BN/32 16x16 frags)."""
+def wgmma_operand(stage, first_row, rows, ks):
+    """What a wgmma descriptor of conv2d_wgmma.cuh reads: the rows x 16 K-major operand
+    starting at row ``first_row`` (a multiple of 8) of a 128B-swizzled stage, k16 step
+    ``ks``. ``stage``: (blocks, stage elements) 16-bit words. The hardware's view: row r,
+    column kk at byte (first_row + r) * 128 + ks * 32 + kk * 2 of the 1024-aligned stage
+    (8-row groups 1024 bytes apart, the descriptor's stride), then bits 4-6 of the address
+    XOR bits 7-9 (the 128-byte swizzle)."""
+    r, kk = torch.arange(rows)[:, None], torch.arange(16)[None, :]
+    addr = first_row * 128 + (r // 8) * 1024 + (r % 8) * 128 + ks * 32 + kk * 2
+    physical = addr ^ (((addr >> 7) & 7) << 4)
+    return stage[:, physical // 2]
+
+
+def wgmma_accumulator_slot(warp, lane, i):
+    """(row, column) of D that accumulator ``i`` of thread (warp, lane) holds in an m64nN
+    wgmma (conv2d_wgmma.cuh): register i = g8*4 + h*2 + j."""
+    return warp * 16 + lane // 4 + 8 * ((i >> 1) & 1), (i >> 2) * 8 + 2 * (lane % 4) + (i & 1)
+
+
+def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=64, BK=32, wgmma=False):
+    """conv2d_tc_kernel with TileShape<BN, BK, wgmma> (BM=128, BN=64 or 128, BK=32 or 64
+    (vector loader only), 128 threads; WMMA: 2x2 warps of 4 x BN/32 16x16 frags; wgmma
+    (BK=64, vector loader): one warpgroup, two m64 x BN halves, 128B-swizzled stages)."""
     BM, NT = 128, 128
     assert BK == 32 or vec_a, "K steps of 64 exist for the vector loader only"
-    LDS = BK + 8
+    assert not wgmma or (BK == 64 and vec_a), "wgmma tiles: K steps of 64, vector loader"
+    LDS = BK if wgmma else BK + 8
     CHUNKS16 = BK // 8                 # Tile::kChunks16
     ROWS_PER_PASS = NT // CHUNKS16     # Tile::kRowsPerPass
     LDC_ROW, LDC_COL = BN + 4, BM + 4
@@ -106,6 +127,8 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
     gm, gn, num_kt = -(-p.M // BM), -(-p.Cout // BN), -(-p.K // BK)
     bx, by, tid = torch.arange(gm)[:, None], torch.arange(gn)[:, None], torch.arange(NT)[None, :]
     ld_row, ld_col = tid // CHUNKS16, (tid % CHUNKS16) * 8
+    # the shared column of the thread's chunk: swizzled by its first row (kernel: chunk_slot)
+    slot_col = (((ld_col >> 3) ^ (ld_row & 7)) << 3) if wgmma else ld_col
     acc = torch.zeros(gm, gn, BM, BN, dtype=x.dtype)
     # vector loader: (k, r, s, c) of the next tile, advanced by BK as a mixed-radix addition
     va_k = ld_col
@@ -135,7 +158,7 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
                 assert bool(((off % p.C) + 7 < p.C)[ok].all())
                 vals = gather(xf, ok, off, 8)
                 put(As, a_cnt, bx[..., None], (ld_row + ROWS_PER_PASS * i)[..., None],
-                    ld_col[..., None] + torch.arange(8), vals)
+                    slot_col[..., None] + torch.arange(8), vals)
             va_k = va_k + BK
             va_c = va_c + va_dc
             carry_c = va_c >= p.C
@@ -165,10 +188,18 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
             ok = (co < p.Cout) & (k0 < p.ldw)
             vals = gather(wf, ok, torch.where(ok, co * p.ldw + k0, 0), 8)
             put(Bs, b_cnt, by[..., None], (ld_row + ROWS_PER_PASS * i)[..., None],
-                ld_col[..., None] + torch.arange(8), vals)
+                slot_col[..., None] + torch.arange(8), vals)
         # every slot the MMAs read written exactly once, the pad columns never
         assert bool((a_cnt[..., :BK] == 1).all() and (a_cnt[..., BK:] == 0).all())
         assert bool((b_cnt[..., :BK] == 1).all() and (b_cnt[..., BK:] == 0).all())
+        if wgmma:
+            a_flat, b_flat = As.reshape(gm, -1), Bs.reshape(gn, -1)
+            for ks in range(BK // 16):
+                fb = wgmma_operand(b_flat, 0, BN, ks)
+                for h in range(2):
+                    fa = wgmma_operand(a_flat, h * 64, 64, ks)
+                    acc[:, :, h * 64:h * 64 + 64, :] += torch.einsum("amk,bnk->abmn", fa, fb)
+            continue
         for wm in range(2):
             for wn in range(2):
                 for ks in range(BK // 16):
@@ -183,7 +214,20 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
     written = torch.zeros(out.shape, dtype=torch.int32)
     cs = torch.full((gm, gn, SMEM // 4), float("nan"), dtype=x.dtype)
     a, b = torch.arange(16)[:, None], torch.arange(16)[None, :]
-    for m0 in range(0, BM, 16):
+    if wgmma:  # each thread stores its accumulators: every slot of the tile exactly once
+        cs_cnt = torch.zeros(SMEM // 4, dtype=torch.int32)
+        warp, lane = tid[0] // 32, tid[0] % 32
+        for h in range(2):
+            for i in range(BN // 2):
+                row, col = wgmma_accumulator_slot(warp, lane, i)
+                ml, nl = h * 64 + row, col
+                pos = ml * LDC_ROW + nl if nhwc_out else nl * LDC_COL + ml
+                cs[:, :, pos] = acc[:, :, ml, nl]
+                cs_cnt.index_put_((pos,), torch.ones_like(pos, dtype=torch.int32), accumulate=True)
+        tile_pos = ((torch.arange(BM)[:, None] * LDC_ROW + torch.arange(BN)) if nhwc_out
+                    else (torch.arange(BN)[:, None] * LDC_COL + torch.arange(BM)))
+        assert bool((cs_cnt[tile_pos] == 1).all()) and int(cs_cnt.sum()) == BM * BN
+    for m0 in range(0, BM if not wgmma else 0, 16):
         for n0 in range(0, BN, 16):
             pos = (m0 + a) * LDC_ROW + n0 + b if nhwc_out else (n0 + b) * LDC_COL + m0 + a
             assert int(pos.max()) < SMEM // 4

@@ -1,21 +1,24 @@
 """The CUDA backend of conv2d_bias_act (csrc/cuda/conv2d*.cu[h]), forward.
 
 Two parts:
-* the CPU emulation of the kernels' exact index arithmetic (conv2d_cuda_emulation.py: both
-  tensor-core tiles and loaders, the SIMT kernel, the cp.async pipeline's schedule) must
-  equal F.conv2d in float64, every shared slot and output element written exactly once;
+* the CPU emulation of the kernels' exact index arithmetic (conv2d_cuda_emulation.py: every
+  tensor-core tile and loader, the wgmma tiles' swizzled stages as their descriptors read
+  them and their accumulator layout, the SIMT kernel, the cp.async pipeline's schedule)
+  must equal F.conv2d in float64, every shared slot and output element written exactly once;
 * GPU tests (``@pytest.mark.gpu``) of ``torch.ops.pyowt.conv2d_bias_act`` against a float64
   CPU reference, by relative L2 error.
 The backward's kernels and GPU tests: test_conv2d_cuda_backward.py.
 """
 import math
 import random
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ..utils import assert_close_rel, rel_err
+from .conftest import wgmma_tiles_usable
 from .conv2d_cuda_emulation import emulate_simt, emulate_tc, emulate_tc_vector_pipeline
 
 
@@ -55,6 +58,10 @@ def test_emulated_kernels_match_conv2d(case, nhwc_out, one_thread):
             if c % 8 == 0:
                 runs[f"tc 128x{bn}x{bk} vector A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
                                                                 nhwc_out, True, bn, bk)
+        if c % 8 == 0:
+            for bn in (64, 128):
+                runs[f"wgmma 128x{bn}x64"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
+                                                        nhwc_out, True, bn, 64, wgmma=True)
         for name, out in runs.items():
             assert out.shape == ref.shape, name
             assert rel_err(out, ref) < 1e-12, f"{name}: relative error {rel_err(out, ref):.3g}"
@@ -144,14 +151,20 @@ def _check_forward(fwd, x, w, b, args, tol):
 
 @pytest.fixture
 def tile(request, monkeypatch):
-    """Force the tensor-core kernel's tile shape (PYOWT_CUDA_CONV_TILE) for the test."""
+    """Force the tensor-core kernel's tile shape (PYOWT_CUDA_CONV_TILE) for the test; the
+    wgmma tiles only where they can run (an sm_90 GPU, an sm_90a build)."""
+    if request.param.startswith("wgmma") and not wgmma_tiles_usable():
+        pytest.skip("the wgmma tiles need an sm_90 GPU and an extension built for 9.0a")
     monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", request.param)
     return request.param
 
 
 # fp32 runs the SIMT kernel (no tile choice); each 16-bit dtype runs every tile shape
-# (128x128x64 only where the A operand takes the vector loader: C_in % 8 == 0).
-TILES = ("128x64x32", "128x128x32", "128x128x64")
+# (the K-64 ones only where the A operand takes the vector loader: C_in % 8 == 0; the
+# others run as the K-32 WMMA tile of their width).
+WMMA_TILES = ("128x64x32", "128x128x32", "128x128x64")
+WGMMA_TILES = ("wgmma128x64x64", "wgmma128x128x64")
+TILES = WMMA_TILES + WGMMA_TILES
 DTYPE_TILES = [(torch.float32, "auto")] + [(d, t) for d in DTYPES[1:] for t in TILES]
 DTYPE_TILE_IDS = [f"{DTYPE_IDS[d]}-{t}" for d, t in DTYPE_TILES]
 
@@ -177,24 +190,43 @@ def test_forward_alexnet_layers(conv_cuda_ops, tf32, dtype, tile, layer, channel
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS.get)
 def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monkeypatch):
-    # Every shape sums each output's k in the same order (k16 slices in sequence, the same
-    # fragments), so they agree bit for bit; "auto" (timed on the first call, cached after)
-    # returns one of them on every call. ALEXNET[0] (C_in = 3) takes the scalar loader, which
-    # runs 128x128x64 as 128x128x32.
+    # The WMMA shapes sum each output's k in the same order (k16 slices in sequence, the same
+    # fragments), so they agree bit for bit, and so do the two wgmma shapes with each other;
+    # "auto" (timed on the first call, cached after) returns one of them on every call and
+    # never finds a tile disagreeing with 128x64x32 (it would warn). ALEXNET[0] (C_in = 3)
+    # takes the scalar loader, which runs the K-64 shapes as K-32 WMMA ones.
+    tiles = TILES if wgmma_tiles_usable() else WMMA_TILES
     cases = [{**ALEXNET[2], "channels_last": True}, {**ALEXNET[1], "channels_last": False},
              {**CONFIGS[4], "channels_last": True}, {**ALEXNET[0], "channels_last": True}]
     for cfg in cases:
         x, w, b, args = _inputs(cfg, dtype)
         outs = {}
-        for t in TILES + ("auto", "auto"):
-            monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", t)
-            outs.setdefault(t, []).append(conv_cuda_ops[0](x, w, b, *args))
-        for t in TILES[1:] + ("auto",):
-            for out in outs[t]:
-                assert torch.equal(out, outs[TILES[0]][0]), (t, cfg)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in tiles + ("auto", "auto"):
+                monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", t)
+                outs.setdefault(t, []).append(conv_cuda_ops[0](x, w, b, *args))
+        assert not [str(w.message) for w in caught if "differs from" in str(w.message)], cfg
+        for group in (WMMA_TILES, WGMMA_TILES if tiles == TILES else ()):
+            for t in group[1:]:
+                assert torch.equal(outs[t][0], outs[group[0]][0]), (t, cfg)
+        picked = [t for t in tiles if torch.equal(outs["auto"][0], outs[t][0])]
+        assert picked and torch.equal(outs["auto"][1], outs["auto"][0]), cfg
     monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", "256x64x32")
-    with pytest.raises(RuntimeError, match=r'PYOWT_CUDA_CONV_TILE must be "auto", "128x64x32", "128x128x32" '
-                                           r'or "128x128x64", got "256x64x32"'):
+    with pytest.raises(RuntimeError, match=r'PYOWT_CUDA_CONV_TILE must be one of "auto", "128x64x32", '
+                                           r'"128x128x32", "128x128x64", "wgmma128x64x64", '
+                                           r'"wgmma128x128x64", got "256x64x32"'):
+        conv_cuda_ops[0](x, w, b, *args)
+
+
+@pytest.mark.gpu
+def test_forced_wgmma_tile_needs_sm90a(conv_cuda_ops, monkeypatch):
+    if wgmma_tiles_usable():
+        pytest.skip("the wgmma tiles can run here (the other tests run them)")
+    x, w, b, args = _inputs({**ALEXNET[2], "channels_last": True}, torch.bfloat16)
+    monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", "wgmma128x128x64")
+    with pytest.raises(RuntimeError, match=r"wgmma128x128x64 needs an sm_90 GPU \(this one is sm_\d+\) "
+                                           r"and an extension built with 9.0a"):
         conv_cuda_ops[0](x, w, b, *args)
 
 

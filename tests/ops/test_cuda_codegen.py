@@ -1,10 +1,11 @@
 """The CUDA extension's tensor-core conv kernels as compiled for sm_90, checked without a GPU.
 
-The built extension carries sm_90 SASS (the dev/CI build compiles for 9.0); the test pulls
+The built extension carries sm_90a SASS (the dev/CI build compiles for 9.0a); the test pulls
 the conv2d cubin out with cuobjdump and reads the main loop of every conv2d_tc_kernel
-instantiation (fp16/bf16 x 128x64x32/128x128x32/128x128x64 tiles x vector/scalar A loader
-x NHWC/NCHW output; none may touch local memory). Two defects it pins down, both found this
-way and invisible to the CPU emulation in conv2d_cuda_emulation.py:
+instantiation (fp16/bf16 x WMMA 128x64x32/128x128x32/128x128x64 and wgmma 128x64x64/
+128x128x64 tiles x vector/scalar A loader x NHWC/NCHW output; none may touch local memory;
+the wgmma ones must issue Hopper's HGMMA, with no HMMA fallback). Two defects it pins down,
+both found this way and invisible to the CPU emulation in conv2d_cuda_emulation.py:
 
 * nvcc compiled WMMA's bf16 fragment loads as generic 32-bit loads (48 ``LD.E`` per K step)
   where its fp16 loads became 12 ``LDSM`` (ldmatrix); the bf16 loads are now PTX with the
@@ -24,7 +25,8 @@ from pyowt import _extension
 
 from ..sm90_codegen import nvidia_tool, main_loop, sass_functions
 
-KERNEL = re.compile(r"conv2d_tc_kernelIN3c10(?:8(BFloat16)|4(Half))ENS\d+_9TileShapeILi(\d+)ELi(\d+)EEELb([01])ELb([01])E")
+KERNEL = re.compile(r"conv2d_tc_kernelIN3c10(?:8(BFloat16)|4(Half))ENS\d+_9TileShapeILi(\d+)ELi(\d+)ELb([01])EEE"
+                    r"Lb([01])ELb([01])E")
 
 
 def _opcode(line: str) -> str:
@@ -62,21 +64,26 @@ def tc_loops():
     for name, lines in functions.items():
         match = KERNEL.search(name)
         if match:
-            bf16, _, bn, bk, vec_a, nhwc = match.groups()
-            key = ("bf16" if bf16 else "fp16", int(bn), int(bk), vec_a == "1", nhwc == "1")
+            bf16, _, bn, bk, wgmma, vec_a, nhwc = match.groups()
+            key = ("bf16" if bf16 else "fp16", int(bn), int(bk), vec_a == "1", nhwc == "1", wgmma == "1")
             # 128x128 holds 64 fp32 accumulators per thread near the 255-register cap.
             local = _local_memory(lines)
             assert not local, f"{key}: local memory (spills?) {local[:4]}"
             loops[key] = [_opcode(s) for s in main_loop(lines)]
-    # (64, 32) and (128, 32) with both loaders, (128, 64) with the vector loader only
-    assert len(loops) == 20, f"expected 20 conv2d_tc_kernel instantiations, found {sorted(loops)}"
+    # WMMA (64, 32) and (128, 32) with both loaders, (128, 64) with the vector loader only;
+    # wgmma (64, 64) and (128, 64), vector loader only
+    assert len(loops) == 28, f"expected 28 conv2d_tc_kernel instantiations, found {sorted(loops)}"
     return loops
+
+
+def _wmma(loops):
+    return {key[:5]: ops for key, ops in loops.items() if not key[5]}
 
 
 def test_tc_fragments_load_with_ldmatrix(tc_loops):
     # Per warp and K step (bk / 16 k16 slices): a 64 x bn/2 warp tile is 4 x bn/32 WMMA
     # fragments, each two HMMA.16816; its fragment loads are 4 A + bn/32 B LDSM.x4 per slice.
-    for key, ops in tc_loops.items():
+    for key, ops in _wmma(tc_loops).items():
         bn, bk = key[1], key[2]
         mma = sum(op.startswith("HMMA") for op in ops)
         ldsm = sum(op.startswith("LDSM") for op in ops)
@@ -86,8 +93,25 @@ def test_tc_fragments_load_with_ldmatrix(tc_loops):
             f"{key}: {ldsm} LDSM and {len(generic)} generic loads per K step"
 
 
+def test_wgmma_tiles_issue_hgmma(tc_loops):
+    # Per K step of 64: 4 k16 slices x 2 m64 halves = 8 HGMMA 64 x bn x 16 of the warpgroup,
+    # one arrive (wgmma.fence) and one wait, the async-proxy fence before the barrier, no
+    # WMMA/ldmatrix left, the same pipeline shape (one barrier per K step) and no division.
+    wgmma = {key: ops for key, ops in tc_loops.items() if key[5]}
+    assert len(wgmma) == 8, sorted(wgmma)
+    for (dtype, bn, bk, vec_a, nhwc, _), ops in wgmma.items():
+        tile = f"{dtype} wgmma128x{bn}x{bk} nhwc={nhwc}"
+        hgmma = [op for op in ops if op.startswith("HGMMA")]
+        kind = ".BF16" if dtype == "bf16" else ""  # nvdisasm leaves fp16 inputs unsuffixed
+        assert len(hgmma) == 8 and all(op == f"HGMMA.64x{bn}x16.F32{kind}" for op in hgmma), f"{tile}: {hgmma}"
+        assert not [op for op in ops if op.startswith(("HMMA", "LDSM"))], tile
+        assert ops.count("WARPGROUP.ARRIVE") == 1 and sum(op.startswith("WARPGROUP.DEPBAR") for op in ops) == 1, tile
+        assert sum(op.startswith("FENCE.VIEW.ASYNC.S") for op in ops) == 1, tile
+        assert sum(op.startswith("BAR") for op in ops) == 1 and "MUFU.RCP" not in ops, tile
+
+
 def test_tc_vector_path_loop(tc_loops):
-    for (dtype, bn, bk, vec_a, nhwc), ops in tc_loops.items():
+    for (dtype, bn, bk, vec_a, nhwc), ops in _wmma(tc_loops).items():
         tile = f"{dtype} 128x{bn}x{bk} nhwc={nhwc}"
         if vec_a:
             assert "MUFU.RCP" not in ops, f"{tile}: integer division in the main loop"
