@@ -3,7 +3,9 @@
 # ninja and pytest (no network needed):
 #     make gpu-check OUT=<folder>      (or: bash benchmarks/gpu_check.sh <folder>)
 #
-# Build (BUILD_S=200), then the stages in the order STAGES names them (default:
+# Build (BUILD_S=200), a probe of the conv's wgmma tiles in a process of their own
+# (PROBE_S=90; it sets PYOWT_CUDA_CONV_WGMMA for what follows), then the stages in the
+# order STAGES names them (default:
 # "tests conv linear profile host train"), each under its own time limit so a slow one
 # cannot eat the next one's budget (seconds, overridable): the GPU-side tests
 # (TESTS_S=240: tests/ops on the GPU, every backend, plus NCCL on one GPU; pytest-xdist
@@ -58,6 +60,20 @@ fi
 $PY -m pyowt info >> "$S" 2>&1
 if ! $PY -c 'import pyowt, sys; e = pyowt.info()["extension"]; sys.exit(0 if e["loaded"] and e["with_cuda"] else 1)'; then
   log "EXTENSION NOT LOADED WITH CUDA"; exit 1
+fi
+
+# --- the conv's wgmma tiles, tried alone first (benchmarks/probe_wgmma.py) -------------------
+# Written where no Hopper GPU was: a device fault in them would poison whatever process
+# ran them, so they run in one of their own, and the stages below use them (tests,
+# "auto" in the benchmark) only if it passed. A preset PYOWT_CUDA_CONV_WGMMA wins.
+if [ -z "${PYOWT_CUDA_CONV_WGMMA:-}" ]; then
+  timeout "${PROBE_S:-90}" $PY -m benchmarks.probe_wgmma > "$OUT/probe_wgmma.log" 2>&1
+  probe_rc=$?
+  grep -E '^probe_wgmma' "$OUT/probe_wgmma.log" | tee -a "$S"
+  if [ $probe_rc -eq 0 ]; then export PYOWT_CUDA_CONV_WGMMA=1; else export PYOWT_CUDA_CONV_WGMMA=0; fi
+  log "wgmma probe exit $probe_rc: PYOWT_CUDA_CONV_WGMMA=$PYOWT_CUDA_CONV_WGMMA for the stages below"
+  [ $probe_rc -eq 0 ] || tail -20 "$OUT/probe_wgmma.log" | tee -a "$S"
+  rm -f "$OUT/probe_wgmma.log"
 fi
 
 # --- stages, in the order STAGES names them --------------------------------------------

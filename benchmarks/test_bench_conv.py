@@ -15,7 +15,8 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
   Ours: the ``triton`` and, when built, the ``cuda`` backend; in 16-bit forward rows also
   the ``cuda`` backend with each tensor-core tile shape forced (``ours:cuda/128x64x32``,
   ``/128x128x32``, ``/128x128x64``, and on sm_90 with an sm_90a build ``/wgmma128x64x64``,
-  ``/wgmma128x128x64``), next to its own first-call pick (``ours:cuda``).
+  ``/wgmma128x128x64``), next to its own first-call pick (``ours:cuda``; it times the wgmma
+  tiles too with ``PYOWT_CUDA_CONV_WGMMA=1``, which gpu_check.sh sets after its probe).
 * CPU: batch 8 (224x224 inputs: batch 128 would take minutes per layer on a small CPU),
   float32, NCHW, fastest of the repeats; ours is the ``cpu`` backend (the notes column
   says which forward it ran: ``winograd``, our F(2x2, 3x3) kernel, or ``onednn``, the fused
@@ -297,10 +298,12 @@ def _ours_cuda_tile(layer, tile):
 
 
 def _wgmma_usable():
-    """The cuda backend's wgmma tiles can run: an sm_90 GPU and an sm_90a build."""
+    """The cuda backend's wgmma tiles can run (an sm_90 GPU, an sm_90a build) and were not
+    switched off (PYOWT_CUDA_CONV_WGMMA=0: gpu_check.sh's probe failed)."""
     from pyowt import _extension
     return (_extension.STATUS.loaded and bool(_extension.STATUS.module.build_config().get("sm90a"))
-            and torch.cuda.get_device_capability() == (9, 0))
+            and torch.cuda.get_device_capability() == (9, 0)
+            and os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0")
 
 
 def _autotuner_caches():

@@ -4,11 +4,12 @@
 // of its tiles empty when C_out is 192 (AlexNet's conv2) and makes half as many blocks
 // (fewer waves to balance over 132 SMs); K steps of 64 halve the barriers per MMA but need
 // 108 KB of shared memory per block; the wgmma tiles (sm_90a) are Hopper's own tensor-core
-// path. So, like cuDNN's benchmark mode, the first call of each problem (device, dtype,
-// loader, output layout, geometry) times every candidate on the GPU and later calls reuse
-// the fastest. A candidate whose output disagrees with the first candidate's (128x64x32,
-// the shape measured longest) is never picked: the wgmma tiles were written and checked on
-// machines without a Hopper GPU, so the first call checks them against it (warning once).
+// path (candidates only with PYOWT_CUDA_CONV_WGMMA=1, conv2d.cu). So, like cuDNN's
+// benchmark mode, the first call of each problem (device, dtype, loader, output layout,
+// geometry) times every candidate on the GPU and later calls reuse the fastest. A
+// candidate whose output disagrees with the first candidate's (128x64x32, the shape
+// measured longest) is never picked: the wgmma tiles were written and checked on machines
+// without a Hopper GPU, so the first call checks them against it (with a warning).
 // The environment variable PYOWT_CUDA_CONV_TILE = one of kTileNames forces a shape (tests,
 // benchmarks; a problem whose A operand takes the scalar loader, which steps K by 32, runs
 // 128x128x64 and the wgmma tiles as their WMMA K-32 counterparts); "auto" or unset times

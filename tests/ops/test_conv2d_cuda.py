@@ -196,6 +196,8 @@ def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monk
     # never finds a tile disagreeing with 128x64x32 (it would warn). ALEXNET[0] (C_in = 3)
     # takes the scalar loader, which runs the K-64 shapes as K-32 WMMA ones.
     tiles = TILES if wgmma_tiles_usable() else WMMA_TILES
+    if tiles == TILES:
+        monkeypatch.setenv("PYOWT_CUDA_CONV_WGMMA", "1")  # "auto" times them too
     cases = [{**ALEXNET[2], "channels_last": True}, {**ALEXNET[1], "channels_last": False},
              {**CONFIGS[4], "channels_last": True}, {**ALEXNET[0], "channels_last": True}]
     for cfg in cases:
@@ -216,6 +218,14 @@ def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monk
     with pytest.raises(RuntimeError, match=r'PYOWT_CUDA_CONV_TILE must be one of "auto", "128x64x32", '
                                            r'"128x128x32", "128x128x64", "wgmma128x64x64", '
                                            r'"wgmma128x128x64", got "256x64x32"'):
+        conv_cuda_ops[0](x, w, b, *args)
+
+
+@pytest.mark.gpu
+def test_bad_wgmma_switch(conv_cuda_ops, monkeypatch):
+    x, w, b, args = _inputs({**ALEXNET[2], "channels_last": True}, torch.bfloat16)
+    monkeypatch.setenv("PYOWT_CUDA_CONV_WGMMA", "yes")
+    with pytest.raises(RuntimeError, match=r'PYOWT_CUDA_CONV_WGMMA must be "0" or "1", got "yes"'):
         conv_cuda_ops[0](x, w, b, *args)
 
 
