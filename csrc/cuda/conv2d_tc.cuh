@@ -324,8 +324,9 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   // wgmma: 4 k16 steps x 2 m64 halves; the k16 step j starts 32*j bytes into the swizzled
-  // rows. Synchronous (waits for its products): the next barrier frees the stage.
-  auto compute_wgmma = [&](int stage) {
+  // rows. Issued asynchronously; wgmma_wait (before the next barrier, which frees the
+  // stage) waits for the products.
+  auto wgmma_issue = [&](int stage) {
     if constexpr (kWgmma) {
       const uint32_t a0 = shared_address(As + stage * kAStage);
       const uint32_t b0 = shared_address(Bs + stage * kBStage);
@@ -340,7 +341,12 @@ __global__ void __launch_bounds__(kThreads)
               swizzled_descriptor(b0 + ks * 32));
         }
       }
-      wgmma_commit_and_wait_all();
+      wgmma_commit();
+    }
+  };
+  auto wgmma_wait = [&] {
+    if constexpr (kWgmma) {
+      wgmma_wait_all();
       pin_accumulators();
     }
   };
@@ -368,13 +374,6 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   };
-  auto compute = [&](int stage) {
-    if constexpr (kWgmma) {
-      compute_wgmma(stage);
-    } else {
-      compute_wmma(stage);
-    }
-  };
 
   if constexpr (kVecA) {
     // kVecStages-deep cp.async pipeline, one barrier per K step. Tiles load in order into
@@ -396,6 +395,9 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_wait<kVecStages - 2>();
       if constexpr (kWgmma) fence_shared_for_async_proxy();
       __syncthreads();
+      // wgmma: the tensor cores work on tile kt while the warpgroup issues the next loads
+      // (into the stage of tile kt - 1, whose products the last iteration waited for).
+      wgmma_issue(stage);
       const int next = kt + kVecStages - 1;
       if (next < num_kt) {
         const int next_stage = stage == 0 ? kVecStages - 1 : stage - 1;  // next % kVecStages
@@ -403,7 +405,11 @@ __global__ void __launch_bounds__(kThreads)
         load_b(next, next_stage);
       }
       cp_async_commit();
-      compute(stage);
+      if constexpr (kWgmma) {
+        wgmma_wait();
+      } else {
+        compute_wmma(stage);
+      }
       stage = stage == kVecStages - 1 ? 0 : stage + 1;
     }
     cp_async_wait<0>();
@@ -430,7 +436,7 @@ __global__ void __launch_bounds__(kThreads)
         cp_async_wait<0>();
       }
       __syncthreads();
-      compute(stage);
+      compute_wmma(stage);
       if (has_next) store_a_regs(stage ^ 1);
       __syncthreads();
     }

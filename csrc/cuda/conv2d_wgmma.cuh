@@ -56,9 +56,16 @@ __device__ __forceinline__ void wgmma_fence() {
 #endif
 }
 
-__device__ __forceinline__ void wgmma_commit_and_wait_all() {
+__device__ __forceinline__ void wgmma_commit() {
 #if PYOWT_WGMMA
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Waits until every committed wgmma of this warpgroup has completed (its accumulators
+// written, its shared-memory reads done).
+__device__ __forceinline__ void wgmma_wait_all() {
+#if PYOWT_WGMMA
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
@@ -72,7 +79,7 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
 }
 
 // Pins an accumulator register at this point of the program: accumulators read after
-// wgmma_commit_and_wait_all must not be read earlier, and ones written before a wgmma
+// wgmma_wait_all must not be read earlier, and ones written before a wgmma
 // must be written before it.
 __device__ __forceinline__ void pin_register(float& v) { asm volatile("" : "+f"(v)::"memory"); }
 

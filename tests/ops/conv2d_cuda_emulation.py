@@ -317,8 +317,9 @@ def emulate_tc_vector_pipeline(num_kt, stages=3):
     """The vector path's cp.async pipeline (conv2d_tc_kernel, kVecStages) as events per
     thread-uniform step: which tile each stage holds, which commit groups are in flight.
     Asserts: compute(kt) reads a stage holding tile kt whose group has completed; a stage
-    is refilled only after the barrier that follows every read of its previous tile.
-    Returns the tiles computed, in order."""
+    is refilled only after the barrier that follows every read of its previous tile. (The
+    wgmma tiles read stage kt while the iteration's loads are issued: that the stage still
+    holds tile kt after them covers it.) Returns the tiles computed, in order."""
     holds = [None] * stages        # tile whose copies target each stage
     groups = []                    # tile per committed group (None: empty group)
     completed = 0                  # groups known complete (cp.async.wait_group)
