@@ -11,7 +11,7 @@ pre-activation is never stored.
 from __future__ import annotations
 
 from functools import partial
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -183,11 +183,17 @@ if HAS_TRITON:
     from ..kernels import conv2d as _fwd
     from ..kernels import conv2d_backward as _bwd
 
-    def _triton_forward(launch, x, weight, bias, stride, padding, dilation, groups, activation):
+    def _triton_forward(launch, x, weight, bias, stride, padding, dilation, groups, activation,
+                        plan=None):
         """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
-        and None in the eager path (``_TritonConv2dEager``, kernels.autotuned)."""
-        shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
-        out = _empty_out(x, shape)
+        and None in the eager path (``_TritonConv2dEager``, kernels.autotuned), which also
+        passes the call's :class:`_EagerPlan`."""
+        if plan is None:
+            shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
+            out = _empty_out(x, shape)
+        else:
+            shape = plan.shape
+            out = x.new_empty_strided(plan.out_size, plan.out_stride)
         # NHWC operands: a run of input channels is contiguous in x and in each weight row.
         x_cl = x.contiguous(memory_format=torch.channels_last)
         w_cl = weight.contiguous(memory_format=torch.channels_last)
@@ -281,10 +287,63 @@ if HAS_TRITON:
 
     conv2d_bias_act_triton.register_autograd(_conv_triton_backward, setup_context=_setup_context)
 
-    # Eager calls: the same kernels without the registered op's dispatch (launch=None).
+    # Eager calls: the same kernels without the registered op's dispatch (launch=None); the
+    # inputs are the op's eight and the call's _EagerPlan.
     _TritonConv2dEager = eager_autograd_function(
-        "_TritonConv2dEager", partial(_triton_forward, None), _setup_context,
-        lambda ctx, grad: _triton_grads(ctx, grad, partial(_triton_backward, None)))
+        "_TritonConv2dEager", partial(_triton_forward, None),
+        lambda ctx, inputs, output: _setup_context(ctx, inputs[:8], output),
+        lambda ctx, grad: _triton_grads(ctx, grad, partial(_triton_backward, None)) + (None,))
+
+
+class _EagerPlan(NamedTuple):
+    """What an eager Triton call needs besides its tensors, fixed by their metadata."""
+
+    shape: ConvShape
+    args: tuple        # (stride, padding, dilation, groups, activation) as the op takes them
+    out_size: tuple
+    out_stride: tuple
+
+
+# Tensor metadata and conv arguments of eager Triton calls that passed _validate -> their
+# plan. A model repeats a few layer geometries, and on the Triton op's host path (which
+# bounds it at AlexNet's conv3-5 on an H100, benchmarks/RESULTS.md) the checks, the
+# geometry and the output's layout cost ~8 us per call on the dev CPU; the key ~2 us.
+_EAGER_PLANS: Dict[tuple, _EagerPlan] = {}
+_EAGER_PLANS_MAX = 1024
+
+
+def _plain_pair_key(value):
+    """``value`` when it is an int or a pair of ints (bools excluded: they fail _pair), as
+    a hashable key part; None for anything else (such calls are not cached)."""
+    kind = type(value)
+    if kind is int:
+        return value
+    if (kind is tuple or kind is list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return (value[0], value[1])
+    return None
+
+
+def _eager_plan(x, weight, bias, stride, padding, dilation, groups, activation) -> _EagerPlan:
+    """The plan of an eager Triton call, validating the call (raising as :func:`_validate`)
+    the first time its metadata is seen."""
+    sk, pk, dk = _plain_pair_key(stride), _plain_pair_key(padding), _plain_pair_key(dilation)
+    key = None
+    if (sk is not None and pk is not None and dk is not None and type(groups) is int
+            and (activation is None or type(activation) is str)):
+        key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+               None if bias is None else (bias.shape, bias.dtype, bias.device), sk, pk, dk, groups, activation)
+        plan = _EAGER_PLANS.get(key)
+        if plan is not None:
+            return plan
+    shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
+    size = (shape.n, shape.c_out, shape.h_out, shape.w_out)
+    out_stride = torch.empty(size, device="meta", memory_format=_output_format(x)).stride()
+    plan = _EagerPlan(shape, (shape.stride, shape.padding, shape.dilation, shape.groups, act), size, out_stride)
+    if key is not None:
+        if len(_EAGER_PLANS) >= _EAGER_PLANS_MAX:
+            _EAGER_PLANS.clear()
+        _EAGER_PLANS[key] = plan
+    return plan
 
 
 def _validate(x, weight, bias, stride, padding, dilation, groups, activation):
@@ -382,10 +441,11 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                 list(_pair(dilation, "dilation", 1)), _groups(groups), _activation(activation))
         return call_cpp_op(_conv_direct, _conv_cpp, args,
                            lambda: _validate(x, weight, bias, stride, padding, dilation, groups, activation))
+    if chosen == "triton" and python_kernels_callable((x, weight, bias)):
+        plan = _eager_plan(x, weight, bias, stride, padding, dilation, groups, activation)
+        return _TritonConv2dEager.apply(x, weight, bias, *plan.args, plan)
     shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
     args = (list(shape.stride), list(shape.padding), list(shape.dilation), shape.groups, act)
     if chosen == "aten":
         return conv2d_bias_act_reference(x, weight, bias, *args)
-    if python_kernels_callable((x, weight, bias)):
-        return _TritonConv2dEager.apply(x, weight, bias, *args)
     return torch.ops.pyowt.conv2d_bias_act_triton(x, weight, bias, *args)

@@ -102,3 +102,41 @@ def test_launch_skips_the_autotuner_once_tuned(triton_device, monkeypatch):
     assert torch.equal(first, again)
     conv2d_bias_act(x[:1], w, b, 1, 1, backend="triton")  # a new shape is tuned first
     assert len(tuner_runs) == 2 and len(autotuned._PICKED) == 2
+
+
+def test_conv_eager_plans_keep_every_check(triton_device, monkeypatch):
+    # pyowt.ops.conv2d caches, per tensor metadata and conv arguments, what _validate found
+    # for an eager Triton call; a call the cache has seen must still refuse what it refused
+    # before and follow its input's layout.
+    from pyowt.ops import conv2d as conv_mod
+
+    monkeypatch.setattr(conv_mod, "_EAGER_PLANS", {})
+    validations = record_calls(monkeypatch, conv_mod, "_validate")
+    x, w, b = (t.detach() for t in CASES["conv2d"][3](triton_device, seed=4))
+    out = conv2d_bias_act(x, w, b, (2, 2), 1, backend="triton")
+    again = conv2d_bias_act(x, w, b, (2, 2), 1, backend="triton")
+    assert validations == ["_validate"], "the second call of a geometry was validated again"
+    assert torch.equal(out, again) and out.is_contiguous(memory_format=torch.channels_last)
+    # the same shapes in NCHW: another plan, an NCHW output, the same values
+    nchw = conv2d_bias_act(x.contiguous(), w, b, (2, 2), 1, backend="triton")
+    assert nchw.is_contiguous() and torch.equal(nchw, out)
+    with pytest.raises(TypeError, match=r"stride must be an int or a pair of ints, got \(True, True\)"):
+        conv2d_bias_act(x, w, b, (True, True), 1, backend="triton")  # equal to (1, 1) as a key
+    with pytest.raises(TypeError, match="weight dtype torch.float64 differs from x dtype torch.float32"):
+        conv2d_bias_act(x, w.double(), b, (2, 2), 1, backend="triton")
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\), got \(5,\)"):
+        conv2d_bias_act(x, w, b[:5], (2, 2), 1, backend="triton")
+    with pytest.raises(ValueError, match=r"activation must be 'relu', 'none' or None, got \['relu'\]"):
+        conv2d_bias_act(x, w, b, (2, 2), 1, activation=["relu"], backend="triton")
+    assert len(conv_mod._EAGER_PLANS) == 2, "a refused call was cached"
+
+
+def test_conv_eager_plan_cache_is_bounded(triton_device, monkeypatch):
+    from pyowt.ops import conv2d as conv_mod
+
+    monkeypatch.setattr(conv_mod, "_EAGER_PLANS", {})
+    monkeypatch.setattr(conv_mod, "_EAGER_PLANS_MAX", 3)
+    x, w, b = (t.detach() for t in CASES["conv2d"][3](triton_device, seed=5))
+    for padding in range(5):
+        conv2d_bias_act(x, w, b, 1, padding, backend="triton")
+        assert 1 <= len(conv_mod._EAGER_PLANS) <= 3
