@@ -20,10 +20,21 @@ def launch_autotuned(launch, kernel, key: tuple, grid, *args, **kwargs) -> None:
     if launch is not None:
         launch(kernel)[grid](*args, **kwargs)
         return
-    picked = _PICKED.get((kernel, key))
-    if picked is None:
+    run_kwargs = tuned_run_kwargs(kernel, key, grid, kwargs)
+    if run_kwargs is None:
         kernel[grid](*args, **kwargs)
         _PICKED[(kernel, key)] = (kernel.best_config, kernel.best_config.all_kwargs())
     else:
-        config, config_kwargs = picked
-        kernel.fn.run(*args, grid=grid(config.kwargs), warmup=False, **kwargs, **config_kwargs)
+        kernel.fn.run(*args, **run_kwargs)
+
+
+def tuned_run_kwargs(kernel, key: tuple, grid, kwargs: dict):
+    """The keyword arguments with which ``kernel.fn.run(*args, **them)`` launches ``kernel``
+    in the config its autotuner picked for ``key`` (grid evaluated, ``kwargs`` merged), or
+    None while ``key`` is not tuned. A caller that launches the same problem again and
+    again may keep them (see launch_conv2d_fwd's ``memo``)."""
+    picked = _PICKED.get((kernel, key))
+    if picked is None:
+        return None
+    config, config_kwargs = picked
+    return {"grid": grid(config.kwargs), "warmup": False, **kwargs, **config_kwargs}

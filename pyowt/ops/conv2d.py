@@ -198,7 +198,7 @@ if HAS_TRITON:
         x_cl = x.contiguous(memory_format=torch.channels_last)
         w_cl = weight.contiguous(memory_format=torch.channels_last)
         _fwd.launch_conv2d_fwd(launch, x_cl, w_cl, None if bias is None else bias.contiguous(),
-                               out, shape, activation == "relu")
+                               out, shape, activation == "relu", memo=None if plan is None else plan.memo)
         return out
 
     def _triton_backward(launch, grad_out, x, weight, out, stride, padding, dilation, groups,
@@ -302,12 +302,15 @@ class _EagerPlan(NamedTuple):
     args: tuple        # (stride, padding, dilation, groups, activation) as the op takes them
     out_size: tuple
     out_stride: tuple
+    memo: dict         # the forward launch's prepared arguments (kernels.conv2d.launch_conv2d_fwd)
 
 
 # Tensor metadata and conv arguments of eager Triton calls that passed _validate -> their
 # plan. A model repeats a few layer geometries, and on the Triton op's host path (which
 # bounds it at AlexNet's conv3-5 on an H100, benchmarks/RESULTS.md) the checks, the
-# geometry and the output's layout cost ~8 us per call on the dev CPU; the key ~2 us.
+# geometry, the output's layout and the launch's scalar arguments cost ~11 us per call on
+# the dev CPU; the key ~2 us. (The key holds everything the launch's arguments depend on:
+# x's strides, and through them x_cl's, the output's, the alignment hints.)
 _EAGER_PLANS: Dict[tuple, _EagerPlan] = {}
 _EAGER_PLANS_MAX = 1024
 
@@ -338,7 +341,7 @@ def _eager_plan(x, weight, bias, stride, padding, dilation, groups, activation) 
     shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
     size = (shape.n, shape.c_out, shape.h_out, shape.w_out)
     out_stride = torch.empty(size, device="meta", memory_format=_output_format(x)).stride()
-    plan = _EagerPlan(shape, (shape.stride, shape.padding, shape.dilation, shape.groups, act), size, out_stride)
+    plan = _EagerPlan(shape, (shape.stride, shape.padding, shape.dilation, shape.groups, act), size, out_stride, {})
     if key is not None:
         if len(_EAGER_PLANS) >= _EAGER_PLANS_MAX:
             _EAGER_PLANS.clear()

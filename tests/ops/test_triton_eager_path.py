@@ -86,8 +86,10 @@ def test_modes_and_fake_tensors_take_the_registered_op(triton_device, monkeypatc
 
 def test_launch_skips_the_autotuner_once_tuned(triton_device, monkeypatch):
     from pyowt.kernels import autotuned, conv2d as kconv
+    from pyowt.ops import conv2d as conv_mod
 
     monkeypatch.setattr(autotuned, "_PICKED", {})
+    monkeypatch.setattr(conv_mod, "_EAGER_PLANS", {})
     tuner = kconv.conv2d_fwd_kernel
     tuner_runs = []
     monkeypatch.setattr(tuner, "run", lambda *a, real=tuner.run, **k: tuner_runs.append(1) or real(*a, **k))
@@ -97,11 +99,18 @@ def test_launch_skips_the_autotuner_once_tuned(triton_device, monkeypatch):
     (kernel, key), (config, config_kwargs) = next(iter(autotuned._PICKED.items()))
     assert kernel is kconv.conv2d_fwd_kernel and config is kconv.conv2d_fwd_kernel.best_config
     assert config_kwargs == config.all_kwargs()
+    # the eager plan now holds the launch's scalars: the next call passes only tensors
+    (plan,) = conv_mod._EAGER_PLANS.values()
+    assert plan.memo["launch"][1]["grid"] and plan.memo["launch"][1]["warmup"] is False
+    generic = []
+    monkeypatch.setattr(kconv, "launch_autotuned",
+                        lambda *a, real=kconv.launch_autotuned, **k: generic.append("launch_autotuned") or real(*a, **k))
     again = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
     assert len(tuner_runs) == 1, "the second call of a tuned shape went through the autotuner"
+    assert not generic, "the second call did not take the plan's prepared launch"
     assert torch.equal(first, again)
     conv2d_bias_act(x[:1], w, b, 1, 1, backend="triton")  # a new shape is tuned first
-    assert len(tuner_runs) == 2 and len(autotuned._PICKED) == 2
+    assert len(tuner_runs) == 2 and len(autotuned._PICKED) == 2 and generic == ["launch_autotuned"]
 
 
 def test_conv_eager_plans_keep_every_check(triton_device, monkeypatch):
