@@ -34,73 +34,12 @@
 #include <type_traits>
 
 #include "conv2d_common.cuh"
+#include "conv2d_tc_tile.cuh"
 #include "conv2d_wgmma.cuh"
 
 namespace pyowt {
 namespace conv2d_cuda {
 namespace tc {
-
-constexpr int kBM = 128;
-constexpr int kThreads = 128;  // 4 warps, 2 x 2
-constexpr int kWarpM = 64;
-constexpr int kFragM = kWarpM / 16;
-// Pipeline depth: the vector path (cp.async for A and B) keeps kVecStages tiles in flight;
-// the scalar path (A staged through registers) double-buffers.
-constexpr int kVecStages = 3;
-constexpr int kScalarStages = 2;
-constexpr int kMaxStages = kVecStages > kScalarStages ? kVecStages : kScalarStages;
-
-static_assert(kThreads == 32 * (kBM / kWarpM) * 2, "2 x 2 warps");
-static_assert(kBM == kThreads, "scalar A load: one row per thread");
-
-// A block tile: kBM = 128 output pixels x kBN = 64 or 128 channels, K steps of kBK = 32 or
-// 64 (64: the vector path only), multiplied by WMMA or (Wgmma, sm_90a, K steps of 64, vector
-// path only) by wgmma (conv2d_wgmma.cuh), and what follows from them.
-template <int BN, int BK, bool Wgmma = false>
-struct TileShape {
-  static constexpr int kBN = BN;
-  static constexpr int kBK = BK;
-  static constexpr bool kWgmma = Wgmma;
-  static constexpr int kWarpN = kBN / 2;
-  static constexpr int kFragN = kWarpN / 16;
-  // Shared row pitch in elements. WMMA: kBK + 8 (80 or 144 bytes) keeps every 8-element
-  // chunk 16-byte aligned (cp.async, uint4 stores), every 16x16 fragment origin 32-byte
-  // aligned, and puts the 8 rows an ldmatrix reads on different banks. wgmma: 64, the
-  // 128-byte swizzled rows its descriptors describe (the XOR does what the padding does).
-  static constexpr int kLds = kWgmma ? kBK : kBK + 8;
-  static constexpr int kAStage = kBM * kLds;  // elements per A stage
-  static constexpr int kBStage = kBN * kLds;  // elements per B stage
-  // Loaders: a row of the tile is kChunks16 16-byte chunks; thread tid takes chunk
-  // tid % kChunks16 of rows tid / kChunks16 + kRowsPerPass * i.
-  static constexpr int kChunks16 = kBK / 8;
-  static constexpr int kRowsPerPass = kThreads / kChunks16;
-  static constexpr int kAChunks = kBM / kRowsPerPass;  // A chunks per thread (vector path)
-  static constexpr int kBChunks = kBN / kRowsPerPass;  // B chunks per thread
-  static constexpr int kPipeBytes = kMaxStages * (kAStage + kBStage) * 2;
-  // fp32 staging tile for the epilogue; +4 floats per row/column against bank conflicts
-  // (WMMA needs the pitch to be a multiple of 4 floats).
-  static constexpr int kLdcRow = kBN + 4;  // row-major [kBM][kLdcRow] for NHWC output
-  static constexpr int kLdcCol = kBM + 4;  // column-major [kBN][kLdcCol] for NCHW output
-  static constexpr int kCBytes = (kBM * kLdcRow > kBN * kLdcCol ? kBM * kLdcRow : kBN * kLdcCol) * 4;
-  // Dynamic shared memory per block (above 48 KB needs the host's opt-in); wgmma tiles add
-  // the slack that aligns their stages to 1024 bytes.
-  static constexpr int kSmemBytes =
-      (kPipeBytes > kCBytes ? kPipeBytes : kCBytes) + (kWgmma ? kSwizzleAtomBytes : 0);
-
-  static_assert((kBN == 64 || kBN == 128) && (kBK == 32 || kBK == 64), "tile shapes");
-  static_assert(kThreads % kChunks16 == 0 && kBM % kRowsPerPass == 0 && kBN % kRowsPerPass == 0,
-                "whole chunks per thread");
-  // Two blocks of the largest tile must fit an SM's 228 KB (1 KB per block reserved).
-  static_assert(kSmemBytes <= 113 * 1024, "shared memory per block");
-  static_assert(kBN % 8 == 0 && kLdcRow % 4 == 0, "NHWC epilogue: 8-channel runs, 16-byte rows");
-  static_assert(!kWgmma || (kBK * 2 == kSwizzleRowBytes && kRowsPerPass % 8 == 0),
-                "wgmma: one swizzled 128-byte row per K step, a thread's rows in one swizzle phase");
-};
-using Tile128x64x32 = TileShape<64, 32>;
-using Tile128x128x32 = TileShape<128, 32>;
-using Tile128x128x64 = TileShape<128, 64>;                  // vector path only
-using TileWgmma128x64x64 = TileShape<64, 64, true>;         // vector path, sm_90a only
-using TileWgmma128x128x64 = TileShape<128, 64, true>;       // vector path, sm_90a only
 
 // Maps at::Half / at::BFloat16 to the CUDA type WMMA takes (same bits).
 template <typename scalar_t>
@@ -152,6 +91,70 @@ static_assert(sizeof(nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, 
 static_assert(sizeof(nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
                                             nvcuda::wmma::col_major>::x) == 16,
               "bf16 matrix_b fragment: 4 x b32");
+
+// The epilogue's second half: the fp32 tile staged in shared memory (Cs: row-major
+// [kBM][kLdcRow] for NHWC output, column-major [kBN][kLdcCol] for NCHW) plus bias, through
+// the activation, to every in-range element of out, once.
+template <typename scalar_t, typename Tile, bool kNhwcOut>
+__device__ __forceinline__ void store_tile(const ConvParams& p, const float* Cs, int m_block, int n_block,
+                                           const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                                           int tid) {
+  constexpr int kBN = Tile::kBN;
+  constexpr int kLdcRow = Tile::kLdcRow;
+  constexpr int kLdcCol = Tile::kLdcCol;
+  if constexpr (kNhwcOut) {
+    // Eight consecutive channels of one pixel per step: two 16-byte shared loads and one
+    // 16-byte global store when all eight are in range and out (and bias) are 16-byte
+    // aligned with C_out % 8 == 0; element by element otherwise (partial last channel
+    // block, odd C_out, offset views). kBN % 8 == 0, so a run never leaves the tile.
+    const bool vec_out = p.Cout % 8 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
+    const bool vec_bias = bias != nullptr && (reinterpret_cast<uintptr_t>(bias) & 15) == 0;
+    for (int run = tid; run < kBM * kBN / 8; run += kThreads) {
+      const int ml = run / (kBN / 8);
+      const int nl = (run - ml * (kBN / 8)) * 8;
+      const int m = m_block + ml;
+      const int co = n_block + nl;
+      if (m >= p.M) continue;
+      const float4 lo = *reinterpret_cast<const float4*>(Cs + ml * kLdcRow + nl);
+      const float4 hi = *reinterpret_cast<const float4*>(Cs + ml * kLdcRow + nl + 4);
+      float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+      if (vec_out && co + 8 <= p.Cout) {
+        if (vec_bias) {
+          const uint4 braw = *reinterpret_cast<const uint4*>(bias + co);
+          const scalar_t* b8 = reinterpret_cast<const scalar_t*>(&braw);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) v[j] += static_cast<float>(b8[j]);
+        } else if (bias != nullptr) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) v[j] += static_cast<float>(bias[co + j]);
+        }
+        uint4 packed;
+        scalar_t* o8 = reinterpret_cast<scalar_t*>(&packed);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o8[j] = static_cast<scalar_t>(p.relu && v[j] < 0.f ? 0.f : v[j]);
+        *reinterpret_cast<uint4*>(out + out_offset<true>(p, m, co)) = packed;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          if (co + j < p.Cout) {
+            out[out_offset<true>(p, m, co + j)] = static_cast<scalar_t>(epilogue_value(p, v[j], bias, co + j));
+          }
+        }
+      }
+    }
+  } else {
+    for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
+      const int nl = idx / kBM;
+      const int ml = idx - nl * kBM;
+      const float v = Cs[nl * kLdcCol + ml];
+      const int m = m_block + ml;
+      const int co = n_block + nl;
+      if (m < p.M && co < p.Cout) {
+        out[out_offset<false>(p, m, co)] = static_cast<scalar_t>(epilogue_value(p, v, bias, co));
+      }
+    }
+  }
+}
 
 // x: NHWC input as raw 16-bit words; w: (C_out, ldw) weight words; bias may be null.
 // Launched with Tile::kSmemBytes of dynamic shared memory.
@@ -478,58 +481,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  if constexpr (kNhwcOut) {
-    // Eight consecutive channels of one pixel per step: two 16-byte shared loads and one
-    // 16-byte global store when all eight are in range and out (and bias) are 16-byte
-    // aligned with C_out % 8 == 0; element by element otherwise (partial last channel
-    // block, odd C_out, offset views). kBN % 8 == 0, so a run never leaves the tile.
-    const bool vec_out = p.Cout % 8 == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
-    const bool vec_bias = bias != nullptr && (reinterpret_cast<uintptr_t>(bias) & 15) == 0;
-    for (int run = tid; run < kBM * kBN / 8; run += kThreads) {
-      const int ml = run / (kBN / 8);
-      const int nl = (run - ml * (kBN / 8)) * 8;
-      const int m = m_block + ml;
-      const int co = n_block + nl;
-      if (m >= p.M) continue;
-      const float4 lo = *reinterpret_cast<const float4*>(Cs + ml * kLdcRow + nl);
-      const float4 hi = *reinterpret_cast<const float4*>(Cs + ml * kLdcRow + nl + 4);
-      float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      if (vec_out && co + 8 <= p.Cout) {
-        if (vec_bias) {
-          const uint4 braw = *reinterpret_cast<const uint4*>(bias + co);
-          const scalar_t* b8 = reinterpret_cast<const scalar_t*>(&braw);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) v[j] += static_cast<float>(b8[j]);
-        } else if (bias != nullptr) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) v[j] += static_cast<float>(bias[co + j]);
-        }
-        uint4 packed;
-        scalar_t* o8 = reinterpret_cast<scalar_t*>(&packed);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) o8[j] = static_cast<scalar_t>(p.relu && v[j] < 0.f ? 0.f : v[j]);
-        *reinterpret_cast<uint4*>(out + out_offset<true>(p, m, co)) = packed;
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (co + j < p.Cout) {
-            out[out_offset<true>(p, m, co + j)] = static_cast<scalar_t>(epilogue_value(p, v[j], bias, co + j));
-          }
-        }
-      }
-    }
-  } else {
-    for (int idx = tid; idx < kBM * kBN; idx += kThreads) {
-      const int nl = idx / kBM;
-      const int ml = idx - nl * kBM;
-      const float v = Cs[nl * kLdcCol + ml];
-      const int m = m_block + ml;
-      const int co = n_block + nl;
-      if (m < p.M && co < p.Cout) {
-        out[out_offset<false>(p, m, co)] = static_cast<scalar_t>(epilogue_value(p, v, bias, co));
-      }
-    }
-  }
+  store_tile<scalar_t, Tile, kNhwcOut>(p, Cs, m_block, n_block, bias, out, tid);
 #endif
 }
 
