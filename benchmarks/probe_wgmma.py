@@ -36,39 +36,48 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def main() -> int:
-    from pyowt import _extension
+def main(op=None, device: str = "cuda") -> int:
+    """Runs the probe; ``op`` and ``device`` are for tests of the probe itself (a stand-in
+    for torch.ops.pyowt.conv2d_bias_act that reads PYOWT_CUDA_CONV_TILE, on the CPU)."""
+    if op is None:
+        from pyowt import _extension
 
-    if not (torch.cuda.is_available() and _extension.STATUS.loaded):
-        print("probe_wgmma: no CUDA GPU or no extension")
-        return 2
-    if not (_extension.STATUS.module.build_config().get("sm90a")
-            and torch.cuda.get_device_capability() == (9, 0)):
-        print(f"probe_wgmma: the wgmma tiles need an sm_90 GPU and an sm_90a build (this: "
-              f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}, build_config "
-              f"{_extension.STATUS.module.build_config()})")
-        return 2
-    op = torch.ops.pyowt.conv2d_bias_act
+        if not (torch.cuda.is_available() and _extension.STATUS.loaded):
+            print("probe_wgmma: no CUDA GPU or no extension")
+            return 2
+        if not (_extension.STATUS.module.build_config().get("sm90a")
+                and torch.cuda.get_device_capability() == (9, 0)):
+            print(f"probe_wgmma: the wgmma tiles need an sm_90 GPU and an sm_90a build (this: "
+                  f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}, build_config "
+                  f"{_extension.STATUS.module.build_config()})")
+            return 2
+        op = torch.ops.pyowt.conv2d_bias_act
     failures = 0
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
         for n, c, h, w, co, k, stride, pad, cl in SHAPES:
             fmt = torch.channels_last if cl else torch.contiguous_format
-            x = torch.randn(n, c, h, w, generator=g).to("cuda", dtype).contiguous(memory_format=fmt)
-            wt = (torch.randn(co, c, k, k, generator=g) / (c * k * k) ** 0.5).to("cuda", dtype)
-            b = torch.randn(co, generator=g).to("cuda", dtype)
+            x = torch.randn(n, c, h, w, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+            wt = (torch.randn(co, c, k, k, generator=g) / (c * k * k) ** 0.5).to(device, dtype)
+            b = torch.randn(co, generator=g).to(device, dtype)
             args = ([stride] * 2, [pad] * 2, [1, 1], 1, "relu")
             ref = F.relu(F.conv2d(x.double(), wt.double(), b.double(), stride, pad))
             os.environ["PYOWT_CUDA_CONV_TILE"] = "128x64x32"
-            base = op(x, wt, b, *args)
+            try:
+                base = op(x, wt, b, *args)
+            finally:
+                os.environ.pop("PYOWT_CUDA_CONV_TILE", None)
             for tile in TILES:
                 os.environ["PYOWT_CUDA_CONV_TILE"] = tile
                 try:
                     out = op(x, wt, b, *args)
-                    torch.cuda.synchronize()
+                    if out.is_cuda:
+                        torch.cuda.synchronize()
                 except RuntimeError as e:  # a device fault: nothing after it can run
                     print(f"probe_wgmma: {tile} {dtype} {(n, c, h, w, co, k)}: ERROR {e}")
                     return 1
+                finally:
+                    os.environ.pop("PYOWT_CUDA_CONV_TILE", None)
                 err, vs_base = _rel(out, ref), _rel(out, base)
                 ok = err < TOL and vs_base < TOL and out.is_contiguous(memory_format=fmt)
                 failures += not ok

@@ -45,3 +45,42 @@ def test_sweep_conv_triton_runs(capsys, tmp_path):
     assert out.count("best") == 2  # one line per tiny layer
     rows = [r for layer in json.loads(path.read_text())["layers"] for r in layer["rows"]]
     assert rows and all(r["rel_err"] < 1e-5 for r in rows)  # every config computed the conv
+
+
+def _reference_conv_op(wrong_tile=None):
+    """A CPU stand-in for torch.ops.pyowt.conv2d_bias_act that reads PYOWT_CUDA_CONV_TILE
+    as the CUDA op does; the tile ``wrong_tile`` returns a transposed-weight conv."""
+    import os
+
+    import torch
+    import torch.nn.functional as F
+
+    tiles = []
+
+    def op(x, w, b, stride, padding, dilation, groups, activation):
+        tile = os.environ.get("PYOWT_CUDA_CONV_TILE")
+        tiles.append(tile)
+        if tile == wrong_tile:
+            w = w.transpose(2, 3)
+        out = F.relu(F.conv2d(x.float(), w.float(), b.float(), stride, padding, dilation, groups))
+        return out.to(x.dtype).contiguous(memory_format=torch.channels_last if not x.is_contiguous()
+                                          else torch.contiguous_format)
+
+    return op, tiles
+
+
+def test_probe_wgmma_verdicts(capsys):
+    # The GPU check decides from this probe whether the wgmma conv tiles are used at all:
+    # it must pass agreeing tiles, fail a wrong one, and leave the environment as it was.
+    import os
+
+    from benchmarks import probe_wgmma
+
+    op, tiles = _reference_conv_op()
+    assert probe_wgmma.main(op=op, device="cpu") == 0
+    assert set(tiles) == {"128x64x32", *probe_wgmma.TILES} and "PYOWT_CUDA_CONV_TILE" not in os.environ
+    assert "all agree" in capsys.readouterr().out
+    op, _ = _reference_conv_op(wrong_tile="wgmma128x128x64")
+    assert probe_wgmma.main(op=op, device="cpu") == 1
+    out = capsys.readouterr().out
+    assert "wgmma128x128x64" in out and "MISMATCH" in out and "6 mismatches" in out
