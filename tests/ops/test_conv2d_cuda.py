@@ -191,10 +191,11 @@ def test_forward_alexnet_layers(conv_cuda_ops, tf32, dtype, tile, layer, channel
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS.get)
 def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monkeypatch):
     # The WMMA shapes sum each output's k in the same order (k16 slices in sequence, the same
-    # fragments), so they agree bit for bit, and so do the two wgmma shapes with each other;
-    # "auto" (timed on the first call, cached after) returns one of them on every call and
-    # never finds a tile disagreeing with 128x64x32 (it would warn). ALEXNET[0] (C_in = 3)
-    # takes the scalar loader, which runs the K-64 shapes as K-32 WMMA ones.
+    # fragments), so they agree bit for bit; the wgmma shapes (another instruction, whose
+    # internal summation may round differently) agree with them to 16-bit rounding; "auto"
+    # (timed on the first call, cached after) returns one of them on every call and never
+    # finds a tile disagreeing with 128x64x32 (it would warn). ALEXNET[0] (C_in = 3) takes
+    # the scalar loader, which runs the K-64 shapes as K-32 WMMA ones.
     tiles = TILES if wgmma_tiles_usable() else WMMA_TILES
     if tiles == TILES:
         monkeypatch.setenv("PYOWT_CUDA_CONV_WGMMA", "1")  # "auto" times them too
@@ -209,9 +210,10 @@ def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monk
                 monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", t)
                 outs.setdefault(t, []).append(conv_cuda_ops[0](x, w, b, *args))
         assert not [str(w.message) for w in caught if "differs from" in str(w.message)], cfg
-        for group in (WMMA_TILES, WGMMA_TILES if tiles == TILES else ()):
-            for t in group[1:]:
-                assert torch.equal(outs[t][0], outs[group[0]][0]), (t, cfg)
+        for t in WMMA_TILES[1:]:
+            assert torch.equal(outs[t][0], outs[WMMA_TILES[0]][0]), (t, cfg)
+        for t in tiles[len(WMMA_TILES):]:
+            assert_close_rel(outs[t][0], outs[WMMA_TILES[0]][0], dtype, f"{t} vs 128x64x32, {cfg}")
         picked = [t for t in tiles if torch.equal(outs["auto"][0], outs[t][0])]
         assert picked and torch.equal(outs["auto"][1], outs["auto"][0]), cfg
     monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", "256x64x32")
