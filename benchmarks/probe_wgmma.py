@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-TILES = ("wgmma128x64x64", "wgmma128x128x64")
+TILES = ("wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64")
 # (N, C_in, H, W, C_out, kernel, stride, padding, channels_last)
 SHAPES = [
     (8, 192, 13, 13, 384, 3, 1, 1, True),   # AlexNet conv3

@@ -15,7 +15,7 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
   Ours: the ``triton`` and, when built, the ``cuda`` backend; in 16-bit forward rows also
   the ``cuda`` backend with each tensor-core tile shape forced (``ours:cuda/128x64x32``,
   ``/128x128x32``, ``/128x128x64``, and on sm_90 with an sm_90a build ``/wgmma128x64x64``,
-  ``/wgmma128x128x64``), next to its own first-call pick (``ours:cuda``; it times the wgmma
+  ``/wgmma128x96x64``, ``/wgmma128x128x64``), next to its own first-call pick (``ours:cuda``; it times the wgmma
   tiles too with ``PYOWT_CUDA_CONV_WGMMA=1``, which gpu_check.sh sets after its probe).
 * CPU: batch 8 (224x224 inputs: batch 128 would take minutes per layer on a small CPU),
   float32, NCHW, fastest of the repeats; ours is the ``cpu`` backend (the notes column
@@ -367,8 +367,8 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
         impls[f"ours:{be}"] = _ours(layer, be)
     if "cuda" in backends and mode == "fwd" and dtype != torch.float32:
         # each tile shape alone: what the cuda backend's first-call timing chose between
-        for tile in ("128x64x32", "128x128x32", "128x128x64") + (("wgmma128x64x64", "wgmma128x128x64")
-                                                                 if _wgmma_usable() else ()):
+        wgmma = ("wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64") if _wgmma_usable() else ()
+        for tile in ("128x64x32", "128x128x32", "128x128x64") + wgmma:
             impls[f"ours:cuda/{tile}"] = _ours_cuda_tile(layer, tile)
     errors = _errors(impls, layer, xs[0], w, b, mode)  # ours only: before "compile" joins
     extra = ""

@@ -105,7 +105,7 @@ void launch_tc(const ConvParams& p, const uint16_t* x, const uint16_t* w, const 
 }
 
 // K steps of 64 exist for the vector A loader only: the scalar path runs 128x128x64 and
-// the wgmma tiles as the WMMA K-32 tile of their width.
+// the wgmma tiles as a WMMA K-32 tile (128x64x32 for widths up to 96).
 template <typename scalar_t, bool kVecA>
 void launch_tc(TcTile tile, const ConvParams& p, const uint16_t* x, const uint16_t* w, const scalar_t* bias,
                scalar_t* out, bool nhwc_out, cudaStream_t stream) {
@@ -117,6 +117,9 @@ void launch_tc(TcTile tile, const ConvParams& p, const uint16_t* x, const uint16
       case TcTile::kWgmma128x64x64:
         launch_tc<scalar_t, tc::TileWgmma128x64x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
         return;
+      case TcTile::kWgmma128x96x64:
+        launch_tc<scalar_t, tc::TileWgmma128x96x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+        return;
       case TcTile::kWgmma128x128x64:
         launch_tc<scalar_t, tc::TileWgmma128x128x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
         return;
@@ -124,7 +127,7 @@ void launch_tc(TcTile tile, const ConvParams& p, const uint16_t* x, const uint16
         break;
     }
   }
-  if (tile == TcTile::k128x64x32 || tile == TcTile::kWgmma128x64x64) {
+  if (tile == TcTile::k128x64x32 || tile == TcTile::kWgmma128x64x64 || tile == TcTile::kWgmma128x96x64) {
     launch_tc<scalar_t, tc::Tile128x64x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
   } else {
     launch_tc<scalar_t, tc::Tile128x128x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
@@ -174,6 +177,7 @@ void run_tc(const Geometry& g, const ConvParams& p, const at::Tensor& xc, const 
     const bool with_wgmma = vec_a && wgmma_in_auto() && wgmma_usable();
     if (with_wgmma) {
       candidates.push_back(TcTile::kWgmma128x64x64);
+      candidates.push_back(TcTile::kWgmma128x96x64);
       candidates.push_back(TcTile::kWgmma128x128x64);
     }
     // The WMMA tiles are bitwise equal to each other (same k order); the wgmma ones are

@@ -6,9 +6,9 @@
 // 64 x 32), 128x128x32 (warp tiles 64 x 64: twice the MMAs per fragment load, half the
 // blocks, two blocks per SM) and 128x128x64 (the same with half the K steps, so half the
 // barriers and loop overhead per MMA; 108 KB of shared memory, vector path only). On sm_90
-// with an sm_90a build two more run the same block tile on Hopper's wgmma instead of WMMA
-// (128x64x64 and 128x128x64, the 4 warps as one warpgroup, swizzled stages, vector path
-// only: conv2d_wgmma.cuh). The host picks one per problem by timing them
+// with an sm_90a build three more run the same block tile on Hopper's wgmma instead of WMMA
+// (128x64x64, 128x96x64 and 128x128x64, the 4 warps as one warpgroup, swizzled stages,
+// vector path only: conv2d_wgmma.cuh). The host picks one per problem by timing them
 // (conv2d_tile_choice.h). The K loop walks kBK
 // columns at a time through shared-memory stages (three when A arrives by cp.async, two
 // when it is staged through registers):

@@ -57,7 +57,7 @@ struct TileShape {
   static constexpr int kSmemBytes =
       (kPipeBytes > kCBytes ? kPipeBytes : kCBytes) + (kWgmma ? kSwizzleAtomBytes : 0);
 
-  static_assert((kBN == 64 || kBN == 128) && (kBK == 32 || kBK == 64), "tile shapes");
+  static_assert((kBN == 64 || kBN == 128 || (kWgmma && kBN == 96)) && (kBK == 32 || kBK == 64), "tile shapes");
   static_assert(kThreads % kChunks16 == 0 && kBM % kRowsPerPass == 0 && kBN % kRowsPerPass == 0,
                 "whole chunks per thread");
   // Two blocks of the largest tile must fit an SM's 228 KB (1 KB per block reserved).
@@ -70,6 +70,7 @@ using Tile128x64x32 = TileShape<64, 32>;
 using Tile128x128x32 = TileShape<128, 32>;
 using Tile128x128x64 = TileShape<128, 64>;                  // vector path only
 using TileWgmma128x64x64 = TileShape<64, 64, true>;         // vector path, sm_90a only
+using TileWgmma128x96x64 = TileShape<96, 64, true>;         // vector path, sm_90a only
 using TileWgmma128x128x64 = TileShape<128, 64, true>;       // vector path, sm_90a only
 
 }  // namespace tc

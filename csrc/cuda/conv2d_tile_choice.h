@@ -4,7 +4,8 @@
 // of its tiles empty when C_out is 192 (AlexNet's conv2) and makes half as many blocks
 // (fewer waves to balance over 132 SMs); K steps of 64 halve the barriers per MMA but need
 // 108 KB of shared memory per block; the wgmma tiles (sm_90a) are Hopper's own tensor-core
-// path (candidates only with PYOWT_CUDA_CONV_WGMMA=1, conv2d.cu). So, like cuDNN's
+// path, 96 wide among them (AlexNet's 192/384 channels; fuller last waves at 256 channels)
+// (candidates only with PYOWT_CUDA_CONV_WGMMA=1, conv2d.cu). So, like cuDNN's
 // benchmark mode, the first call of each problem (device, dtype, loader, output layout,
 // geometry) times every candidate on the GPU and later calls reuse the fastest. A
 // candidate whose output disagrees with the first candidate's (128x64x32, the shape
@@ -38,12 +39,19 @@
 namespace pyowt {
 namespace conv2d_cuda {
 
-enum class TcTile : int { k128x64x32, k128x128x32, k128x128x64, kWgmma128x64x64, kWgmma128x128x64 };
+enum class TcTile : int {
+  k128x64x32,
+  k128x128x32,
+  k128x128x64,
+  kWgmma128x64x64,
+  kWgmma128x96x64,
+  kWgmma128x128x64
+};
 
 constexpr std::pair<TcTile, const char*> kTileNames[] = {
     {TcTile::k128x64x32, "128x64x32"},           {TcTile::k128x128x32, "128x128x32"},
     {TcTile::k128x128x64, "128x128x64"},         {TcTile::kWgmma128x64x64, "wgmma128x64x64"},
-    {TcTile::kWgmma128x128x64, "wgmma128x128x64"}};
+    {TcTile::kWgmma128x96x64, "wgmma128x96x64"}, {TcTile::kWgmma128x128x64, "wgmma128x128x64"}};
 
 inline const char* tile_name(TcTile tile) {
   for (const auto& [t, name] : kTileNames) {
@@ -52,7 +60,9 @@ inline const char* tile_name(TcTile tile) {
   return "?";
 }
 
-inline bool is_wgmma(TcTile tile) { return tile == TcTile::kWgmma128x64x64 || tile == TcTile::kWgmma128x128x64; }
+inline bool is_wgmma(TcTile tile) {
+  return tile == TcTile::kWgmma128x64x64 || tile == TcTile::kWgmma128x96x64 || tile == TcTile::kWgmma128x128x64;
+}
 
 // The shape PYOWT_CUDA_CONV_TILE forces, or nullopt for "auto" / unset.
 inline std::optional<TcTile> forced_tile(const char* op) {

@@ -1,5 +1,7 @@
 // Hopper warpgroup MMA (wgmma, sm_90a) for the tensor-core conv kernel's wgmma tiles
-// (conv2d_tc.cuh, TileShape<..., kWgmma = true>).
+// (conv2d_tc.cuh, TileShape<..., kWgmma = true>: 64, 96 or 128 channels wide; 96 because
+// AlexNet's 192 and 384 channels are multiples of it and its 507 blocks for conv4 and conv5
+// at batch 128 make 1.9 waves on 132 SMs at two blocks each, where 128-wide tiles make 1.3).
 //
 // Why: on an H100 the WMMA tiles (mma.sync, HMMA in SASS) measured 145-180 TFLOP/s on
 // AlexNet's conv2-5 where cuDNN reached 290-410 (benchmarks/RESULTS.md); wgmma is the
@@ -86,6 +88,9 @@ __device__ __forceinline__ void pin_register(float& v) { asm volatile("" : "+f"(
 #define PYOWT_WGMMA_REGS32                                                            \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "             \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define PYOWT_WGMMA_REGS48                                                            \
+  PYOWT_WGMMA_REGS32 ", "                                                             \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
 #define PYOWT_WGMMA_REGS64                                                            \
   PYOWT_WGMMA_REGS32 ", "                                                             \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
@@ -96,6 +101,10 @@ __device__ __forceinline__ void pin_register(float& v) { asm volatile("" : "+f"(
       "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),       \
       "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),       \
       "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define PYOWT_WGMMA_ACC48(d)                                                                          \
+  PYOWT_WGMMA_ACC32(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), \
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]),       \
+      "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
 #define PYOWT_WGMMA_ACC64(d)                                                                          \
   PYOWT_WGMMA_ACC32(d), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), \
       "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]),       \
@@ -114,12 +123,16 @@ __device__ __forceinline__ void pin_register(float& v) { asm volatile("" : "+f"(
 // fp32 accumulators d (kN / 2 per thread).
 template <int kN, bool kBf16>
 __device__ __forceinline__ void wgmma_m64k16(float (&d)[kN / 2], uint64_t desc_a, uint64_t desc_b) {
-  static_assert(kN == 64 || kN == 128, "wgmma tiles are 64 or 128 channels wide");
+  static_assert(kN == 64 || kN == 96 || kN == 128, "wgmma tiles are 64, 96 or 128 channels wide");
 #if PYOWT_WGMMA
   if constexpr (kN == 64 && kBf16) {
     PYOWT_WGMMA_ASM("m64n64k16.f32.bf16.bf16", PYOWT_WGMMA_REGS32, "%32", "%33", "%34", PYOWT_WGMMA_ACC32(d));
   } else if constexpr (kN == 64) {
     PYOWT_WGMMA_ASM("m64n64k16.f32.f16.f16", PYOWT_WGMMA_REGS32, "%32", "%33", "%34", PYOWT_WGMMA_ACC32(d));
+  } else if constexpr (kN == 96 && kBf16) {
+    PYOWT_WGMMA_ASM("m64n96k16.f32.bf16.bf16", PYOWT_WGMMA_REGS48, "%48", "%49", "%50", PYOWT_WGMMA_ACC48(d));
+  } else if constexpr (kN == 96) {
+    PYOWT_WGMMA_ASM("m64n96k16.f32.f16.f16", PYOWT_WGMMA_REGS48, "%48", "%49", "%50", PYOWT_WGMMA_ACC48(d));
   } else if constexpr (kBf16) {
     PYOWT_WGMMA_ASM("m64n128k16.f32.bf16.bf16", PYOWT_WGMMA_REGS64, "%64", "%65", "%66", PYOWT_WGMMA_ACC64(d));
   } else {
@@ -132,8 +145,10 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[kN / 2], uint64_t desc_a
 
 #undef PYOWT_WGMMA_ASM
 #undef PYOWT_WGMMA_ACC64
+#undef PYOWT_WGMMA_ACC48
 #undef PYOWT_WGMMA_ACC32
 #undef PYOWT_WGMMA_REGS64
+#undef PYOWT_WGMMA_REGS48
 #undef PYOWT_WGMMA_REGS32
 
 }  // namespace tc

@@ -59,7 +59,7 @@ def test_emulated_kernels_match_conv2d(case, nhwc_out, one_thread):
                 runs[f"tc 128x{bn}x{bk} vector A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
                                                                 nhwc_out, True, bn, bk)
         if c % 8 == 0:
-            for bn in (64, 128):
+            for bn in (64, 96, 128):
                 runs[f"wgmma 128x{bn}x64"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
                                                         nhwc_out, True, bn, 64, wgmma=True)
         for name, out in runs.items():
@@ -163,7 +163,7 @@ def tile(request, monkeypatch):
 # (the K-64 ones only where the A operand takes the vector loader: C_in % 8 == 0; the
 # others run as the K-32 WMMA tile of their width).
 WMMA_TILES = ("128x64x32", "128x128x32", "128x128x64")
-WGMMA_TILES = ("wgmma128x64x64", "wgmma128x128x64")
+WGMMA_TILES = ("wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64")
 TILES = WMMA_TILES + WGMMA_TILES
 DTYPE_TILES = [(torch.float32, "auto")] + [(d, t) for d in DTYPES[1:] for t in TILES]
 DTYPE_TILE_IDS = [f"{DTYPE_IDS[d]}-{t}" for d, t in DTYPE_TILES]
@@ -219,7 +219,7 @@ def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monk
     monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", "256x64x32")
     with pytest.raises(RuntimeError, match=r'PYOWT_CUDA_CONV_TILE must be one of "auto", "128x64x32", '
                                            r'"128x128x32", "128x128x64", "wgmma128x64x64", '
-                                           r'"wgmma128x128x64", got "256x64x32"'):
+                                           r'"wgmma128x96x64", "wgmma128x128x64", got "256x64x32"'):
         conv_cuda_ops[0](x, w, b, *args)
 
 
