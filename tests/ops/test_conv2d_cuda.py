@@ -174,6 +174,9 @@ DTYPE_TILE_IDS = [f"{DTYPE_IDS[d]}-{t}" for d, t in DTYPE_TILES]
 @pytest.mark.parametrize("dtype,tile", DTYPE_TILES, ids=DTYPE_TILE_IDS, indirect=["tile"])
 @pytest.mark.parametrize("index", range(len(CONFIGS)))
 def test_forward_random_configs(conv_cuda_ops, tf32, dtype, tile, index):
+    if tile in WGMMA_TILES and CONFIGS[index]["c"] % 8:
+        pytest.skip("C_in % 8 != 0: the scalar loader runs a wgmma request as a WMMA K-32 tile, "
+                    "which this grid tests under its own name")
     _check_forward(conv_cuda_ops[0], *_inputs(CONFIGS[index], dtype), tol=None)
 
 
