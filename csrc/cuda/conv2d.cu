@@ -170,11 +170,13 @@ void run_tc(const Geometry& g, const ConvParams& p, const at::Tensor& xc, const 
               at::cuda::getCurrentDeviceProperties()->minor, ") and an extension built with 9.0a in "
               "TORCH_CUDA_ARCH_LIST (this one: ", PYOWT_SM90A ? "yes" : "no", ")");
   if (!tile) {
+    const bool with_wgmma = vec_a && wgmma_in_auto() && wgmma_usable();
+    // The candidates are part of the key: switching PYOWT_CUDA_CONV_WGMMA takes effect at once.
     const TileKey key{xc.get_device(), static_cast<int64_t>(xc.scalar_type()), vec_a, nhwc_out, b != nullptr,
-                      g.N, g.C, g.H, g.W, g.Cout, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, p.relu};
+                      g.N, g.C, g.H, g.W, g.Cout, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, p.relu,
+                      with_wgmma};
     std::vector<TcTile> candidates{TcTile::k128x64x32, TcTile::k128x128x32};
     if (vec_a) candidates.push_back(TcTile::k128x128x64);
-    const bool with_wgmma = vec_a && wgmma_in_auto() && wgmma_usable();
     if (with_wgmma) {
       candidates.push_back(TcTile::kWgmma128x64x64);
       candidates.push_back(TcTile::kWgmma128x96x64);

@@ -77,7 +77,7 @@ inline std::optional<TcTile> forced_tile(const char* op) {
   return std::nullopt;  // unreachable
 }
 
-using TileKey = std::array<int64_t, 19>;
+using TileKey = std::array<int64_t, 20>;
 
 // The fastest of `candidates` for `key`, timing `launch(shape)` on `stream` the first time
 // (a warm-up launch and three timed ones per shape; every launch writes the same output,
