@@ -40,16 +40,12 @@ def main(op=None, device: str = "cuda") -> int:
     """Runs the probe; ``op`` and ``device`` are for tests of the probe itself (a stand-in
     for torch.ops.pyowt.conv2d_bias_act that reads PYOWT_CUDA_CONV_TILE, on the CPU)."""
     if op is None:
-        from pyowt import _extension
+        from pyowt import info
+        from pyowt.ops.conv2d import cuda_wgmma_tiles_available
 
-        if not (torch.cuda.is_available() and _extension.STATUS.loaded):
-            print("probe_wgmma: no CUDA GPU or no extension")
-            return 2
-        if not (_extension.STATUS.module.build_config().get("sm90a")
-                and torch.cuda.get_device_capability() == (9, 0)):
-            print(f"probe_wgmma: the wgmma tiles need an sm_90 GPU and an sm_90a build (this: "
-                  f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}, build_config "
-                  f"{_extension.STATUS.module.build_config()})")
+        if not cuda_wgmma_tiles_available():
+            print(f"probe_wgmma: the wgmma tiles need an sm_90 GPU and an extension built for sm_90a "
+                  f"(GPUs: {info()['devices']}, extension: {info()['extension'].get('compiled')})")
             return 2
         op = torch.ops.pyowt.conv2d_bias_act
     failures = 0

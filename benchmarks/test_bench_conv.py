@@ -300,10 +300,8 @@ def _ours_cuda_tile(layer, tile):
 def _wgmma_usable():
     """The cuda backend's wgmma tiles can run (an sm_90 GPU, an sm_90a build) and were not
     switched off (PYOWT_CUDA_CONV_WGMMA=0: gpu_check.sh's probe failed)."""
-    from pyowt import _extension
-    return (_extension.STATUS.loaded and bool(_extension.STATUS.module.build_config().get("sm90a"))
-            and torch.cuda.get_device_capability() == (9, 0)
-            and os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0")
+    from pyowt.ops.conv2d import cuda_wgmma_tiles_available
+    return os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0" and cuda_wgmma_tiles_available()
 
 
 def _autotuner_caches():

@@ -23,8 +23,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -49,19 +47,6 @@ constexpr const char* kFwd = "conv2d_bias_act";
 bool wgmma_usable() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   return PYOWT_SM90A && prop->major == 9 && prop->minor == 0;
-}
-
-// Whether the first-call timing considers the wgmma tiles: PYOWT_CUDA_CONV_WGMMA=1 opts in,
-// "0" or unset leaves them out. Off by default until they have run on a Hopper GPU (they
-// were written and checked where none was): a wrong descriptor there could fault the
-// device, which no output check can catch (benchmarks/probe_wgmma.py tries them in a
-// process of its own).
-bool wgmma_in_auto() {
-  const char* env = std::getenv("PYOWT_CUDA_CONV_WGMMA");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "1") == 0, kFwd, ": PYOWT_CUDA_CONV_WGMMA must be \"0\" or \"1\", got \"", env,
-              "\"");
-  return true;
 }
 
 // act(at::convolution(...) + bias) in x's memory format.
@@ -170,7 +155,7 @@ void run_tc(const Geometry& g, const ConvParams& p, const at::Tensor& xc, const 
               at::cuda::getCurrentDeviceProperties()->minor, ") and an extension built with 9.0a in "
               "TORCH_CUDA_ARCH_LIST (this one: ", PYOWT_SM90A ? "yes" : "no", ")");
   if (!tile) {
-    const bool with_wgmma = vec_a && wgmma_in_auto() && wgmma_usable();
+    const bool with_wgmma = vec_a && wgmma_in_auto(kFwd) && wgmma_usable();
     // The candidates are part of the key: switching PYOWT_CUDA_CONV_WGMMA takes effect at once.
     const TileKey key{xc.get_device(), static_cast<int64_t>(xc.scalar_type()), vec_a, nhwc_out, b != nullptr,
                       g.N, g.C, g.H, g.W, g.Cout, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, p.relu,

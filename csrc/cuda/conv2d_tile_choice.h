@@ -77,6 +77,19 @@ inline std::optional<TcTile> forced_tile(const char* op) {
   return std::nullopt;  // unreachable
 }
 
+// Whether the first-call timing considers the wgmma tiles: PYOWT_CUDA_CONV_WGMMA=1 opts in,
+// "0" or unset leaves them out. Off by default until they have run on a Hopper GPU (they
+// were written and checked where none was): a wrong descriptor there could fault the
+// device, which no output check can catch (benchmarks/probe_wgmma.py tries them in a
+// process of its own).
+inline bool wgmma_in_auto(const char* op) {
+  const char* env = std::getenv("PYOWT_CUDA_CONV_WGMMA");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "1") == 0, op, ": PYOWT_CUDA_CONV_WGMMA must be \"0\" or \"1\", got \"", env,
+              "\"");
+  return true;
+}
+
 using TileKey = std::array<int64_t, 20>;
 
 // The fastest of `candidates` for `key`, timing `launch(shape)` on `stream` the first time

@@ -52,33 +52,25 @@ __device__ __forceinline__ uint64_t swizzled_descriptor(uint32_t addr) {
          (static_cast<uint64_t>(kSwizzleAtomBytes >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
 }
 
-__device__ __forceinline__ void wgmma_fence() {
+// An sm_90a-only instruction without operands (nothing on other targets).
 #if PYOWT_WGMMA
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#define PYOWT_SM90A_ASM(text) asm volatile(text "\n" ::: "memory")
+#else
+#define PYOWT_SM90A_ASM(text)
 #endif
-}
 
-__device__ __forceinline__ void wgmma_commit() {
-#if PYOWT_WGMMA
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-
+__device__ __forceinline__ void wgmma_fence() { PYOWT_SM90A_ASM("wgmma.fence.sync.aligned;"); }
+__device__ __forceinline__ void wgmma_commit() { PYOWT_SM90A_ASM("wgmma.commit_group.sync.aligned;"); }
 // Waits until every committed wgmma of this warpgroup has completed (its accumulators
 // written, its shared-memory reads done).
-__device__ __forceinline__ void wgmma_wait_all() {
-#if PYOWT_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
-
+__device__ __forceinline__ void wgmma_wait_all() { PYOWT_SM90A_ASM("wgmma.wait_group.sync.aligned 0;"); }
 // Shared memory written by the generic proxy (cp.async, st.shared) is read by wgmma through
 // the async proxy: each writer fences after its writes land, before the barrier.
 __device__ __forceinline__ void fence_shared_for_async_proxy() {
-#if PYOWT_WGMMA
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
+  PYOWT_SM90A_ASM("fence.proxy.async.shared::cta;");
 }
+
+#undef PYOWT_SM90A_ASM
 
 // Pins an accumulator register at this point of the program: accumulators read after
 // wgmma_wait_all must not be read earlier, and ones written before a wgmma

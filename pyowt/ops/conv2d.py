@@ -55,6 +55,16 @@ def cuda_kernel_preferred(x: torch.Tensor, weight: torch.Tensor, groups: int) ->
             and _checks.preferred_memory_format(x, 1) == torch.channels_last)
 
 
+def cuda_wgmma_tiles_available() -> bool:
+    """Whether the ``cuda`` backend's wgmma tiles (csrc/cuda/conv2d_wgmma.cuh) can run here:
+    an extension compiled for sm_90a and a current CUDA device of compute capability 9.0,
+    what csrc/cuda/conv2d.cu's ``wgmma_usable`` checks. (The first-call tile timing also
+    needs ``PYOWT_CUDA_CONV_WGMMA=1`` to consider them.)"""
+    return (_extension.STATUS.loaded and torch.cuda.is_available()
+            and bool(_extension.STATUS.module.build_config().get("sm90a"))
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
 class ConvShape(NamedTuple):
     """Sizes of one conv2d: x (n, c_in, h, w), weight (c_out, c_in/groups, r, s)."""
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pyowt import _extension
+from pyowt.ops.conv2d import cuda_wgmma_tiles_available
 
 from ..utils import fp32_precision, torch_threads
 
@@ -38,11 +39,7 @@ def conv_cuda_ops():
 
 
 def wgmma_tiles_usable() -> bool:
-    """Whether the CUDA conv's wgmma tiles can run here: an sm_90 GPU and an extension
-    compiled for sm_90a (csrc/cuda/conv2d.cu, wgmma_usable), and PYOWT_CUDA_CONV_WGMMA is
-    not "0" (benchmarks/gpu_check.sh sets it so when they failed its probe: a device fault
-    would take the other tests of the worker down with them)."""
-    return (_extension.STATUS.loaded and torch.cuda.is_available()
-            and os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0"
-            and bool(_extension.STATUS.module.build_config().get("sm90a"))
-            and torch.cuda.get_device_capability() == (9, 0))
+    """Whether the CUDA conv's wgmma tiles can run here (cuda_wgmma_tiles_available) and
+    PYOWT_CUDA_CONV_WGMMA is not "0" (benchmarks/gpu_check.sh sets it so when they failed
+    its probe: a device fault would take the other tests of the worker down with them)."""
+    return os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0" and cuda_wgmma_tiles_available()
