@@ -16,11 +16,12 @@ GPU or no sm_90a build).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks import environ
 
 TILES = ("wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64")
 # (N, C_in, H, W, C_out, kernel, stride, padding, channels_last)
@@ -58,22 +59,17 @@ def main(op=None, device: str = "cuda") -> int:
             b = torch.randn(co, generator=g).to(device, dtype)
             args = ([stride] * 2, [pad] * 2, [1, 1], 1, "relu")
             ref = F.relu(F.conv2d(x.double(), wt.double(), b.double(), stride, pad))
-            os.environ["PYOWT_CUDA_CONV_TILE"] = "128x64x32"
-            try:
+            with environ("PYOWT_CUDA_CONV_TILE", "128x64x32"):
                 base = op(x, wt, b, *args)
-            finally:
-                os.environ.pop("PYOWT_CUDA_CONV_TILE", None)
             for tile in TILES:
-                os.environ["PYOWT_CUDA_CONV_TILE"] = tile
                 try:
-                    out = op(x, wt, b, *args)
-                    if out.is_cuda:
-                        torch.cuda.synchronize()
+                    with environ("PYOWT_CUDA_CONV_TILE", tile):
+                        out = op(x, wt, b, *args)
+                        if out.is_cuda:
+                            torch.cuda.synchronize()
                 except RuntimeError as e:  # a device fault: nothing after it can run
                     print(f"probe_wgmma: {tile} {dtype} {(n, c, h, w, co, k)}: ERROR {e}")
                     return 1
-                finally:
-                    os.environ.pop("PYOWT_CUDA_CONV_TILE", None)
                 err, vs_base = _rel(out, ref), _rel(out, base)
                 ok = err < TOL and vs_base < TOL and out.is_contiguous(memory_format=fmt)
                 failures += not ok

@@ -15,8 +15,9 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
   Ours: the ``triton`` and, when built, the ``cuda`` backend; in 16-bit forward rows also
   the ``cuda`` backend with each tensor-core tile shape forced (``ours:cuda/128x64x32``,
   ``/128x128x32``, ``/128x128x64``, and on sm_90 with an sm_90a build ``/wgmma128x64x64``,
-  ``/wgmma128x96x64``, ``/wgmma128x128x64``), next to its own first-call pick (``ours:cuda``; it times the wgmma
-  tiles too with ``PYOWT_CUDA_CONV_WGMMA=1``, which gpu_check.sh sets after its probe).
+  ``/wgmma128x96x64``, ``/wgmma128x128x64``), next to its own first-call pick
+  (``ours:cuda``; it times the wgmma tiles too with ``PYOWT_CUDA_CONV_WGMMA=1``, which
+  gpu_check.sh sets after its probe).
 * CPU: batch 8 (224x224 inputs: batch 128 would take minutes per layer on a small CPU),
   float32, NCHW, fastest of the repeats; ours is the ``cpu`` backend (the notes column
   says which forward it ran: ``winograd``, our F(2x2, 3x3) kernel, or ``onednn``, the fused
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import pyowt
-from benchmarks import ERR_TOL, rel_l2
+from benchmarks import ERR_TOL, environ, rel_l2
 from pyowt.ops import conv2d_bias_act
 from pyowt.ops.backend import unavailable_reason
 
@@ -285,15 +286,8 @@ def _ours_cuda_tile(layer, tile):
     run = _ours(layer, "cuda")
 
     def forced(x, w, b):
-        saved = os.environ.get("PYOWT_CUDA_CONV_TILE")
-        os.environ["PYOWT_CUDA_CONV_TILE"] = tile
-        try:
+        with environ("PYOWT_CUDA_CONV_TILE", tile):
             return run(x, w, b)
-        finally:
-            if saved is None:
-                del os.environ["PYOWT_CUDA_CONV_TILE"]
-            else:
-                os.environ["PYOWT_CUDA_CONV_TILE"] = saved
     return forced
 
 
