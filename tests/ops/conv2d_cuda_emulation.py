@@ -227,11 +227,13 @@ def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=
         tile_pos = ((torch.arange(BM)[:, None] * LDC_ROW + torch.arange(BN)) if nhwc_out
                     else (torch.arange(BN)[:, None] * LDC_COL + torch.arange(BM)))
         assert bool((cs_cnt[tile_pos] == 1).all()) and int(cs_cnt.sum()) == BM * BN
-    for m0 in range(0, BM if not wgmma else 0, 16):
-        for n0 in range(0, BN, 16):
-            pos = (m0 + a) * LDC_ROW + n0 + b if nhwc_out else (n0 + b) * LDC_COL + m0 + a
-            assert int(pos.max()) < SMEM // 4
-            cs[:, :, pos] = acc[:, :, m0:m0 + 16, n0:n0 + 16]
+    else:  # WMMA: 16x16 fragments stored row- or column-major
+        for m0 in range(0, BM, 16):
+            for n0 in range(0, BN, 16):
+                pos = (m0 + a) * LDC_ROW + n0 + b if nhwc_out else (n0 + b) * LDC_COL + m0 + a
+                assert int(pos.max()) < SMEM // 4
+                cs[:, :, pos] = acc[:, :, m0:m0 + 16, n0:n0 + 16]
+
     def store(ml, nl, v):
         m = torch.arange(gm)[:, None, None] * BM + ml
         co = torch.arange(gn)[None, :, None] * BN + nl
