@@ -72,7 +72,7 @@ if [ -z "${PYOWT_CUDA_CONV_WGMMA:-}" ]; then
   grep -E '^probe_wgmma' "$OUT/probe_wgmma.log" | tee -a "$S"
   if [ $probe_rc -eq 0 ]; then export PYOWT_CUDA_CONV_WGMMA=1; else export PYOWT_CUDA_CONV_WGMMA=0; fi
   log "wgmma probe exit $probe_rc: PYOWT_CUDA_CONV_WGMMA=$PYOWT_CUDA_CONV_WGMMA for the stages below"
-  [ $probe_rc -eq 0 ] || tail -20 "$OUT/probe_wgmma.log" | tee -a "$S"
+  [ $probe_rc -eq 0 ] || grep -v '^probe_wgmma' "$OUT/probe_wgmma.log" | tail -20 | tee -a "$S"  # a traceback
   rm -f "$OUT/probe_wgmma.log"
 fi
 
