@@ -40,6 +40,7 @@ import triton.language as tl
 
 from . import ceil_div, interpreter_enabled
 from .autotuned import launch_autotuned, tuned_run_kwargs
+from .relaunch import CompiledLaunch
 
 INT32_MAX = 2**31 - 1
 # Below this many input channels per group the flat k walk wastes less of each MMA.
@@ -349,12 +350,20 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
         memo: a dict the caller keeps for calls whose arguments match this one's in all but
             the tensors' data (shapes, strides, dtypes, device, bias or not, ``relu``): the
             eager path's plan (pyowt.ops.conv2d). Once the kernel is tuned the launch keeps
-            its scalar arguments there and later calls only pass the tensors (eager, unpacked
-            launches only).
+            its scalar arguments there and later calls only pass the tensors, and once it
+            has run from there, the compiled kernel (kernels.relaunch: later calls skip
+            Triton's JITFunction.run). Eager, unpacked launches only.
     """
     if memo:
+        b_arg = w_cl if bias is None else bias
+        relaunch = memo.get("relaunch")
+        if relaunch and relaunch(x, w_cl, b_arg, y):
+            return
         scalars, run_kwargs = memo["launch"]
-        conv2d_fwd_kernel.fn.run(x, w_cl, w_cl if bias is None else bias, y, *scalars, **run_kwargs)
+        compiled = conv2d_fwd_kernel.fn.run(x, w_cl, b_arg, y, *scalars, **run_kwargs)
+        if relaunch is None:
+            memo["relaunch"] = CompiledLaunch.capture(conv2d_fwd_kernel.fn, compiled, (x, w_cl, b_arg, y) + scalars,
+                                                      run_kwargs, num_tensors=4) or False
         return
     check_int32_images(shape)
     c = shape.c_in // shape.groups

@@ -1,0 +1,94 @@
+"""kernels.relaunch: the conv forward's eager calls relaunch the compiled kernel once the
+plan has seen it, skipping Triton's JITFunction.run, and fall back to it whenever Triton
+would have launched something else."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyowt.ops import conv2d_bias_act
+from pyowt.ops.conv2d import conv2d_bias_act_reference
+
+from ..utils import assert_close_rel
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+def test_relaunch_matches_triton_jit_without_gpu():
+    # tests/triton_relaunch_check.py: Triton's own JITFunction.run with a stand-in driver and
+    # a recording launcher, in a process without TRITON_INTERPRET.
+    if not _nvidia_backend():
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYOWT_TRITON_RELAUNCH")}
+    proc = subprocess.run([sys.executable, "-m", "tests.triton_relaunch_check"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    checks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(checks) >= 14, checks
+    failed = {name: detail for name, (ok, detail) in checks.items() if not ok}
+    assert not failed, failed
+
+
+def _channels_last_at(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of channels-last ``t`` that starts ``offset`` elements into its storage."""
+    n, c, h, w = t.shape
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = buf[offset:].view(n, h, w, c).permute(0, 3, 1, 2)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_conv_relaunch(monkeypatch, dtype):
+    from pyowt.kernels import conv2d as kconv
+    from pyowt.kernels.relaunch import CompiledLaunch
+    from pyowt.ops import conv2d as conv_mod
+
+    monkeypatch.setattr(conv_mod, "_EAGER_PLANS", {})
+    g = torch.Generator().manual_seed(11)
+    x, x2 = (torch.randn(3, 24, 11, 13, generator=g).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+             for _ in range(2))
+    w = torch.randn(40, 24, 3, 3, generator=g).to("cuda", dtype)
+    b = torch.randn(40, generator=g).to("cuda", dtype)
+    first = conv2d_bias_act(x, w, b, 1, 1, backend="triton")   # tunes
+    second = conv2d_bias_act(x, w, b, 1, 1, backend="triton")  # JITFunction.run from the plan
+    (plan,) = conv_mod._EAGER_PLANS.values()
+    assert isinstance(plan.memo.get("relaunch"), CompiledLaunch), plan.memo.get("relaunch")
+    fn = kconv.conv2d_fwd_kernel.fn
+    jit_runs = []
+    monkeypatch.setattr(fn, "run", lambda *a, real=fn.run, **k: jit_runs.append(1) or real(*a, **k))
+    third = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
+    other = conv2d_bias_act(x2, w, b, 1, 1, backend="triton")
+    assert not jit_runs, "a planned call went through JITFunction.run"
+    assert torch.equal(first, second) and torch.equal(first, third)
+    registered = torch.ops.pyowt.conv2d_bias_act_triton(x2, w, b, [1, 1], [1, 1], [1, 1], 1, "relu")
+    assert torch.equal(other, registered)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close_rel(other.double(), conv2d_bias_act_reference(x2.double(), w.double(), b.double(), 1, 1), tol)
+    # Same metadata, an input 2 elements off 16-byte alignment: Triton compiles another
+    # specialization, so the call must go through it.
+    shifted = _channels_last_at(x2, 2 if dtype == torch.float32 else 1)
+    assert shifted.stride() == x2.stride() and shifted.data_ptr() % 16 != 0
+    out = conv2d_bias_act(shifted, w, b, 1, 1, backend="triton")
+    assert jit_runs == [1], "a misaligned input was relaunched with the aligned kernel"
+    assert_close_rel(out.double(), conv2d_bias_act_reference(x2.double(), w.double(), b.double(), 1, 1), tol)
+    # PYOWT_TRITON_RELAUNCH=0: new plans capture nothing.
+    monkeypatch.setenv("PYOWT_TRITON_RELAUNCH", "0")
+    conv_mod._EAGER_PLANS.clear()
+    for _ in range(3):
+        conv2d_bias_act(x, w, b, 1, 1, backend="triton")
+    (plan,) = conv_mod._EAGER_PLANS.values()
+    assert plan.memo.get("relaunch") is False

@@ -1,0 +1,183 @@
+"""kernels.relaunch against the installed Triton's own ``JITFunction.run``, without a GPU.
+
+A stand-in driver (current device and stream) and a stand-in compiled kernel whose
+launcher records its arguments replace what needs a GPU; everything between them is
+Triton's: the binder, the specialization, the kernel cache, the launcher call that ends
+``JITFunction.run``. The conv forward's eager launch (kernels.conv2d.launch_conv2d_fwd
+with a memo) runs: call 1 tunes, call 2 goes through ``JITFunction.run`` and captures the
+compiled kernel, later calls relaunch it. Each check compares what the launcher received.
+
+It must run without ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit`` at
+import), so the test runs it as ``python -m tests.triton_relaunch_check`` and reads one
+JSON object: check name -> [passed, detail].
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+
+def main() -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class StandInDriver:
+        device = 0
+
+        def get_current_device(self):
+            return self.device
+
+        def get_current_stream(self, device=None):
+            return 1000 + self.device
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def is_active(self):
+            return True
+
+    stand_in = StandInDriver()
+    driver.set_active(stand_in)
+
+    from pyowt.kernels import conv2d as K
+    from pyowt.ops.conv2d import conv_shape
+
+    kernel = K.conv2d_fwd_kernel
+    fn = kernel.fn
+    launches, compiles = [], []
+
+    class RecordingCompiled:
+        function, packed_metadata = "function", "packed"
+
+        def launch_metadata(self, grid, stream, *args):
+            return "metadata"  # what the hooks would read (Triton >= 3.4 builds it whenever a hook object exists)
+
+        def run(self, *args):
+            launches.append(args)
+
+    def compile_stand_in(key, *args, **kwargs):
+        compiled = RecordingCompiled()
+        fn.device_caches[stand_in.device][0][key] = compiled
+        compiles.append(key)
+        return compiled
+
+    fn._do_compile = compile_stand_in
+    jit_runs = []
+    jit_run = fn.run
+
+    def counted_run(*args, **kwargs):
+        jit_runs.append(1)
+        return jit_run(*args, **kwargs)
+
+    fn.run = counted_run
+    kernel.configs = kernel.configs[:1]  # one config: the autotuner launches without timing
+
+    shape = conv_shape((2, 8, 9, 7), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+
+    def tensors(offset=0):
+        x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(16)
+        y_buf = torch.empty(2 * 16 * 9 * 7 + offset)
+        y = y_buf[offset:].view(2, 9, 7, 16).permute(0, 3, 1, 2)  # channels_last (N, C, H, W)
+        return x, w, b, y
+
+    memo = {}
+    first = tensors()
+
+    def launch(ts):
+        K.launch_conv2d_fwd(None, *ts, shape, True, memo=memo)
+
+    checks = {}
+
+    def check(name, ok, detail=""):
+        checks[name] = [bool(ok), str(detail)]
+
+    def same_launch(a, b):
+        """Equal launcher arguments apart from the hooks and their metadata (slots 6-8)."""
+        return len(a) == len(b) and a[:6] == b[:6] and all(x is y or x == y for x, y in zip(a[9:], b[9:]))
+
+    def idle(hook):
+        """None (Triton < 3.5) or an empty hook chain: the hook calls nothing."""
+        return hook is None or (hasattr(hook, "calls") and not hook.calls)
+
+    launch(first)   # tunes (one config) and keeps the launch's arguments
+    launch(first)   # JITFunction.run from the memo; captures the compiled kernel
+    via_jit = launches[-1]
+    check("captured", memo.get("relaunch"), repr(memo.get("relaunch")))
+    n_compiles, n_runs = len(compiles), len(jit_runs)
+    launch(first)   # relaunch
+    check("relaunch skips JITFunction.run", len(jit_runs) == n_runs and len(launches) == 3, len(jit_runs) - n_runs)
+    check("relaunch passes what JITFunction.run passed", same_launch(launches[-1], via_jit),
+          f"{len(via_jit)} vs {len(launches[-1])} arguments")
+    check("no hooks, no metadata", launches[-1][6:9] == (None, None, None) and all(map(idle, via_jit[7:9])),
+          (launches[-1][6:9], via_jit[6:9]))
+    check("no compile on relaunch", len(compiles) == n_compiles, len(compiles))
+    check("stream and grid", launches[-1][3] == 1000 and launches[-1][:3] == via_jit[:3], launches[-1][:4])
+
+    second = tensors()
+    launch(second)
+    check("new tensors passed", len(jit_runs) == n_runs and all(a is b for a, b in zip(launches[-1][9:13], second)),
+          [type(a).__name__ for a in launches[-1][9:13]])
+    check("rest unchanged", launches[-1][13:] == via_jit[13:])
+
+    # A misaligned output (same metadata, data_ptr % 16 == 4): JITFunction.run and a compile.
+    misaligned = tensors(offset=1)
+    assert misaligned[3].stride() == first[3].stride() and misaligned[3].data_ptr() % 16 == 4
+    before = len(jit_runs)
+    launch(misaligned)
+    check("misaligned pointer goes through the JIT", len(compiles) == n_compiles + 1 and len(jit_runs) == before + 1,
+          len(compiles))
+
+    # A launch hook (a profiler): JITFunction.run calls it; so must this path.
+    def hook(*args):
+        return None
+
+    knobs = getattr(triton, "knobs", None)
+    runtime = knobs.runtime if knobs is not None and hasattr(knobs.runtime, "launch_enter_hook") else None
+    if runtime is None:
+        from triton.compiler import CompiledKernel as runtime
+    chain = runtime.launch_enter_hook
+    if hasattr(chain, "add"):  # Triton >= 3.5: a HookChain
+        chain.add(hook)
+    else:
+        runtime.launch_enter_hook = hook
+    before = len(jit_runs)
+    launch(first)
+    check("launch hook goes through the JIT", len(jit_runs) == before + 1 and launches[-1][6] == "metadata",
+          launches[-1][6:8])
+    if hasattr(chain, "remove"):
+        chain.remove(hook)
+    else:
+        runtime.launch_enter_hook = None
+    before = len(jit_runs)
+    launch(first)
+    check("relaunch again without the hook", len(jit_runs) == before and same_launch(launches[-1], via_jit))
+
+    # Another current device: Triton's cache is per device.
+    stand_in.device = 1
+    before = len(compiles)
+    launch(first)
+    check("other device goes through the JIT", len(compiles) == before + 1 and launches[-1][3] == 1001,
+          launches[-1][3])
+    check("misaligned and other-device calls compiled nothing on relaunch", len(compiles) == n_compiles + 2,
+          len(compiles))
+    stand_in.device = 0
+
+    # Switched off: no capture.
+    os.environ["PYOWT_TRITON_RELAUNCH"] = "0"
+    memo.clear()
+    launch(first)
+    launch(first)
+    check("PYOWT_TRITON_RELAUNCH=0 captures nothing", memo.get("relaunch") is False, memo.get("relaunch"))
+    return checks
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
