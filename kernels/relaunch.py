@@ -92,7 +92,7 @@ class CompiledLaunch:
             return None
         if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
             return None
-        tensors, scalars = args[:num_tensors], args[num_tensors:]
+        tensors = args[:num_tensors]
         if len(tensors) != num_tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
             return None
         params = fn.params
