@@ -14,6 +14,7 @@ backends that are not available here.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -113,6 +114,24 @@ def python_kernels_callable(tensors) -> bool:
     tensors = tuple(t for t in tensors if t is not None)
     return (not _is_compiling() and torch._C._len_torch_dispatch_stack() == 0
             and all(type(t) in _PLAIN_TENSORS for t in tensors) and not _has_torch_function(tensors))
+
+
+def on_input_device(body):
+    """``body(launch, t, *args)``, a Triton op's forward or backward body, run with its first
+    tensor's CUDA device current: Triton launches on the current device, not on its
+    arguments' (tensors on cuda:1 under current device 0 would fault). The C++ ops hold a
+    CUDAGuard; under torch.compile inductor emits its own guard, and fake tensors launch
+    nothing."""
+    @functools.wraps(body)
+    def run(launch, t, *args, **kwargs):
+        if t.is_cuda and type(t) in _PLAIN_TENSORS and not _is_compiling():
+            index = t.device.index
+            if index is not None and index != torch.cuda.current_device():
+                with torch.cuda.device(index):
+                    return body(launch, t, *args, **kwargs)
+        return body(launch, t, *args, **kwargs)
+
+    return run
 
 
 def eager_autograd_function(name: str, forward, setup_context, backward):

@@ -16,7 +16,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import (composition_required, eager_autograd_function, python_kernels_callable,
+from .backend import (composition_required, eager_autograd_function, on_input_device, python_kernels_callable,
                       register_op, resolve_backend)
 
 OP = "bias_relu"
@@ -68,6 +68,7 @@ if HAS_TRITON:
 
     from ..kernels import bias_relu as _kernels
 
+    @on_input_device
     def _triton_forward(launch, x, bias, dim):
         """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
         and None in the eager path (``_TritonBiasReluEager``)."""
@@ -79,6 +80,7 @@ if HAS_TRITON:
         _kernels.launch_bias_relu_fwd(launch, x, bias.contiguous(), y, channels, inner)
         return y
 
+    @on_input_device
     def _triton_backward(launch, grad_out, out, dim):
         """The Triton backward's body (``launch`` as in :func:`_triton_forward`)."""
         dim = dim % out.dim()

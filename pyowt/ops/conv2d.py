@@ -20,7 +20,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import (call_cpp_op, composition_required, eager_autograd_function, is_forced,
+from .backend import (call_cpp_op, composition_required, eager_autograd_function, is_forced, on_input_device,
                       python_kernels_callable, register_op, resolve_backend, unavailable_reason)
 
 OP = "conv2d_bias_act"
@@ -193,6 +193,7 @@ if HAS_TRITON:
     from ..kernels import conv2d as _fwd
     from ..kernels import conv2d_backward as _bwd
 
+    @on_input_device
     def _triton_forward(launch, x, weight, bias, stride, padding, dilation, groups, activation,
                         plan=None):
         """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
@@ -211,6 +212,7 @@ if HAS_TRITON:
                                out, shape, activation == "relu", memo=None if plan is None else plan.memo)
         return out
 
+    @on_input_device
     def _triton_backward(launch, grad_out, x, weight, out, stride, padding, dilation, groups,
                          activation, has_bias, output_mask):
         """The Triton backward's body (``launch`` as in :func:`_triton_forward`)."""

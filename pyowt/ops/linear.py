@@ -18,7 +18,7 @@ from .. import _extension
 from ..kernels import HAS_TRITON
 from . import _checks
 from ._autocast import autocast_inputs
-from .backend import (call_cpp_op, composition_required, eager_autograd_function,
+from .backend import (call_cpp_op, composition_required, eager_autograd_function, on_input_device,
                       python_kernels_callable, register_op, resolve_backend)
 
 OP = "linear_bias_act"
@@ -110,6 +110,7 @@ if HAS_TRITON:
                 raise ValueError(f"linear_bias_act (triton): a tensor of {t.numel()} elements exceeds the "
                                  f"32-bit indexing limit {_MAX_TRITON_NUMEL}; use backend='cuda'")
 
+    @on_input_device
     def _triton_forward(launch, x, weight, bias, activation):
         """The Triton forward's body; ``launch`` is ``wrap_triton`` inside the registered op
         and None in the eager path (``_TritonLinearEager``)."""
@@ -125,6 +126,7 @@ if HAS_TRITON:
                                    y2, activation == "relu")
         return y
 
+    @on_input_device
     def _triton_backward(launch, grad_out, x, weight, out, activation, has_bias):
         """The Triton backward's body (``launch`` as in :func:`_triton_forward`)."""
         n, k = weight.shape

@@ -149,3 +149,23 @@ def test_conv_eager_plan_cache_is_bounded(triton_device, monkeypatch):
     for padding in range(5):
         conv2d_bias_act(x, w, b, 1, padding, backend="triton")
         assert 1 <= len(conv_mod._EAGER_PLANS) <= 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["eager", "registered op"])
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_triton_ops_launch_on_their_tensors_device(case, path):
+    # Triton launches on the current device; the ops switch to their tensors' device
+    # (pyowt.ops.backend.on_input_device), as the C++ ops' CUDAGuard does.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    _, _, _, inputs, call, op, ref, _ = CASES[case]
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    tensors = inputs(device)
+    with torch.cuda.device(0):
+        got = _out_and_grads(call if path == "eager" else op, tensors)
+    assert torch.cuda.current_device() == 0
+    names = ["out"] + [f"grad of input {i}" for i in range(len(tensors))]
+    for name, a, r in zip(names, got, _out_and_grads(ref, tensors)):
+        assert a.device == device, name
+        assert_close_rel(a, r, torch.float32, name)
