@@ -1,7 +1,7 @@
 """kernels.relaunch against the installed Triton's own ``JITFunction.run``, without a GPU.
 
 A stand-in driver (current device and stream) and a stand-in compiled kernel whose
-launcher records its arguments replace what needs a GPU; everything between them is
+launcher records its arguments (benchmarks/triton_launch_host.py) replace what needs a GPU; everything between them is
 Triton's: the binder, the specialization, the kernel cache, the launcher call that ends
 ``JITFunction.run``. The conv forward's eager launch (kernels.conv2d.launch_conv2d_fwd
 with a memo) runs: call 1 tunes, call 2 goes through ``JITFunction.run`` and captures the
@@ -21,53 +21,13 @@ import torch
 
 def main() -> dict:
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
 
-    class StandInDriver:
-        device = 0
-
-        def get_current_device(self):
-            return self.device
-
-        def get_current_stream(self, device=None):
-            return 1000 + self.device
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-        def is_active(self):
-            return True
-
-    stand_in = StandInDriver()
-    driver.set_active(stand_in)
-
+    from benchmarks.triton_launch_host import install_stand_ins
     from pyowt.kernels import conv2d as K
     from pyowt.ops.conv2d import conv_shape
 
-    kernel = K.conv2d_fwd_kernel
-    fn = kernel.fn
-    launches, compiles = [], []
-
-    class RecordingCompiled:
-        function, packed_metadata = "function", "packed"
-
-        def launch_metadata(self, grid, stream, *args):
-            return "metadata"  # what the hooks would read (Triton >= 3.4 builds it whenever a hook object exists)
-
-        def run(self, *args):
-            launches.append(args)
-
-    def compile_stand_in(key, *args, **kwargs):
-        compiled = RecordingCompiled()
-        fn.device_caches[stand_in.device][0][key] = compiled
-        compiles.append(key)
-        return compiled
-
-    fn._do_compile = compile_stand_in
+    stand_in, launches, compiles = install_stand_ins(K.conv2d_fwd_kernel)
+    fn = K.conv2d_fwd_kernel.fn
     jit_runs = []
     jit_run = fn.run
 
@@ -76,7 +36,6 @@ def main() -> dict:
         return jit_run(*args, **kwargs)
 
     fn.run = counted_run
-    kernel.configs = kernel.configs[:1]  # one config: the autotuner launches without timing
 
     shape = conv_shape((2, 8, 9, 7), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1)
 

@@ -1,0 +1,130 @@
+"""Host time of the Triton conv forward's eager call on a machine without a GPU.
+
+Everything of Triton's launch path runs (the eager plan, ``JITFunction.run`` with its
+binder, specialization and kernel cache, or kernels/relaunch.py) down to the compiled
+kernel's launcher, which a stand-in replaces: a stand-in driver (current device and stream,
+an sm_90 target) and a stand-in compiled kernel put in Triton's cache instead of compiling.
+What is timed is the host's share of a call, the part that bounded the Triton op on an
+H100 (benchmarks/RESULTS.md); the real launcher (scratch allocation, argument parsing,
+``cuLaunchKernel``) comes on top, the same for both rows. One intra-op thread.
+
+It must run in a process without ``TRITON_INTERPRET`` (the interpreter replaces
+``triton.jit`` when the kernels are imported):
+
+    env -u TRITON_INTERPRET python -m benchmarks.triton_launch_host [--calls 20000]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+
+class StandInDriver:
+    """Triton's active driver without a GPU: device ``device``, stream 1000 + device."""
+
+    def __init__(self):
+        self.device = 0
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 1000 + self.device
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+class RecordingCompiled:
+    """A compiled kernel whose launcher records its arguments in ``launches``."""
+
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self, launches: list):
+        self.launches = launches
+
+    def launch_metadata(self, grid, stream, *args):
+        return "metadata"  # what launch hooks would read
+
+    def run(self, *args):
+        self.launches.append(args)
+
+
+def install_stand_ins(autotuned_kernel, record: bool = True):
+    """Make the stand-in driver active and ``autotuned_kernel`` compile to stand-ins with one
+    config (its autotuner then launches without timing). Returns (driver, launches,
+    compiles): the launcher calls (kept only when ``record``) and the cache keys compiled."""
+    from triton.runtime import driver
+
+    stand_in = StandInDriver()
+    driver.set_active(stand_in)
+    fn = autotuned_kernel.fn
+    launches, compiles = [], []
+
+    class Discarding(list):
+        def append(self, item):
+            pass
+
+    sink = launches if record else Discarding()
+
+    def compile_stand_in(key, *args, **kwargs):
+        compiled = RecordingCompiled(sink)
+        fn.device_caches[stand_in.device][0][key] = compiled
+        compiles.append(key)
+        return compiled
+
+    fn._do_compile = compile_stand_in
+    autotuned_kernel.configs = autotuned_kernel.configs[:1]
+    return stand_in, launches, compiles
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20000)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("run it without TRITON_INTERPRET (env -u TRITON_INTERPRET ...)")
+    torch.set_num_threads(1)
+    from pyowt.kernels import conv2d as kconv
+    from pyowt.ops import conv2d as conv_mod
+
+    install_stand_ins(kconv.conv2d_fwd_kernel, record=False)
+    conv_mod.resolve_backend = lambda op, device, backend=None: "triton"  # CPU tensors
+
+    # AlexNet conv5's geometry at batch 8 (the kernel does not run: sizes only matter to
+    # the host through the plan's key).
+    x = torch.randn(8, 384, 13, 13).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(256, 384, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randn(256).requires_grad_()
+
+    def call():
+        conv_mod.conv2d_bias_act(x, w, b, 1, 1, backend="triton")
+
+    def per_call_us() -> float:
+        for _ in range(max(args.calls // 50, 10)):
+            call()
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            call()
+        return (time.perf_counter() - t0) / args.calls * 1e6
+
+    rows = (("JITFunction.run (PYOWT_TRITON_RELAUNCH=0)", "0"), ("relaunch", "1"))
+    for name, flag in rows + rows:  # twice, alternating: the second pair shows the noise
+        os.environ["PYOWT_TRITON_RELAUNCH"] = flag
+        conv_mod._EAGER_PLANS.clear()
+        print(f"conv2d_bias_act triton eager forward, {name:<42} {per_call_us():7.2f} us per call")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
