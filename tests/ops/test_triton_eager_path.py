@@ -164,7 +164,7 @@ def test_gpu_triton_ops_launch_on_their_tensors_device(case, path):
     tensors = inputs(device)
     with torch.cuda.device(0):
         got = _out_and_grads(call if path == "eager" else op, tensors)
-    assert torch.cuda.current_device() == 0
+        assert torch.cuda.current_device() == 0, "an op left another device current"
     names = ["out"] + [f"grad of input {i}" for i in range(len(tensors))]
     for name, a, r in zip(names, got, _out_and_grads(ref, tensors)):
         assert a.device == device, name
