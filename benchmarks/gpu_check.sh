@@ -12,7 +12,9 @@
 # spreads Triton's compiles over the cores when it is installed), the conv benchmark
 # (CONV_S=130), the linear benchmark (LINEAR_S=80), a host/device time profile of a linear
 # forward+backward (PROFILE_S=45), the ops' per-call host cost (HOST_S=60), on request
-# (STAGES=sweep) a block-config sweep of the Triton conv forward (SWEEP_S=150), a bf16/NCCL
+# (STAGES=sweep) a block-config sweep of the Triton conv forward (SWEEP_S=150) and
+# (STAGES=conv_profile) the kernels and host ops of conv forward+backward per backend
+# (CONV_PROFILE_S=90), a bf16/NCCL
 # training smoke run
 # (TRAIN_S=60). Everything lands in <folder> as it happens (at most 8 files: summary.txt,
 # build.log, tests.log, failures.log, bench_conv.json, bench_linear.json, bench.log,
@@ -115,6 +117,12 @@ stage_profile() {  # where a linear forward+backward spends host and device time
       | grep -v -E '^(USDT|ERROR|WARNING):' | tee -a "$S"
 }
 
+stage_conv_profile() {  # not in the default stages: kernels and host ops of a conv forward+backward
+  log "conv profile ..."
+  timeout "${CONV_PROFILE_S:-90}" $PY -m benchmarks.profile_conv --device cuda --calls 20 --top 8 2>&1 \
+      | grep -v -E '^(USDT|ERROR|WARNING):' | tee -a "$S"
+}
+
 stage_sweep() {  # not in the default stages: Triton conv block configs vs cuDNN
   log "Triton conv config sweep ..."
   timeout "${SWEEP_S:-150}" $PY -m benchmarks.sweep_conv_triton --budget-s "$(( ${SWEEP_S:-150} * 2 / 3 ))" 2>&1 \
@@ -142,10 +150,11 @@ for stage in $STAGES; do
     conv) SELECT="${CONV_SELECT:-}" bench conv "${CONV_S:-130}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}" ;;
     linear) bench linear "${LINEAR_S:-80}" ;;
     profile) stage_profile ;;
+    conv_profile) stage_conv_profile ;;
     sweep) stage_sweep ;;
     host) stage_host ;;
     train) stage_train ;;
-    *) log "unknown stage '$stage' (known: tests conv linear profile sweep host train)"; bench_rc=1 ;;
+    *) log "unknown stage '$stage' (known: tests conv linear profile conv_profile sweep host train)"; bench_rc=1 ;;
   esac
 done
 # The benchmark tables (the reply shows the tail of the output).

@@ -39,7 +39,8 @@ def _make_call(impl, x, w, b, gy):
 
 
 def profile_one(call, device, calls: int, top: int):
-    """(wall us per call, device-busy us per call, [(op, self host us per call)])."""
+    """(wall us per call, device-busy us per call, [(op, self host us per call)],
+    [(kernel, device us per call)]), each list its ``top`` largest."""
     wall = _per_call_us(call, calls, device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -49,10 +50,20 @@ def profile_one(call, device, calls: int, top: int):
             call()
         _sync(device)
     events = prof.key_averages()
-    busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events
-               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / calls
+    kernels = sorted(((e.key, getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / calls)
+                      for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA),
+                     key=lambda kv: -kv[1])
+    busy = sum(us for _, us in kernels)
     host = sorted(((e.key, e.self_cpu_time_total / calls) for e in events), key=lambda kv: -kv[1])
-    return wall, busy, host[:top]
+    return wall, busy, host[:top], kernels[:top]
+
+
+def print_profile(title: str, wall, busy, host, kernels) -> None:
+    print(f"{title} wall {wall:8.1f} us/call, device busy {busy:8.1f} us/call")
+    for op, us in host:
+        print(f"    host {us:7.1f} us  {op}")
+    for kernel, us in kernels:
+        print(f"    device {us:7.1f} us  {kernel[:110]}")
 
 
 def main(argv=None) -> int:
@@ -76,10 +87,8 @@ def main(argv=None) -> int:
         b = torch.randn(n, generator=g).to(device, dtype).requires_grad_(True)
         gy = torch.randn(m, n, generator=g).to(device, dtype)
         for impl in impls:
-            wall, busy, host = profile_one(_make_call(impl, x, w, b, gy), device, args.calls, args.top)
-            print(f"{name} ({m}x{k}->{n}) {impl:<5} wall {wall:8.1f} us/call, device busy {busy:8.1f} us/call")
-            for op, us in host:
-                print(f"    host {us:7.1f} us  {op}")
+            result = profile_one(_make_call(impl, x, w, b, gy), device, args.calls, args.top)
+            print_profile(f"{name} ({m}x{k}->{n}) {impl:<5}", *result)
     return 0
 
 

@@ -30,6 +30,18 @@ def test_profile_linear_runs(capsys):
     assert "linear_bias_act" in out
 
 
+@pytest.mark.skipif(not _extension.STATUS.loaded, reason="extension not built")
+def test_profile_conv_runs(capsys):
+    from benchmarks import profile_conv
+
+    assert profile_conv.main(["--device", "cpu", "--calls", "1", "--top", "2", "--layers", "conv3",
+                              "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("wall") >= 2 and "conv3 aten" in out and "conv3 cpu" in out, out
+    with pytest.raises(SystemExit):
+        profile_conv.main(["--layers", "conv9"])
+
+
 def test_sweep_conv_triton_runs(capsys, tmp_path):
     from pyowt.kernels import HAS_TRITON, interpreter_enabled
 
