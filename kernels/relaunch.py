@@ -22,6 +22,7 @@ included, in signature order; before: the non-constexpr ones) and its hooks move
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -67,8 +68,9 @@ class CompiledLaunch:
 
     ``launch(*tensors)`` runs the kernel with ``tensors`` in place of the captured call's
     leading tensor arguments and returns True, or launches nothing and returns False when
-    Triton would have specialized the call differently or a hook is set (the caller then
-    goes through ``JITFunction.run``).
+    Triton would have specialized the call differently, a hook is set, or the launcher
+    refused the arguments once (a warning; the caller then goes through
+    ``JITFunction.run``).
     """
 
     __slots__ = ("_run", "_function", "_packed", "_grid", "_rest", "_aligned", "_dtypes",
@@ -119,8 +121,9 @@ class CompiledLaunch:
                    tuple(values[num_tensors:]), aligned, dtypes, device, fn, _hooks_source())
 
     def __call__(self, *tensors: torch.Tensor) -> bool:
+        run = self._run
         hooks, knobs = self._hooks, self._knobs
-        if (_active(hooks.launch_enter_hook) or _active(hooks.launch_exit_hook)
+        if (run is None or _active(hooks.launch_enter_hook) or _active(hooks.launch_exit_hook)
                 or getattr(self._fn, "pre_run_hooks", None)
                 or (knobs is not None and getattr(knobs, "add_stages_inspection_hook", None) is not None)):
             return False
@@ -134,6 +137,15 @@ class CompiledLaunch:
         if device != self._device:
             return False
         g = self._grid
-        self._run(g[0], g[1], g[2], _driver.active.get_current_stream(device), self._function, self._packed,
-                  None, None, None, *tensors, *self._rest)
+        try:
+            run(g[0], g[1], g[2], _driver.active.get_current_stream(device), self._function, self._packed,
+                None, None, None, *tensors, *self._rest)
+        except TypeError as error:
+            # The launcher parses its arguments before launching: a Triton whose launcher
+            # takes others than this module expects for its version lands here, not on the GPU.
+            self._run = None
+            warnings.warn(f"pyowt: relaunching a compiled Triton kernel failed ({error}); its calls go "
+                          f"through Triton's JITFunction.run from now on (PYOWT_TRITON_RELAUNCH=0 skips "
+                          f"the attempt)", RuntimeWarning, stacklevel=2)
+            return False
         return True

@@ -129,6 +129,25 @@ def main() -> dict:
           len(compiles))
     stand_in.device = 0
 
+    # A launcher that refuses the arguments (another Triton's convention): one warning, then
+    # every call through the JIT.
+    import warnings
+
+    relaunch = memo["relaunch"]
+
+    def refusing(*args):
+        raise TypeError(f"function takes exactly {len(args) + 1} arguments ({len(args)} given)")
+
+    relaunch._run = refusing
+    before, n_launches = len(jit_runs), len(launches)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        launch(first)
+        launch(first)
+    check("a refused relaunch warns once and falls back",
+          len(jit_runs) == before + 2 and len(launches) == n_launches + 2 and len(caught) == 1
+          and "JITFunction.run" in str(caught[0].message), [str(w.message) for w in caught])
+
     # Switched off: no capture.
     os.environ["PYOWT_TRITON_RELAUNCH"] = "0"
     memo.clear()
