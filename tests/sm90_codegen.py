@@ -193,12 +193,14 @@ def _conv_dgrad(dtype=torch.bfloat16):
     return rec
 
 
-def _conv_wgrad(dtype=torch.bfloat16):
+def _conv_wgrad(dtype=torch.bfloat16, dense=True):
     from pyowt.kernels.conv2d_backward import launch_conv2d_wgrad
     shape = _conv_shape(**CONV3)
     x, _, _, y = _conv_tensors(shape, dtype)
     rec = RecordingLaunch()
     launch_conv2d_wgrad(rec, torch.randn_like(y), y, x, shape, relu=True, has_bias=True, split=1)
+    assert rec.kwargs["Y_DENSE"]
+    rec.kwargs["Y_DENSE"] = dense  # False: the general pixel offsets of a strided dy
     return rec
 
 
@@ -229,6 +231,7 @@ SCENARIOS = {
                                              stride=4, pad=2),
     "conv2d_dgrad_bf16": lambda: _conv_dgrad(torch.bfloat16),
     "conv2d_wgrad_bf16": lambda: _conv_wgrad(torch.bfloat16),
+    "conv2d_wgrad_strided_bf16": lambda: _conv_wgrad(torch.bfloat16, dense=False),
     "linear_fwd_bf16": lambda: _linear("fwd"),
     "linear_dx_bf16": lambda: _linear("dx"),
     "linear_dw_bf16": lambda: _linear("dw"),

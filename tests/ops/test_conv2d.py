@@ -278,6 +278,37 @@ def test_wgrad_split_k_matches_single_chunk(triton_device):
     torch.testing.assert_close(results[0][1], masked.sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
 
 
+def test_wgrad_strided_dy_matches_dense(triton_device):
+    """dy/out that are not dense NHWC (a view of wider rows) take the kernel's general
+    pixel offsets (Y_DENSE off) and give the dense path's gradients."""
+    from pyowt.kernels.conv2d_backward import launch_conv2d_wgrad, nhwc_dense
+    from pyowt.ops.conv2d import conv_shape
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, 8, 6, generator=g).to(triton_device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(5, 4, 3, 3, generator=g).to(triton_device)
+    out = F.relu(F.conv2d(x, w, None, 1, 1)).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(out.shape, generator=g).to(triton_device).contiguous(memory_format=torch.channels_last)
+    def wider_rows(t):  # the same values in rows of 9 pixels, of which the view shows 6
+        view = torch.zeros(3, 5, 8, 9, device=triton_device).contiguous(memory_format=torch.channels_last)[..., :6]
+        return view.copy_(t)
+
+    dy_strided, out_strided = wider_rows(dy), wider_rows(out)
+    assert nhwc_dense(dy) and not nhwc_dense(dy_strided) and dy_strided.stride() == out_strided.stride()
+    # One pixel per image: NCHW strides (3, 1, 1, 1), which torch also calls channels_last
+    # contiguous, put image n at 3n, not at n * stride(3); NHWC strides (3, 1, 3, 3) do.
+    one_pixel = torch.empty(2, 3, 1, 1)
+    assert one_pixel.is_contiguous(memory_format=torch.channels_last) and not nhwc_dense(one_pixel)
+    assert nhwc_dense(torch.empty_strided((2, 3, 1, 1), (3, 1, 3, 3))) and nhwc_dense(dy[:1, :, :1])
+    shape = conv_shape(x.shape, w.shape, (1, 1), (1, 1), (1, 1), 1)
+    dense = launch_conv2d_wgrad(lambda k: k, dy, out, x, shape, True, True, split=2)
+    strided = launch_conv2d_wgrad(lambda k: k, dy_strided, out_strided, x, shape, True, True, split=2)
+    torch.testing.assert_close(strided[0], dense[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(strided[1], dense[1], rtol=1e-6, atol=1e-6)
+    ref = torch.nn.grad.conv2d_weight(x.double(), w.shape, torch.where(out > 0, dy, 0).double(), 1, 1)
+    torch.testing.assert_close(dense[0].double().view(5, 3, 3, 4).permute(0, 3, 1, 2), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_backward_skips_unneeded_gradients(triton_device):
     x = torch.randn(1, 3, 7, 7, device=triton_device)  # no grad, like a network's input
     w = torch.randn(4, 3, 3, 3, device=triton_device, requires_grad=True)
