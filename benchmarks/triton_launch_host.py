@@ -44,6 +44,9 @@ class StandInDriver:
     def is_active(self):
         return True
 
+    def get_benchmarker(self):  # read when an autotuner is created (Triton 3.2/3.3)
+        return lambda *args, **kwargs: [0.0]
+
 
 class RecordingCompiled:
     """A compiled kernel whose launcher records its arguments in ``launches``."""
@@ -60,15 +63,25 @@ class RecordingCompiled:
         self.launches.append(args)
 
 
-def install_stand_ins(autotuned_kernel, record: bool = True):
-    """Make the stand-in driver active and ``autotuned_kernel`` compile to stand-ins with one
-    config (its autotuner then launches without timing). Returns (driver, launches,
-    compiles): the launcher calls (kept only when ``record``) and the cache keys compiled."""
+def activate_stand_in_driver() -> StandInDriver:
+    """Make a :class:`StandInDriver` Triton's active driver (before the kernels are imported:
+    Triton 3.2/3.3 autotuners ask the driver for a benchmarker when they are created)."""
     from triton.runtime import driver
 
     stand_in = StandInDriver()
     driver.set_active(stand_in)
-    fn = autotuned_kernel.fn
+    return stand_in
+
+
+def install_stand_ins(autotuned_kernel, record: bool = True):
+    """Make the stand-in driver active and Triton's compiler return stand-ins, and give
+    ``autotuned_kernel`` one config (its autotuner then launches without timing). Returns
+    (driver, launches, compiles): the launcher calls (kept only when ``record``) and the
+    compiles. Triton itself puts what it compiles in its cache, in every version."""
+    import triton.compiler
+    from triton.runtime import driver
+
+    stand_in = driver.active if isinstance(driver.active, StandInDriver) else activate_stand_in_driver()
     launches, compiles = [], []
 
     class Discarding(list):
@@ -77,13 +90,11 @@ def install_stand_ins(autotuned_kernel, record: bool = True):
 
     sink = launches if record else Discarding()
 
-    def compile_stand_in(key, *args, **kwargs):
-        compiled = RecordingCompiled(sink)
-        fn.device_caches[stand_in.device][0][key] = compiled
-        compiles.append(key)
-        return compiled
+    def compile_stand_in(src, *args, **kwargs):
+        compiles.append(src)
+        return RecordingCompiled(sink)
 
-    fn._do_compile = compile_stand_in
+    triton.compiler.compile = compile_stand_in  # what JITFunction.create_binder imports
     autotuned_kernel.configs = autotuned_kernel.configs[:1]
     return stand_in, launches, compiles
 
@@ -95,6 +106,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("run it without TRITON_INTERPRET (env -u TRITON_INTERPRET ...)")
     torch.set_num_threads(1)
+    activate_stand_in_driver()
     from pyowt.kernels import conv2d as kconv
     from pyowt.ops import conv2d as conv_mod
 

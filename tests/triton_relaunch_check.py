@@ -22,7 +22,9 @@ import torch
 def main() -> dict:
     import triton
 
-    from benchmarks.triton_launch_host import install_stand_ins
+    from benchmarks.triton_launch_host import activate_stand_in_driver, install_stand_ins
+
+    activate_stand_in_driver()
     from pyowt.kernels import conv2d as K
     from pyowt.ops.conv2d import conv_shape
 
