@@ -15,7 +15,8 @@ metadata (Triton >= 3.5 passes its empty hook chains, which call nothing).
 
 The launcher's argument convention changed in Triton 3.3 (all parameters, constexprs
 included, in signature order; before: the non-constexpr ones) and its hooks moved to
-``triton.knobs`` in 3.4; both are read from the installed Triton. Under
+``triton.knobs`` in 3.4; both are read from the installed Triton
+(tests/triton_relaunch_check.py compares with its own ``JITFunction.run``). Under
 ``TRITON_INTERPRET=1`` there is no compiled kernel and nothing is captured.
 ``PYOWT_TRITON_RELAUNCH=0`` turns this off.
 """
