@@ -289,6 +289,7 @@ def test_wgrad_strided_dy_matches_dense(triton_device):
     w = torch.randn(5, 4, 3, 3, generator=g).to(triton_device)
     out = F.relu(F.conv2d(x, w, None, 1, 1)).contiguous(memory_format=torch.channels_last)
     dy = torch.randn(out.shape, generator=g).to(triton_device).contiguous(memory_format=torch.channels_last)
+
     def wider_rows(t):  # the same values in rows of 9 pixels, of which the view shows 6
         view = torch.zeros(3, 5, 8, 9, device=triton_device).contiguous(memory_format=torch.channels_last)[..., :6]
         return view.copy_(t)

@@ -43,8 +43,8 @@ def sm90_report():
     if nvidia_tool("nvdisasm") is None:
         pytest.skip("no nvdisasm (neither bundled with Triton nor on PATH)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "tests.sm90_codegen", *CONV, RGB, *LINEAR, WGRAD_STRIDED], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "tests.sm90_codegen", *CONV, RGB, *LINEAR, WGRAD_STRIDED],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"sm_90 compile failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout)
 
