@@ -35,6 +35,9 @@ except ImportError:  # pragma: no cover - pyowt runs without Triton (CPU backend
     triton = None
 
 
+_environ = os.environ
+
+
 def _triton_version() -> tuple:
     parts = []
     for piece in getattr(triton, "__version__", "0").split(".")[:2]:
@@ -124,7 +127,9 @@ class CompiledLaunch:
     def __call__(self, *tensors: torch.Tensor) -> bool:
         run = self._run
         hooks, knobs = self._hooks, self._knobs
-        if (run is None or _active(hooks.launch_enter_hook) or _active(hooks.launch_exit_hook)
+        # The switch is read on every call, like pyowt's other variables: setting it takes
+        # effect at once, for kernels captured before too.
+        if (run is None or _environ.get("PYOWT_TRITON_RELAUNCH") == "0" or _active(hooks.launch_enter_hook) or _active(hooks.launch_exit_hook)
                 or getattr(self._fn, "pre_run_hooks", None)
                 or (knobs is not None and getattr(knobs, "add_stages_inspection_hook", None) is not None)):
             return False

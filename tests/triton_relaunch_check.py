@@ -131,6 +131,15 @@ def main() -> dict:
           len(compiles))
     stand_in.device = 0
 
+    # The switch set after the capture: through the JIT at once, and back when unset.
+    os.environ["PYOWT_TRITON_RELAUNCH"] = "0"
+    before = len(jit_runs)
+    launch(first)
+    del os.environ["PYOWT_TRITON_RELAUNCH"]
+    launch(first)
+    check("PYOWT_TRITON_RELAUNCH=0 takes effect on captured kernels", len(jit_runs) == before + 1,
+          len(jit_runs) - before)
+
     # A launcher that refuses the arguments (another Triton's convention): one warning, then
     # every call through the JIT.
     import warnings

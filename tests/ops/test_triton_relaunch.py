@@ -36,7 +36,7 @@ def test_relaunch_matches_triton_jit_without_gpu():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     checks = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(checks) >= 15, checks
+    assert len(checks) >= 16, checks
     failed = {name: detail for name, (ok, detail) in checks.items() if not ok}
     assert not failed, failed
 
