@@ -100,21 +100,11 @@ def test_probe_wgmma_verdicts(capsys):
 
 def test_triton_launch_host_runs():
     # It needs a process without TRITON_INTERPRET; a stand-in driver replaces the GPU.
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from .utils import run_without_interpreter, triton_nvidia_backend
 
-    try:
-        from triton.backends import backends
-    except ImportError:
-        pytest.skip("triton is not installed")
-    if "nvidia" not in backends:
-        pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.triton_launch_host", "--calls", "50"],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=300)
+    if not triton_nvidia_backend():
+        pytest.skip("no Triton with an NVIDIA backend")
+    proc = run_without_interpreter("benchmarks.triton_launch_host", "--calls", "50", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "us per call" in line]
     assert len(lines) == 4 and sum("relaunch" in line for line in lines) == 2, proc.stdout

@@ -1,7 +1,13 @@
-"""Numerical helpers shared by the tests."""
+"""Numerical helpers shared by the tests, and how they run Triton outside the interpreter."""
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ||out - ref|| / ||ref|| bounds by compute dtype, against a float64 reference.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float64: 1e-12}
@@ -92,3 +98,21 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def triton_nvidia_backend() -> bool:
+    """Whether the installed Triton can compile for NVIDIA GPUs (without one, too)."""
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+def run_without_interpreter(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m module *args`` from the repository root in a process without
+    ``TRITON_INTERPRET`` or ``PYOWT_TRITON_RELAUNCH``: scripts that compile Triton kernels for
+    real or run its launch path (the interpreter replaces ``triton.jit`` at import)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYOWT_TRITON_RELAUNCH")}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -9,10 +9,6 @@ SASS is checked for integer divisions the same way, and the RGB first layer for 
 walk's 8-byte copies.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,31 +16,20 @@ import torch
 from pyowt.kernels.conv2d import channel_align
 
 from ..sm90_codegen import nvidia_tool
-
-ROOT = Path(__file__).resolve().parents[2]
+from ..utils import run_without_interpreter, triton_nvidia_backend
 CONV = ["conv2d_fwd_bf16", "conv2d_fwd_fp16", "conv2d_dgrad_bf16", "conv2d_wgrad_bf16"]
 RGB = "conv2d_fwd_rgb_bf16"
 LINEAR = ["linear_fwd_bf16", "linear_dx_bf16", "linear_dw_bf16"]
 WGRAD_STRIDED = "conv2d_wgrad_strided_bf16"
 
 
-def _nvidia_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
-
-
 @pytest.fixture(scope="module")
 def sm90_report():
-    if not _nvidia_backend():
+    if not triton_nvidia_backend():
         pytest.skip("this Triton has no NVIDIA backend to compile for sm_90")
     if nvidia_tool("nvdisasm") is None:
         pytest.skip("no nvdisasm (neither bundled with Triton nor on PATH)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "tests.sm90_codegen", *CONV, RGB, *LINEAR, WGRAD_STRIDED],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_without_interpreter("tests.sm90_codegen", *CONV, RGB, *LINEAR, WGRAD_STRIDED)
     assert proc.returncode == 0, f"sm_90 compile failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout)
 

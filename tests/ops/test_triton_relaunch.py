@@ -2,10 +2,6 @@
 plan has seen it, skipping Triton's JITFunction.run, and fall back to it whenever Triton
 would have launched something else."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,27 +9,14 @@ import torch
 from pyowt.ops import conv2d_bias_act
 from pyowt.ops.conv2d import conv2d_bias_act_reference
 
-from ..utils import assert_close_rel
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _nvidia_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
-
+from ..utils import assert_close_rel, run_without_interpreter, triton_nvidia_backend
 
 def test_relaunch_matches_triton_jit_without_gpu():
     # tests/triton_relaunch_check.py: Triton's own JITFunction.run with a stand-in driver and
     # a recording launcher, in a process without TRITON_INTERPRET.
-    if not _nvidia_backend():
+    if not triton_nvidia_backend():
         pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYOWT_TRITON_RELAUNCH")}
-    proc = subprocess.run([sys.executable, "-m", "tests.triton_relaunch_check"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_without_interpreter("tests.triton_relaunch_check", timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     checks = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(checks) >= 16, checks
