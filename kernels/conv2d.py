@@ -354,8 +354,8 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
             has run from there, the compiled kernel (kernels.relaunch: later calls skip
             Triton's JITFunction.run). Eager, unpacked launches only.
     """
+    b_arg = w_cl if bias is None else bias
     if memo:
-        b_arg = w_cl if bias is None else bias
         relaunch = memo.get("relaunch")
         if relaunch and relaunch(x, w_cl, b_arg, y):
             return
@@ -388,7 +388,6 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
     def grid(meta):
         return (ceil_div(m, meta["BLOCK_M"]) * ceil_div(co, meta["BLOCK_N"]), shape.groups)
 
-    b_arg = w_cl if bias is None else bias
     key = (m, co, c, shape.r, shape.s, flat, pack, x_arg.dtype, w_arg.dtype, b_arg.dtype, y.dtype)
     scalars = (m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s,
                *x_arg.stride(), *y.stride(), *shape.stride, *shape.padding, *shape.dilation, jp)

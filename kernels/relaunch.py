@@ -35,9 +35,6 @@ except ImportError:  # pragma: no cover - pyowt runs without Triton (CPU backend
     triton = None
 
 
-_environ = os.environ
-
-
 def _triton_version() -> tuple:
     parts = []
     for piece in getattr(triton, "__version__", "0").split(".")[:2]:
@@ -47,7 +44,8 @@ def _triton_version() -> tuple:
 
 
 def _hooks_source():
-    """The object whose ``launch_enter_hook``/``launch_exit_hook`` Triton's launches pass."""
+    """The object holding the launch hooks Triton's launches pass (``triton.knobs.runtime``
+    from 3.4, which also holds the stage-inspection hook; ``CompiledKernel`` before)."""
     knobs = getattr(triton, "knobs", None)
     if knobs is not None and hasattr(knobs, "runtime") and hasattr(knobs.runtime, "launch_enter_hook"):
         return knobs.runtime
@@ -61,9 +59,22 @@ def _active(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _switched_off() -> bool:
+    # Read on every relaunch, like pyowt's other variables: setting it takes effect at once.
+    return os.environ.get("PYOWT_TRITON_RELAUNCH") == "0"
+
+
+def _needs_jit(fn, hooks) -> bool:
+    """Whether a call must go through ``JITFunction.run``: the switch is off, a launch hook
+    would run, or ``fn`` has pre-run hooks, or a stage-inspection hook is set."""
+    return (_switched_off() or _active(hooks.launch_enter_hook) or _active(hooks.launch_exit_hook)
+            or bool(getattr(fn, "pre_run_hooks", None))
+            or getattr(hooks, "add_stages_inspection_hook", None) is not None)
+
+
 def enabled() -> bool:
     """False under ``PYOWT_TRITON_RELAUNCH=0``, under the interpreter or without Triton."""
-    return (triton is not None and os.environ.get("PYOWT_TRITON_RELAUNCH", "1") != "0"
+    return (triton is not None and not _switched_off()
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
@@ -78,15 +89,13 @@ class CompiledLaunch:
     """
 
     __slots__ = ("_run", "_function", "_packed", "_grid", "_rest", "_aligned", "_dtypes",
-                 "_device", "_fn", "_hooks", "_knobs")
+                 "_device", "_fn", "_hooks")
 
     def __init__(self, run, function, packed, grid, rest, aligned, dtypes, device, fn, hooks):
         self._run, self._function, self._packed = run, function, packed
         self._grid, self._rest = grid, rest
         self._aligned, self._dtypes, self._device = aligned, dtypes, device
         self._fn, self._hooks = fn, hooks
-        knobs = getattr(triton, "knobs", None)
-        self._knobs = getattr(knobs, "runtime", None)
 
     @classmethod
     def capture(cls, fn, compiled, args: tuple, kwargs: dict, num_tensors: int) -> Optional["CompiledLaunch"]:
@@ -126,12 +135,7 @@ class CompiledLaunch:
 
     def __call__(self, *tensors: torch.Tensor) -> bool:
         run = self._run
-        hooks, knobs = self._hooks, self._knobs
-        # The switch is read on every call, like pyowt's other variables: setting it takes
-        # effect at once, for kernels captured before too.
-        if (run is None or _environ.get("PYOWT_TRITON_RELAUNCH") == "0" or _active(hooks.launch_enter_hook) or _active(hooks.launch_exit_hook)
-                or getattr(self._fn, "pre_run_hooks", None)
-                or (knobs is not None and getattr(knobs, "add_stages_inspection_hook", None) is not None)):
+        if run is None or _needs_jit(self._fn, self._hooks):
             return False
         aligned, dtypes = self._aligned, self._dtypes
         if len(tensors) != len(aligned):
