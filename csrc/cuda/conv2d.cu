@@ -94,28 +94,22 @@ void launch_tc(const ConvParams& p, const uint16_t* x, const uint16_t* w, const 
 template <typename scalar_t, bool kVecA>
 void launch_tc(TcTile tile, const ConvParams& p, const uint16_t* x, const uint16_t* w, const scalar_t* bias,
                scalar_t* out, bool nhwc_out, cudaStream_t stream) {
+  auto run = [&](auto shape) {
+    launch_tc<scalar_t, decltype(shape), kVecA>(p, x, w, bias, out, nhwc_out, stream);
+  };
   if constexpr (kVecA) {
     switch (tile) {
-      case TcTile::k128x128x64:
-        launch_tc<scalar_t, tc::Tile128x128x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
-        return;
-      case TcTile::kWgmma128x64x64:
-        launch_tc<scalar_t, tc::TileWgmma128x64x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
-        return;
-      case TcTile::kWgmma128x96x64:
-        launch_tc<scalar_t, tc::TileWgmma128x96x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
-        return;
-      case TcTile::kWgmma128x128x64:
-        launch_tc<scalar_t, tc::TileWgmma128x128x64, kVecA>(p, x, w, bias, out, nhwc_out, stream);
-        return;
-      default:
-        break;
+      case TcTile::k128x128x64: return run(tc::Tile128x128x64{});
+      case TcTile::kWgmma128x64x64: return run(tc::TileWgmma128x64x64{});
+      case TcTile::kWgmma128x96x64: return run(tc::TileWgmma128x96x64{});
+      case TcTile::kWgmma128x128x64: return run(tc::TileWgmma128x128x64{});
+      default: break;
     }
   }
   if (tile == TcTile::k128x64x32 || tile == TcTile::kWgmma128x64x64 || tile == TcTile::kWgmma128x96x64) {
-    launch_tc<scalar_t, tc::Tile128x64x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+    run(tc::Tile128x64x32{});
   } else {
-    launch_tc<scalar_t, tc::Tile128x128x32, kVecA>(p, x, w, bias, out, nhwc_out, stream);
+    run(tc::Tile128x128x32{});
   }
 }
 
