@@ -177,6 +177,7 @@ if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
     cxx_flags.append("-fopenmp")
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
+
 def _has_sm90a(arch_list):
     """Whether TORCH_CUDA_ARCH_LIST ("8.0;9.0a", "9.0a+PTX", space separated too) names 9.0a."""
     return any(a.strip().lower().split("+")[0] == "9.0a" for a in arch_list.replace(" ", ";").split(";"))
