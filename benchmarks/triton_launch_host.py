@@ -4,9 +4,11 @@ Everything of Triton's launch path runs (the eager plan, ``JITFunction.run`` wit
 binder, specialization and kernel cache, or kernels/relaunch.py) down to the compiled
 kernel's launcher, which a stand-in replaces: a stand-in driver (current device and stream,
 an sm_90 target) and a stand-in compiled kernel put in Triton's cache instead of compiling.
-What is timed is the host's share of a call, the part that bounded the Triton op on an
-H100 (benchmarks/RESULTS.md); the real launcher (scratch allocation, argument parsing,
-``cuLaunchKernel``) comes on top, the same for both rows. One intra-op thread.
+What is timed is the host's share of a forward and of a forward+backward (data and weight
+gradients, the weight gradient's partial sum: four kernels), the part that bounded the
+Triton op on an H100 (benchmarks/RESULTS.md); the real launcher (scratch allocation,
+argument parsing, ``cuLaunchKernel``) comes on top, the same for both rows. One intra-op
+thread.
 
 It must run in a process without ``TRITON_INTERPRET`` (the interpreter replaces
 ``triton.jit`` when the kernels are imported):
@@ -108,33 +110,43 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     activate_stand_in_driver()
     from pyowt.kernels import conv2d as kconv
+    from pyowt.kernels import conv2d_backward as kbwd
     from pyowt.ops import conv2d as conv_mod
 
-    install_stand_ins(kconv.conv2d_fwd_kernel, record=False)
+    # (the backward's third kernel, the partial sum, is not autotuned: compiling it is
+    # stubbed by any of these)
+    for kernel in (kconv.conv2d_fwd_kernel, kbwd.conv2d_dgrad_kernel, kbwd.conv2d_wgrad_kernel):
+        install_stand_ins(kernel, record=False)
     conv_mod.resolve_backend = lambda op, device, backend=None: "triton"  # CPU tensors
 
-    # AlexNet conv5's geometry at batch 8 (the kernel does not run: sizes only matter to
-    # the host through the plan's key).
+    # AlexNet conv5's geometry at batch 8 (the kernels do not run: sizes only matter to
+    # the host through the plan's key and the allocations).
     x = torch.randn(8, 384, 13, 13).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(256, 384, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
     b = torch.randn(256).requires_grad_()
+    grad = torch.randn(8, 256, 13, 13).contiguous(memory_format=torch.channels_last)
 
-    def call():
-        conv_mod.conv2d_bias_act(x, w, b, 1, 1, backend="triton")
+    def forward():
+        return conv_mod.conv2d_bias_act(x, w, b, 1, 1, backend="triton")
 
-    def per_call_us() -> float:
-        for _ in range(max(args.calls // 50, 10)):
+    def forward_backward():
+        torch.autograd.grad(forward(), [x, w, b], grad)
+
+    def per_call_us(call, calls) -> float:
+        for _ in range(max(calls // 50, 10)):
             call()
         t0 = time.perf_counter()
-        for _ in range(args.calls):
+        for _ in range(calls):
             call()
-        return (time.perf_counter() - t0) / args.calls * 1e6
+        return (time.perf_counter() - t0) / calls * 1e6
 
     rows = (("JITFunction.run (PYOWT_TRITON_RELAUNCH=0)", "0"), ("relaunch", "1"))
-    for name, flag in rows + rows:  # twice, alternating: the second pair shows the noise
-        os.environ["PYOWT_TRITON_RELAUNCH"] = flag
-        conv_mod._EAGER_PLANS.clear()
-        print(f"conv2d_bias_act triton eager forward, {name:<42} {per_call_us():7.2f} us per call")
+    for mode, call, calls in (("forward", forward, args.calls), ("forward+backward", forward_backward,
+                                                                  max(args.calls // 5, 100))):
+        for name, flag in rows + rows:  # twice, alternating: the second pair shows the noise
+            os.environ["PYOWT_TRITON_RELAUNCH"] = flag
+            conv_mod._EAGER_PLANS.clear()
+            print(f"conv2d_bias_act triton eager {mode:<16}, {name:<42} {per_call_us(call, calls):7.2f} us per call")
     return 0
 
 

@@ -1,4 +1,20 @@
-"""Launching ``@triton.autotune`` kernels with less host time once a shape is tuned."""
+"""Launching Triton kernels (autotuned or not) with less host time once a problem is known.
+
+Two levels. :func:`launch_autotuned`: once an autotuned kernel is tuned for a key, later
+calls skip its autotuner. A memo (a dict an eager caller keeps for one problem: calls whose
+arguments match in all but the tensors' data) goes further: :func:`launch_and_remember`
+keeps the launch's scalar and keyword arguments there, and :func:`launch_from_memo` later
+passes only the tensors, first through ``JITFunction.run`` and from then on by relaunching
+the compiled kernel it returned (kernels.relaunch).
+"""
+from __future__ import annotations
+
+from .relaunch import CompiledLaunch
+
+try:
+    from triton.runtime.autotuner import Autotuner
+except ImportError:  # pragma: no cover - the kernels need Triton anyway
+    Autotuner = ()
 
 # (autotuned kernel, launcher's key) -> (the triton.Config its autotuner picked, that
 # config's launch keyword arguments).
@@ -31,10 +47,51 @@ def launch_autotuned(launch, kernel, key: tuple, grid, *args, **kwargs) -> None:
 def tuned_run_kwargs(kernel, key: tuple, grid, kwargs: dict):
     """The keyword arguments with which ``kernel.fn.run(*args, **them)`` launches ``kernel``
     in the config its autotuner picked for ``key`` (grid evaluated, ``kwargs`` merged), or
-    None while ``key`` is not tuned. A caller that launches the same problem again and
-    again may keep them (see launch_conv2d_fwd's ``memo``)."""
+    None while ``key`` is not tuned."""
     picked = _PICKED.get((kernel, key))
     if picked is None:
         return None
     config, config_kwargs = picked
     return {"grid": grid(config.kwargs), "warmup": False, **kwargs, **config_kwargs}
+
+
+def launch_and_remember(launch, memo, kernel, key, grid, tensors: tuple, scalars: tuple, kwargs: dict) -> None:
+    """``launch(kernel)[grid](*tensors, *scalars, **kwargs)``, then, for an eager call
+    (``launch`` None) with a ``memo``, keep there what :func:`launch_from_memo` needs.
+
+    ``kernel``: an autotuned kernel (``key`` as in :func:`launch_autotuned`, ``grid`` a
+    function of the config's meta-parameters; nothing is kept until it is tuned) or a
+    ``triton.jit`` function (``key`` unused, ``grid`` a tuple; ``kwargs`` may hold
+    ``num_warps``). ``tensors`` are the leading arguments, the only ones that may change
+    between the calls that share ``memo``.
+    """
+    if isinstance(kernel, Autotuner):
+        launch_autotuned(launch, kernel, key, grid, *tensors, *scalars, **kwargs)
+        run_kwargs = tuned_run_kwargs(kernel, key, grid, kwargs) if memo is not None and launch is None else None
+    else:
+        (kernel if launch is None else launch(kernel))[grid](*tensors, *scalars, **kwargs)
+        run_kwargs = {"grid": tuple(grid), "warmup": False, **kwargs}
+    if memo is not None and launch is None and run_kwargs is not None:
+        memo["launch"] = (scalars, run_kwargs)
+
+
+def launch_from_memo(memo, kernel, tensors: tuple) -> bool:
+    """Launch ``kernel`` on ``tensors`` from what :func:`launch_and_remember` kept in
+    ``memo`` and return True, or launch nothing and return False (nothing kept yet).
+
+    The first such launch goes through ``JITFunction.run`` and keeps the compiled kernel it
+    returns (or False where kernels.relaunch cannot); later ones relaunch it, and go back
+    through ``JITFunction.run`` whenever the relaunch declines (alignment, hooks, ...).
+    """
+    if not memo:
+        return False
+    relaunch = memo.get("relaunch")
+    if relaunch and relaunch(*tensors):
+        return True
+    scalars, run_kwargs = memo["launch"]
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    compiled = fn.run(*tensors, *scalars, **run_kwargs)
+    if relaunch is None:
+        memo["relaunch"] = CompiledLaunch.capture(fn, compiled, tuple(tensors) + tuple(scalars), run_kwargs,
+                                                  num_tensors=len(tensors)) or False
+    return True

@@ -39,8 +39,7 @@ import triton
 import triton.language as tl
 
 from . import ceil_div, interpreter_enabled
-from .autotuned import launch_autotuned, tuned_run_kwargs
-from .relaunch import CompiledLaunch
+from .autotuned import launch_and_remember, launch_from_memo
 
 INT32_MAX = 2**31 - 1
 # Below this many input channels per group the flat k walk wastes less of each MMA.
@@ -355,15 +354,7 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
             Triton's JITFunction.run). Eager, unpacked launches only.
     """
     b_arg = w_cl if bias is None else bias
-    if memo:
-        relaunch = memo.get("relaunch")
-        if relaunch and relaunch(x, w_cl, b_arg, y):
-            return
-        scalars, run_kwargs = memo["launch"]
-        compiled = conv2d_fwd_kernel.fn.run(x, w_cl, b_arg, y, *scalars, **run_kwargs)
-        if relaunch is None:
-            memo["relaunch"] = CompiledLaunch.capture(conv2d_fwd_kernel.fn, compiled, (x, w_cl, b_arg, y) + scalars,
-                                                      run_kwargs, num_tensors=4) or False
+    if launch_from_memo(memo, conv2d_fwd_kernel, (x, w_cl, b_arg, y)):
         return
     check_int32_images(shape)
     c = shape.c_in // shape.groups
@@ -393,8 +384,5 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
                *x_arg.stride(), *y.stride(), *shape.stride, *shape.padding, *shape.dilation, jp)
     constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, FLAT_K=flat, PACKED=pack,
                       IEEE=x.dtype == torch.float32, X_ALIGN=x_align, Y_ALIGN=channel_align(co, y))
-    launch_autotuned(launch, conv2d_fwd_kernel, key, grid, x_arg, w_arg, b_arg, y, *scalars, **constexprs)
-    if memo is not None and launch is None and not pack:
-        run_kwargs = tuned_run_kwargs(conv2d_fwd_kernel, key, grid, constexprs)
-        if run_kwargs is not None:
-            memo["launch"] = (scalars, run_kwargs)
+    launch_and_remember(launch, None if pack else memo, conv2d_fwd_kernel, key, grid, (x_arg, w_arg, b_arg, y),
+                        scalars, constexprs)

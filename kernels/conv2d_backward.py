@@ -13,9 +13,11 @@ output; ``activation="none"`` skips it):
   same gathered input as the forward. The reduction runs over all ``M = N*H_out*W_out``
   output pixels while the result is small, so ``M`` is split in ``SPLIT`` chunks across
   a grid axis (split-K); each chunk writes its own float32 partial (no atomics, so the
-  result is deterministic) and the launcher sums them. The bias gradient
-  ``sum_m dy[m, co]`` rides along: the programs of the first k tile add up the dy tile
-  they already hold, per chunk, into a second partial buffer.
+  result is deterministic). The bias gradient ``sum_m dy[m, co]`` rides along: the
+  programs of the first k tile add up the dy tile they already hold, per chunk, into a
+  second partial buffer. A third kernel sums the partials in a fixed order and stores both
+  gradients in their dtype and the weight's layout: one launch where the ATen sum, casts
+  and layout copy were four to six, each a host round of several microseconds.
 
 ``dy`` and ``out`` must share strides (the launcher makes both channels_last), so one set
 of offsets serves both. Every load and store is masked.
@@ -29,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import ceil_div, interpreter_enabled
-from .autotuned import launch_autotuned
+from .autotuned import launch_and_remember, launch_from_memo
 from .conv2d import (GEOMETRY_ARGS, _config, advance_tap, channel_align, check_int32_images,
                      grouped_tile, make_pruner, mixed_radix_add, mma, use_flat_k)
 
@@ -258,8 +260,11 @@ def _split_count(m: int, tiles: int, device: torch.device) -> tuple:
 
 
 def launch_conv2d_dgrad(launch, dy: torch.Tensor, out: torch.Tensor, w_cl: torch.Tensor,
-                        dx: torch.Tensor, shape, relu: bool) -> None:
-    """grad_input into ``dx`` (any strides). ``dy``/``out`` share strides; w_cl as forward."""
+                        dx: torch.Tensor, shape, relu: bool, memo=None) -> None:
+    """grad_input into ``dx`` (any strides). ``dy``/``out`` share strides; w_cl as forward.
+    ``memo``: as launch_conv2d_fwd's (kernels.autotuned.launch_from_memo)."""
+    if launch_from_memo(memo, conv2d_dgrad_kernel, (dy, out, w_cl, dx)):
+        return
     check_int32_images(shape)
     c = shape.c_in // shape.groups
     co = shape.c_out // shape.groups
@@ -271,15 +276,11 @@ def launch_conv2d_dgrad(launch, dy: torch.Tensor, out: torch.Tensor, w_cl: torch
         return (ceil_div(m, meta["BLOCK_M"]) * ceil_div(c, meta["BLOCK_N"]), shape.groups)
 
     key = (m, c, co, shape.r, shape.s, dy.dtype, out.dtype, w_cl.dtype, dx.dtype)
-    launch_autotuned(
-        launch, conv2d_dgrad_kernel, key, grid,
-        dy, out, w_cl, dx,
-        m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s,
-        *dy.stride(), *dx.stride(),
-        *shape.stride, *shape.padding, *shape.dilation,
-        RELU=relu, IEEE=dy.dtype == torch.float32, UNIT_STRIDE=tuple(shape.stride) == (1, 1),
-        X_ALIGN=channel_align(c, dx), Y_ALIGN=channel_align(co, dy),
-    )
+    scalars = (m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s,
+               *dy.stride(), *dx.stride(), *shape.stride, *shape.padding, *shape.dilation)
+    constexprs = dict(RELU=relu, IEEE=dy.dtype == torch.float32, UNIT_STRIDE=tuple(shape.stride) == (1, 1),
+                      X_ALIGN=channel_align(c, dx), Y_ALIGN=channel_align(co, dy))
+    launch_and_remember(launch, memo, conv2d_dgrad_kernel, key, grid, (dy, out, w_cl, dx), scalars, constexprs)
 
 
 def nhwc_dense(t: torch.Tensor) -> bool:
@@ -290,21 +291,29 @@ def nhwc_dense(t: torch.Tensor) -> bool:
     return (h == 1 or sh == w * sw) and (n == 1 or sn == h * w * sw)
 
 
-def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
-                        shape, relu: bool, has_bias: bool, split=None, flat_k=None):
-    """(grad_weight as float32 (C_out, R*S*C) rows, grad_bias float32 (C_out,) or None).
+def launch_conv2d_wgrad_partials(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                                 shape, relu: bool, has_bias: bool, split=None, flat_k=None, memo=None):
+    """The weight gradient's float32 partials: (dw_parts (SPLIT, C_out, R*S*C), db_parts
+    (SPLIT, C_out), or a (1,) placeholder without ``has_bias``); their sum over SPLIT is
+    grad_weight in (C_out, R, S, C) order and grad_bias (:func:`launch_conv2d_wgrad`).
 
-    The caller reshapes/casts; ``split`` forces the number of M chunks (tests).
+    ``split`` forces the number of M chunks (tests); ``memo`` as launch_conv2d_fwd's.
     """
+    dev = dy.device
+    if memo:
+        size_w, size_b = memo["sizes"]
+        dw = torch.empty(size_w, dtype=torch.float32, device=dev)
+        db = torch.empty(size_b, dtype=torch.float32, device=dev)
+        launch_from_memo(memo, conv2d_wgrad_kernel, (dy, out, x, dw, db))
+        return dw, db
     check_int32_images(shape)
     c = shape.c_in // shape.groups
     co = shape.c_out // shape.groups
     kw = shape.r * shape.s * c
     m = shape.n * shape.h_out * shape.w_out
-    dev = dy.device
     if m == 0 or co == 0 or kw == 0:
-        dw = torch.zeros((shape.c_out, kw), dtype=torch.float32, device=dev)
-        return dw, (torch.zeros(shape.c_out, dtype=torch.float32, device=dev) if has_bias else None)
+        return (torch.zeros((1, shape.c_out, kw), dtype=torch.float32, device=dev),
+                torch.zeros((1, shape.c_out) if has_bias else (1,), dtype=torch.float32, device=dev))
     tiles = ceil_div(co, 64) * ceil_div(kw, 64) * shape.groups
     if split is None:
         n_split, chunk = _split_count(m, tiles, dev)
@@ -322,17 +331,80 @@ def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Te
         return (ceil_div(co, meta["BLOCK_N"]) * k_tiles, n_split, shape.groups)
 
     key = (m, c, co, shape.r, shape.s, chunk, flat, dy.dtype, out.dtype, x.dtype)
-    launch_autotuned(
-        launch, conv2d_wgrad_kernel, key, grid,
-        dy, out, x, dw, db,
-        m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s, shape.c_out, chunk,
-        *dy.stride(), *x.stride(),
-        *shape.stride, *shape.padding, *shape.dilation,
-        HAS_BIAS=has_bias, RELU=relu, IEEE=dy.dtype == torch.float32, FLAT_K=flat,
-        X_ALIGN=channel_align(c, x), Y_ALIGN=channel_align(co, dy), Y_DENSE=nhwc_dense(dy),
-    )
-    # The partials are summed in float32 in a fixed order: deterministic.
-    dw = dw[0] if n_split == 1 else dw.sum(dim=0)
-    if not has_bias:
-        return dw, None
-    return dw, (db[0] if n_split == 1 else db.sum(dim=0))
+    scalars = (m, c, shape.h, shape.w, co, shape.h_out, shape.w_out, shape.r, shape.s, shape.c_out, chunk,
+               *dy.stride(), *x.stride(), *shape.stride, *shape.padding, *shape.dilation)
+    constexprs = dict(HAS_BIAS=has_bias, RELU=relu, IEEE=dy.dtype == torch.float32, FLAT_K=flat,
+                      X_ALIGN=channel_align(c, x), Y_ALIGN=channel_align(co, dy), Y_DENSE=nhwc_dense(dy))
+    launch_and_remember(launch, memo, conv2d_wgrad_kernel, key, grid, (dy, out, x, dw, db), scalars, constexprs)
+    if memo is not None and "launch" in memo:
+        memo["sizes"] = (dw.shape, db.shape)
+    return dw, db
+
+
+# The sum's tile: 16 output channels by 64 weight columns (4 KB of float32 per partial).
+SUM_BLOCK_CO = 16
+SUM_BLOCK_K = 64
+
+
+@triton.jit(do_not_specialize=["SPLIT", "CO", "KW", "C", "S", "sw_co", "sw_c", "sw_r", "sw_s"])
+def conv2d_wgrad_sum_kernel(
+    dw_parts_ptr, db_parts_ptr, dw_ptr, db_ptr,
+    SPLIT, CO, KW, C, S, sw_co, sw_c, sw_r, sw_s,
+    HAS_BIAS: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # dw[co, c, r, s] = sum_i dw_parts[i, co, (r*S + s)*C + c] over i = 0, 1, ... in order (the
+    # same sum on every run), stored at co*sw_co + c*sw_c + r*sw_r + s*sw_s in dw's dtype.
+    pid_k = tl.program_id(1)
+    offs_co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    co_ok = offs_co < CO
+    ok = co_ok[:, None] & (offs_k < KW)[None, :]
+    part = offs_co.to(tl.int64)[:, None] * KW + offs_k[None, :]
+    part_step = CO.to(tl.int64) * KW
+    acc = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
+    for i in range(0, SPLIT):
+        acc += tl.load(dw_parts_ptr + i * part_step + part, mask=ok, other=0.0)
+    c = offs_k % C
+    tap = offs_k // C
+    w_off = offs_co.to(tl.int64)[:, None] * sw_co + (c * sw_c + (tap // S) * sw_r + (tap % S) * sw_s)[None, :]
+    tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+    if HAS_BIAS:
+        if pid_k == 0:
+            db = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+            for i in range(0, SPLIT):
+                db += tl.load(db_parts_ptr + i * CO + offs_co, mask=co_ok, other=0.0)
+            tl.store(db_ptr + offs_co, db.to(db_ptr.dtype.element_ty), mask=co_ok)
+
+
+def launch_wgrad_sum(launch, dw_parts: torch.Tensor, db_parts: torch.Tensor, grad_w: torch.Tensor,
+                     grad_b, memo=None) -> None:
+    """grad_w (C_out, C, R, S) (any strides and float dtype) and grad_b (C_out,) or None
+    from :func:`launch_conv2d_wgrad_partials`' partials; ``memo`` as launch_conv2d_fwd's."""
+    tensors = (dw_parts, db_parts, grad_w, grad_w if grad_b is None else grad_b)
+    if launch_from_memo(memo, conv2d_wgrad_sum_kernel, tensors):
+        return
+    split, co, kw = dw_parts.shape
+    _, c, _, s = grad_w.shape
+    if co == 0 or kw == 0:
+        return
+    grid = (ceil_div(co, SUM_BLOCK_CO), ceil_div(kw, SUM_BLOCK_K))
+    launch_and_remember(launch, memo, conv2d_wgrad_sum_kernel, None, grid, tensors,
+                        (split, co, kw, c, s, *grad_w.stride()),
+                        dict(HAS_BIAS=grad_b is not None, BLOCK_CO=SUM_BLOCK_CO, BLOCK_K=SUM_BLOCK_K))
+
+
+def launch_conv2d_wgrad(launch, dy: torch.Tensor, out: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor,
+                        grad_b, shape, relu: bool, split=None, flat_k=None, memo=None) -> None:
+    """grad_weight into ``grad_w`` ((C_out, C_in/groups, R, S), any strides and float dtype)
+    and grad_bias into ``grad_b`` ((C_out,), or None: not computed).
+
+    ``dy``/``out`` share strides, ``x`` (N, C_in, H, W) any strides (channels_last makes
+    its gathers contiguous); ``split`` forces the number of M chunks (tests); ``memo``: a
+    dict the caller keeps for calls that differ only in the tensors' data (the eager path).
+    """
+    memo_parts = memo_sum = None
+    if memo is not None:
+        memo_parts, memo_sum = memo.setdefault("partials", {}), memo.setdefault("sum", {})
+    dw_parts, db_parts = launch_conv2d_wgrad_partials(launch, dy, out, x, shape, relu, grad_b is not None,
+                                                      split, flat_k, memo_parts)
+    launch_wgrad_sum(launch, dw_parts, db_parts, grad_w, grad_b, memo_sum)

@@ -194,11 +194,11 @@ def _conv_dgrad(dtype=torch.bfloat16):
 
 
 def _conv_wgrad(dtype=torch.bfloat16, dense=True):
-    from pyowt.kernels.conv2d_backward import launch_conv2d_wgrad
+    from pyowt.kernels.conv2d_backward import launch_conv2d_wgrad_partials
     shape = _conv_shape(**CONV3)
     x, _, _, y = _conv_tensors(shape, dtype)
     rec = RecordingLaunch()
-    launch_conv2d_wgrad(rec, torch.randn_like(y), y, x, shape, relu=True, has_bias=True, split=1)
+    launch_conv2d_wgrad_partials(rec, torch.randn_like(y), y, x, shape, relu=True, has_bias=True, split=1)
     assert rec.kwargs["Y_DENSE"]
     rec.kwargs["Y_DENSE"] = dense  # False: the general pixel offsets of a strided dy
     return rec

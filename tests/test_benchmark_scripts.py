@@ -107,4 +107,5 @@ def test_triton_launch_host_runs():
     proc = run_without_interpreter("benchmarks.triton_launch_host", "--calls", "50", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if "us per call" in line]
-    assert len(lines) == 4 and sum("relaunch" in line for line in lines) == 2, proc.stdout
+    assert len(lines) == 8 and sum(", relaunch " in line for line in lines) == 4, proc.stdout
+    assert sum("forward+backward" in line for line in lines) == 4, proc.stdout

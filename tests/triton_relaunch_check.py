@@ -5,7 +5,8 @@ launcher records its arguments (benchmarks/triton_launch_host.py) replace what n
 Triton's: the binder, the specialization, the kernel cache, the launcher call that ends
 ``JITFunction.run``. The conv forward's eager launch (kernels.conv2d.launch_conv2d_fwd
 with a memo) runs: call 1 tunes, call 2 goes through ``JITFunction.run`` and captures the
-compiled kernel, later calls relaunch it. Each check compares what the launcher received.
+compiled kernel, later calls relaunch it; then the eager op's backward kernels the same
+way. Each check compares what the launcher received.
 
 It must run without ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit`` at
 import), so the test runs it as ``python -m tests.triton_relaunch_check`` and reads one
@@ -165,7 +166,58 @@ def main() -> dict:
     launch(first)
     launch(first)
     check("PYOWT_TRITON_RELAUNCH=0 captures nothing", memo.get("relaunch") is False, memo.get("relaunch"))
+    del os.environ["PYOWT_TRITON_RELAUNCH"]
+    backward_checks(check, same_launch)
     return checks
+
+
+def backward_checks(check, same_launch) -> None:
+    """The eager op's backward (pyowt.ops.conv2d: the forward's plan keeps the backward's
+    memos): its third forward+backward relaunches the data gradient, the weight gradient's
+    partials and their sum, passing what JITFunction.run passed."""
+    from benchmarks.triton_launch_host import install_stand_ins
+    from pyowt.kernels import conv2d as K
+    from pyowt.kernels import conv2d_backward as B
+    from pyowt.ops import conv2d as conv_mod
+
+    install_stand_ins(B.conv2d_dgrad_kernel)
+    _, launches, _ = install_stand_ins(B.conv2d_wgrad_kernel)  # what compiles from now on records here
+    conv_mod.resolve_backend = lambda op, device, backend=None: "triton"  # CPU tensors
+    conv_mod._EAGER_PLANS.clear()
+    fns = {"dgrad": B.conv2d_dgrad_kernel.fn, "partials": B.conv2d_wgrad_kernel.fn,
+           "sum": B.conv2d_wgrad_sum_kernel, "forward": K.conv2d_fwd_kernel.fn}
+    tensor_count = {"dgrad": 4, "partials": 5, "sum": 4}
+    jit_runs = []
+    for name, fn in fns.items():
+        fn.run = (lambda real, name: lambda *a, **k: jit_runs.append(name) or real(*a, **k))(fn.run, name)
+
+    def step(weight_format=torch.channels_last):
+        x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(16, 8, 3, 3).contiguous(memory_format=weight_format).requires_grad_()
+        b = torch.randn(16, requires_grad=True)
+        y = conv_mod.conv2d_bias_act(x, w, b, 1, 1, backend="triton")
+        start = len(launches)
+        grads = torch.autograd.grad(y, [x, w, b], torch.randn(y.shape).contiguous(memory_format=torch.channels_last))
+        return launches[start:], grads, w
+
+    step()                               # tunes, keeps the launches' arguments
+    jit_runs.clear()
+    via_jit, _, _ = step()               # JITFunction.run from the memos; captures
+    check("backward: second call through JITFunction.run from its memos",
+          sorted(jit_runs) == ["dgrad", "forward", "partials", "sum"], jit_runs)
+    jit_runs.clear()
+    relaunched, grads, w = step()        # relaunch
+    check("backward: third call relaunches every kernel", not jit_runs and len(relaunched) == 3, (jit_runs, len(relaunched)))
+    same = [same_launch(a[:9] + a[9 + n:], b[:9] + b[9 + n:]) for a, b, n in
+            zip(relaunched, via_jit, tensor_count.values())]
+    check("backward: relaunches pass what JITFunction.run passed", len(same) == 3 and all(same), same)
+    check("backward: gradients in the weight's layout", grads[1].is_contiguous(memory_format=torch.channels_last)
+          and grads[1].dtype == w.dtype, grads[1].stride())
+    (plan,) = conv_mod._EAGER_PLANS.values()
+    jit_runs.clear()
+    _, grads, _ = step(torch.contiguous_format)  # another weight layout: another memo, sum through the JIT
+    check("backward: another weight layout gets its own memos",
+          len(plan.backward) == 2 and grads[1].is_contiguous() and "sum" in jit_runs, (len(plan.backward), jit_runs))
 
 
 if __name__ == "__main__":

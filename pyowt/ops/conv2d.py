@@ -214,30 +214,42 @@ if HAS_TRITON:
 
     @on_input_device
     def _triton_backward(launch, grad_out, x, weight, out, stride, padding, dilation, groups,
-                         activation, has_bias, output_mask):
-        """The Triton backward's body (``launch`` as in :func:`_triton_forward`)."""
+                         activation, has_bias, output_mask, plan=None):
+        """The Triton backward's body (``launch`` as in :func:`_triton_forward`; the eager
+        path passes the forward's :class:`_EagerPlan`, whose ``backward`` dict keeps the
+        launches' prepared arguments per gradient layout)."""
         _check_output_mask(output_mask, "conv2d_bias_act_backward_triton")
-        shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
         relu = activation == "relu"
         dy = grad_out.contiguous(memory_format=torch.channels_last)
         # dy and out must share strides; without ReLU `out` is never read.
         o = out.contiguous(memory_format=torch.channels_last) if relu else dy
         w_cl = weight.contiguous(memory_format=torch.channels_last)
+        if plan is None:
+            shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
+            memos = {}
+        else:
+            # x's and the output's layouts are the plan's; dy's strides (size-1 dimensions) and
+            # the weight's layout (its gradient's) are not.
+            shape = plan.shape
+            key = (tuple(output_mask), dy.dtype, dy.stride(), o.stride(), weight.stride())
+            memos = plan.backward.get(key)
+            if memos is None:
+                if len(plan.backward) >= 8:
+                    plan.backward.clear()
+                memos = plan.backward[key] = {"dgrad": {}, "wgrad": {}}
         # Distinct empty tensors: outputs of a custom op may not alias each other.
         grad_x, grad_w, grad_b = (x.new_empty((0,)) for _ in range(3))
         if output_mask[0]:
             grad_x = torch.empty_like(x, memory_format=_output_format(x))
-            _bwd.launch_conv2d_dgrad(launch, dy, o, w_cl, grad_x, shape, relu)
+            _bwd.launch_conv2d_dgrad(launch, dy, o, w_cl, grad_x, shape, relu, memo=memos.get("dgrad"))
         want_bias = has_bias and output_mask[2]
         if output_mask[1]:
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            dw, db = _bwd.launch_conv2d_wgrad(launch, dy, o, x_cl, shape, relu, want_bias)
-            c = shape.c_in // shape.groups
-            # (C_out, R*S*C) rows are the weight in channels_last memory order.
-            dw = dw.view(shape.c_out, shape.r, shape.s, c).permute(0, 3, 1, 2).to(weight.dtype)
-            grad_w = dw.contiguous(memory_format=_checks.preferred_memory_format(weight, 1))
+            grad_w = torch.empty_like(weight, memory_format=_checks.preferred_memory_format(weight, 1))
             if want_bias:
-                grad_b = db.to(weight.dtype)
+                grad_b = weight.new_empty((shape.c_out,))
+            _bwd.launch_conv2d_wgrad(launch, dy, o, x_cl, grad_w, grad_b if want_bias else None, shape, relu,
+                                     memo=memos.get("wgrad"))
         elif want_bias:
             masked = torch.where(o > 0, dy, torch.zeros_like(dy)) if relu else dy
             grad_b = masked.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
@@ -299,12 +311,15 @@ if HAS_TRITON:
 
     conv2d_bias_act_triton.register_autograd(_conv_triton_backward, setup_context=_setup_context)
 
+    def _eager_setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs[:8], output)
+        ctx.plan = inputs[8]
+
     # Eager calls: the same kernels without the registered op's dispatch (launch=None); the
     # inputs are the op's eight and the call's _EagerPlan.
     _TritonConv2dEager = eager_autograd_function(
-        "_TritonConv2dEager", partial(_triton_forward, None),
-        lambda ctx, inputs, output: _setup_context(ctx, inputs[:8], output),
-        lambda ctx, grad: _triton_grads(ctx, grad, partial(_triton_backward, None)) + (None,))
+        "_TritonConv2dEager", partial(_triton_forward, None), _eager_setup_context,
+        lambda ctx, grad: _triton_grads(ctx, grad, partial(_triton_backward, None, plan=ctx.plan)) + (None,))
 
 
 class _EagerPlan(NamedTuple):
@@ -315,6 +330,8 @@ class _EagerPlan(NamedTuple):
     out_size: tuple
     out_stride: tuple
     memo: dict         # the forward launch's prepared arguments (kernels.conv2d.launch_conv2d_fwd)
+    backward: dict     # (output_mask, dy's dtype and strides, the weight's strides) -> the
+                       # backward launches' memos (kernels.conv2d_backward)
 
 
 # Tensor metadata and conv arguments of eager Triton calls that passed _validate -> their
@@ -353,7 +370,8 @@ def _eager_plan(x, weight, bias, stride, padding, dilation, groups, activation) 
     shape, act = _validate(x, weight, bias, stride, padding, dilation, groups, activation)
     size = (shape.n, shape.c_out, shape.h_out, shape.w_out)
     out_stride = torch.empty(size, device="meta", memory_format=_output_format(x)).stride()
-    plan = _EagerPlan(shape, (shape.stride, shape.padding, shape.dilation, shape.groups, act), size, out_stride, {})
+    plan = _EagerPlan(shape, (shape.stride, shape.padding, shape.dilation, shape.groups, act), size, out_stride,
+                      {}, {})
     if key is not None:
         if len(_EAGER_PLANS) >= _EAGER_PLANS_MAX:
             _EAGER_PLANS.clear()

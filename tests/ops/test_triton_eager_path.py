@@ -103,8 +103,8 @@ def test_launch_skips_the_autotuner_once_tuned(triton_device, monkeypatch):
     (plan,) = conv_mod._EAGER_PLANS.values()
     assert plan.memo["launch"][1]["grid"] and plan.memo["launch"][1]["warmup"] is False
     generic = []
-    monkeypatch.setattr(kconv, "launch_autotuned",
-                        lambda *a, real=kconv.launch_autotuned, **k: generic.append("launch_autotuned") or real(*a, **k))
+    monkeypatch.setattr(autotuned, "launch_autotuned",
+                        lambda *a, real=autotuned.launch_autotuned, **k: generic.append("launch_autotuned") or real(*a, **k))
     again = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
     assert len(tuner_runs) == 1, "the second call of a tuned shape went through the autotuner"
     assert not generic, "the second call did not take the plan's prepared launch"

@@ -1,6 +1,6 @@
-"""kernels.relaunch: the conv forward's eager calls relaunch the compiled kernel once the
-plan has seen it, skipping Triton's JITFunction.run, and fall back to it whenever Triton
-would have launched something else."""
+"""kernels.relaunch: the conv's eager calls (forward and backward) relaunch the compiled
+kernels once the plan has seen them, skipping Triton's JITFunction.run, and fall back to it
+whenever Triton would have launched something else."""
 import json
 
 import pytest
@@ -19,7 +19,7 @@ def test_relaunch_matches_triton_jit_without_gpu():
     proc = run_without_interpreter("tests.triton_relaunch_check", timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     checks = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(checks) >= 16, checks
+    assert len(checks) >= 21, checks
     failed = {name: detail for name, (ok, detail) in checks.items() if not ok}
     assert not failed, failed
 
@@ -76,3 +76,43 @@ def test_gpu_conv_relaunch(monkeypatch, dtype):
         conv2d_bias_act(x, w, b, 1, 1, backend="triton")
     (plan,) = conv_mod._EAGER_PLANS.values()
     assert plan.memo.get("relaunch") is False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc_w", "nchw_w"])
+def test_gpu_conv_backward_relaunch(monkeypatch, dtype, weight_format):
+    # The eager backward keeps its three launches (data gradient, weight-gradient partials,
+    # their sum) in the forward's plan: the third forward+backward relaunches all of them,
+    # with the registered op's gradients bit for bit, in the weight's layout and dtype.
+    from pyowt.kernels import conv2d_backward as kbwd
+    from pyowt.ops import conv2d as conv_mod
+
+    monkeypatch.setattr(conv_mod, "_EAGER_PLANS", {})
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 24, 11, 13, generator=g).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(40, 24, 3, 3, generator=g).to("cuda", dtype).contiguous(memory_format=weight_format)
+    b = torch.randn(40, generator=g).to("cuda", dtype)
+    grad = torch.randn(4, 40, 11, 13, generator=g).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+
+    def grads(op):
+        return torch.autograd.grad(op(*leaves), leaves, grad)
+
+    def eager(x, w, b):
+        return conv2d_bias_act(x, w, b, 1, 1, backend="triton")
+
+    first, second = grads(eager), grads(eager)
+    jit_runs = []
+    for fn in (kbwd.conv2d_dgrad_kernel.fn, kbwd.conv2d_wgrad_kernel.fn, kbwd.conv2d_wgrad_sum_kernel):
+        monkeypatch.setattr(fn, "run", lambda *a, real=fn.run, **k: jit_runs.append(1) or real(*a, **k))
+    third = grads(eager)
+    assert not jit_runs, f"{len(jit_runs)} backward launches of a planned call went through JITFunction.run"
+    registered = grads(lambda x, w, b: torch.ops.pyowt.conv2d_bias_act_triton(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu"))
+    for name, a, s, t, r in zip(("grad x", "grad weight", "grad bias"), first, second, third, registered):
+        assert torch.equal(a, s) and torch.equal(a, t) and torch.equal(a, r), name
+    assert third[1].is_contiguous(memory_format=weight_format) and third[1].dtype == dtype
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in leaves)
+    ref = torch.autograd.grad(conv2d_bias_act_reference(x64, w64, b64, 1, 1), (x64, w64, b64), grad.double())
+    for name, a, r in zip(("grad x", "grad weight", "grad bias"), third, ref):
+        assert_close_rel(a.double(), r, dtype, name)
