@@ -14,8 +14,8 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
   ``PYOWT_BENCH_BUDGET_S`` seconds (default 100) have passed, to fit the GPU check).
   Ours: the ``triton`` and, when built, the ``cuda`` backend; in 16-bit forward rows also
   the ``cuda`` backend with each tensor-core tile shape forced (``ours:cuda/128x64x32``,
-  ``/128x128x32``, ``/128x128x64``, and on sm_90 with an sm_90a build ``/wgmma128x64x64``,
-  ``/wgmma128x96x64``, ``/wgmma128x128x64``), next to its own first-call pick
+  ``/128x128x32``, ``/128x128x64``, ``/128x96x64``, and on sm_90 with an sm_90a build
+  ``/wgmma128x64x64``, ``/wgmma128x96x64``, ``/wgmma128x128x64``), next to its own first-call pick
   (``ours:cuda``; it times the wgmma tiles too with ``PYOWT_CUDA_CONV_WGMMA=1``, which
   gpu_check.sh sets after its probe).
 * CPU: batch 8 (224x224 inputs: batch 128 would take minutes per layer on a small CPU),
@@ -360,7 +360,7 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
     if "cuda" in backends and mode == "fwd" and dtype != torch.float32:
         # each tile shape alone: what the cuda backend's first-call timing chose between
         wgmma = ("wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64") if _wgmma_usable() else ()
-        for tile in ("128x64x32", "128x128x32", "128x128x64") + wgmma:
+        for tile in ("128x64x32", "128x128x32", "128x128x64", "128x96x64") + wgmma:
             impls[f"ours:cuda/{tile}"] = _ours_cuda_tile(layer, tile)
     errors = _errors(impls, layer, xs[0], w, b, mode)  # ours only: before "compile" joins
     extra = ""

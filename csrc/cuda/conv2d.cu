@@ -89,8 +89,8 @@ void launch_tc(const ConvParams& p, const uint16_t* x, const uint16_t* w, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// K steps of 64 exist for the vector A loader only: the scalar path runs 128x128x64 and
-// the wgmma tiles as a WMMA K-32 tile (128x64x32 for widths up to 96).
+// K steps of 64 exist for the vector A loader only: the scalar path runs the K-64 tiles as
+// a WMMA K-32 tile (128x64x32 for widths up to 96).
 template <typename scalar_t, bool kVecA>
 void launch_tc(TcTile tile, const ConvParams& p, const uint16_t* x, const uint16_t* w, const scalar_t* bias,
                scalar_t* out, bool nhwc_out, cudaStream_t stream) {
@@ -100,13 +100,15 @@ void launch_tc(TcTile tile, const ConvParams& p, const uint16_t* x, const uint16
   if constexpr (kVecA) {
     switch (tile) {
       case TcTile::k128x128x64: return run(tc::Tile128x128x64{});
+      case TcTile::k128x96x64: return run(tc::Tile128x96x64{});
       case TcTile::kWgmma128x64x64: return run(tc::TileWgmma128x64x64{});
       case TcTile::kWgmma128x96x64: return run(tc::TileWgmma128x96x64{});
       case TcTile::kWgmma128x128x64: return run(tc::TileWgmma128x128x64{});
       default: break;
     }
   }
-  if (tile == TcTile::k128x64x32 || tile == TcTile::kWgmma128x64x64 || tile == TcTile::kWgmma128x96x64) {
+  if (tile == TcTile::k128x64x32 || tile == TcTile::k128x96x64 || tile == TcTile::kWgmma128x64x64 ||
+      tile == TcTile::kWgmma128x96x64) {
     run(tc::Tile128x64x32{});
   } else {
     run(tc::Tile128x128x32{});
@@ -155,7 +157,10 @@ void run_tc(const Geometry& g, const ConvParams& p, const at::Tensor& xc, const 
                       g.N, g.C, g.H, g.W, g.Cout, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, p.relu,
                       with_wgmma};
     std::vector<TcTile> candidates{TcTile::k128x64x32, TcTile::k128x128x32};
-    if (vec_a) candidates.push_back(TcTile::k128x128x64);
+    if (vec_a) {
+      candidates.push_back(TcTile::k128x128x64);
+      candidates.push_back(TcTile::k128x96x64);
+    }
     if (with_wgmma) {
       candidates.push_back(TcTile::kWgmma128x64x64);
       candidates.push_back(TcTile::kWgmma128x96x64);

@@ -2,10 +2,12 @@
 //
 // One block computes a kBM x kBN tile of out[m, co] (m = output pixel, co = output channel)
 // with 4 warps in a 2 x 2 grid, each warp a 64 x kBN/2 sub-tile of 16x16x16 WMMA fragments
-// accumulating in fp32. Three tile shapes (TileShape, M x N x K step): 128x64x32 (warp tiles
+// accumulating in fp32. Four tile shapes (TileShape, M x N x K step): 128x64x32 (warp tiles
 // 64 x 32), 128x128x32 (warp tiles 64 x 64: twice the MMAs per fragment load, half the
-// blocks, two blocks per SM) and 128x128x64 (the same with half the K steps, so half the
-// barriers and loop overhead per MMA; 108 KB of shared memory, vector path only). On sm_90
+// blocks, two blocks per SM), 128x128x64 (the same with half the K steps, so half the
+// barriers and loop overhead per MMA; 108 KB of shared memory, vector path only) and
+// 128x96x64 (warp tiles 64 x 48: AlexNet's 192/384 channels without padding, fuller last
+// waves at 256; 95 KB, vector path only). On sm_90
 // with an sm_90a build three more run the same block tile on Hopper's wgmma instead of WMMA
 // (128x64x64, 128x96x64 and 128x128x64, the 4 warps as one warpgroup, swizzled stages,
 // vector path only: conv2d_wgmma.cuh). The host picks one per problem by timing them

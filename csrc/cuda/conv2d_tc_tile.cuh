@@ -23,9 +23,9 @@ constexpr int kMaxStages = kVecStages > kScalarStages ? kVecStages : kScalarStag
 static_assert(kThreads == 32 * (kBM / kWarpM) * 2, "2 x 2 warps");
 static_assert(kBM == kThreads, "scalar A load: one row per thread");
 
-// A block tile: kBM = 128 output pixels x kBN = 64 or 128 channels, K steps of kBK = 32 or
-// 64 (64: the vector path only), multiplied by WMMA or (Wgmma, sm_90a, K steps of 64, vector
-// path only) by wgmma (conv2d_wgmma.cuh), and what follows from them.
+// A block tile: kBM = 128 output pixels x kBN = 64, 96 or 128 channels, K steps of kBK = 32
+// or 64 (64: the vector path only), multiplied by WMMA or (Wgmma, sm_90a, K steps of 64,
+// vector path only) by wgmma (conv2d_wgmma.cuh), and what follows from them.
 template <int BN, int BK, bool Wgmma = false>
 struct TileShape {
   static constexpr int kBN = BN;
@@ -57,7 +57,7 @@ struct TileShape {
   static constexpr int kSmemBytes =
       (kPipeBytes > kCBytes ? kPipeBytes : kCBytes) + (kWgmma ? kSwizzleAtomBytes : 0);
 
-  static_assert((kBN == 64 || kBN == 128 || (kWgmma && kBN == 96)) && (kBK == 32 || kBK == 64), "tile shapes");
+  static_assert((kBN == 64 || kBN == 96 || kBN == 128) && (kBK == 32 || kBK == 64), "tile shapes");
   static_assert(kThreads % kChunks16 == 0 && kBM % kRowsPerPass == 0 && kBN % kRowsPerPass == 0,
                 "whole chunks per thread");
   // Two blocks of the largest tile must fit an SM's 228 KB (1 KB per block reserved).
@@ -69,6 +69,7 @@ struct TileShape {
 using Tile128x64x32 = TileShape<64, 32>;
 using Tile128x128x32 = TileShape<128, 32>;
 using Tile128x128x64 = TileShape<128, 64>;                  // vector path only
+using Tile128x96x64 = TileShape<96, 64>;                    // vector path only
 using TileWgmma128x64x64 = TileShape<64, 64, true>;         // vector path, sm_90a only
 using TileWgmma128x96x64 = TileShape<96, 64, true>;         // vector path, sm_90a only
 using TileWgmma128x128x64 = TileShape<128, 64, true>;       // vector path, sm_90a only

@@ -3,8 +3,10 @@
 // No shape wins everywhere: 128x128 halves the fragment loads per MMA but leaves a quarter
 // of its tiles empty when C_out is 192 (AlexNet's conv2) and makes half as many blocks
 // (fewer waves to balance over 132 SMs); K steps of 64 halve the barriers per MMA but need
-// 108 KB of shared memory per block; the wgmma tiles (sm_90a) are Hopper's own tensor-core
-// path, 96 wide among them (AlexNet's 192/384 channels; fuller last waves at 256 channels)
+// 95-108 KB of shared memory per block; 96 wide fits AlexNet's 192 and 384 channels and
+// fills the last wave at 256 (conv4/conv5 at batch 128: 507 blocks, 1.92 waves at two per
+// SM on 132 SMs, where every 64- or 128-wide tile that fits two or four per SM makes 1.28);
+// the wgmma tiles (sm_90a) are Hopper's own tensor-core path, 64, 96 and 128 wide
 // (candidates only with PYOWT_CUDA_CONV_WGMMA=1, conv2d.cu). So, like cuDNN's
 // benchmark mode, the first call of each problem (device, dtype, loader, output layout,
 // geometry) times every candidate on the GPU and later calls reuse the fastest. A
@@ -13,7 +15,7 @@
 // without a Hopper GPU, so the first call checks them against it (with a warning).
 // The environment variable PYOWT_CUDA_CONV_TILE = one of kTileNames forces a shape (tests,
 // benchmarks; a problem whose A operand takes the scalar loader, which steps K by 32, runs
-// 128x128x64 and the wgmma tiles as their WMMA K-32 counterparts); "auto" or unset times
+// the K-64 tiles as WMMA K-32 ones: 128x128x32, and 128x64x32 for widths up to 96); "auto" or unset times
 // them. During CUDA graph capture nothing is timed (no synchronization is allowed there):
 // an untimed problem runs 128x64x32.
 #pragma once
@@ -43,6 +45,7 @@ enum class TcTile : int {
   k128x64x32,
   k128x128x32,
   k128x128x64,
+  k128x96x64,
   kWgmma128x64x64,
   kWgmma128x96x64,
   kWgmma128x128x64
@@ -50,8 +53,9 @@ enum class TcTile : int {
 
 constexpr std::pair<TcTile, const char*> kTileNames[] = {
     {TcTile::k128x64x32, "128x64x32"},           {TcTile::k128x128x32, "128x128x32"},
-    {TcTile::k128x128x64, "128x128x64"},         {TcTile::kWgmma128x64x64, "wgmma128x64x64"},
-    {TcTile::kWgmma128x96x64, "wgmma128x96x64"}, {TcTile::kWgmma128x128x64, "wgmma128x128x64"}};
+    {TcTile::k128x128x64, "128x128x64"},         {TcTile::k128x96x64, "128x96x64"},
+    {TcTile::kWgmma128x64x64, "wgmma128x64x64"}, {TcTile::kWgmma128x96x64, "wgmma128x96x64"},
+    {TcTile::kWgmma128x128x64, "wgmma128x128x64"}};
 
 inline const char* tile_name(TcTile tile) {
   for (const auto& [t, name] : kTileNames) {

@@ -106,7 +106,7 @@ def wgmma_accumulator_slot(warp, lane, i):
 
 
 def emulate_tc(x, w, bias, stride, padding, dilation, relu, nhwc_out, vec_a, BN=64, BK=32, wgmma=False):
-    """conv2d_tc_kernel with TileShape<BN, BK, wgmma> (BM=128, BN=64 or 128, BK=32 or 64
+    """conv2d_tc_kernel with TileShape<BN, BK, wgmma> (BM=128, BN=64, 96 or 128, BK=32 or 64
     (vector loader only), 128 threads; WMMA: 2x2 warps of 4 x BN/32 16x16 frags; wgmma
     (BK=64, vector loader): one warpgroup, two m64 x BN halves, 128B-swizzled stages)."""
     BM, NT = 128, 128

@@ -51,7 +51,7 @@ def test_emulated_kernels_match_conv2d(case, nhwc_out, one_thread):
     for relu, bias in ((True, b), (False, None)):
         ref = _reference(x, w, bias, stride, padding, dilation, 1, "relu" if relu else "none")
         runs = {"simt": emulate_simt(x, w, bias, stride, padding, dilation, relu, nhwc_out)}
-        for bn, bk in ((64, 32), (128, 32), (128, 64)):
+        for bn, bk in ((64, 32), (128, 32), (128, 64), (96, 64)):
             if bk == 32:
                 runs[f"tc 128x{bn}x{bk} scalar A"] = emulate_tc(x, w, bias, stride, padding, dilation, relu,
                                                                 nhwc_out, False, bn, bk)
@@ -162,7 +162,7 @@ def tile(request, monkeypatch):
 # fp32 runs the SIMT kernel (no tile choice); each 16-bit dtype runs every tile shape
 # (the K-64 ones only where the A operand takes the vector loader: C_in % 8 == 0; the
 # others run as the K-32 WMMA tile of their width).
-WMMA_TILES = ("128x64x32", "128x128x32", "128x128x64")
+WMMA_TILES = ("128x64x32", "128x128x32", "128x128x64", "128x96x64")
 WGMMA_TILES = ("wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64")
 TILES = WMMA_TILES + WGMMA_TILES
 DTYPE_TILES = [(torch.float32, "auto")] + [(d, t) for d in DTYPES[1:] for t in TILES]
@@ -221,7 +221,7 @@ def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monk
         assert picked and torch.equal(outs["auto"][1], outs["auto"][0]), cfg
     monkeypatch.setenv("PYOWT_CUDA_CONV_TILE", "256x64x32")
     with pytest.raises(RuntimeError, match=r'PYOWT_CUDA_CONV_TILE must be one of "auto", "128x64x32", '
-                                           r'"128x128x32", "128x128x64", "wgmma128x64x64", '
+                                           r'"128x128x32", "128x128x64", "128x96x64", "wgmma128x64x64", '
                                            r'"wgmma128x96x64", "wgmma128x128x64", got "256x64x32"'):
         conv_cuda_ops[0](x, w, b, *args)
 
