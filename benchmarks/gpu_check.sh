@@ -25,7 +25,17 @@
 # run on the same image (same torch) reuses it instead of compiling (STAGES=... picks
 # stages, e.g. STAGES="tests conv"; CONV_SELECT="conv1" narrows the conv benchmark to the
 # layers whose pytest ids match that -k expression).
+#
+# PLAN=one-call: the defaults for a single call of at most ~10 minutes (a 15-minute device
+# budget, the machine's start included): the probe, the conv benchmark on AlexNet's layers
+# first (issue 4's figures), then the tests, then the host cost; each limit still
+# overridable, the build ~60 s on 16 cores.
 set -uo pipefail
+if [ "${PLAN:-}" = one-call ]; then
+  : "${STAGES:=conv tests host}" "${CONV_SELECT:=alexnet}" "${CONV_S:=170}" "${COMPILE_BUDGET_S:=15}"
+  : "${PROBE_S:=60}" "${TESTS_S:=200}" "${TEST_PROCS:=16}" "${HOST_S:=30}"
+  export STAGES CONV_SELECT CONV_S COMPILE_BUDGET_S PROBE_S TESTS_S TEST_PROCS HOST_S
+fi
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -91,8 +101,8 @@ stage_tests() {
   # The quick files first (the CUDA conv kernels' next to them: their pipeline is the
   # code a CPU cannot run), the Triton conv grid (the slow tail) last: a run cut by its
   # time limit loses the fewest results.
-  local files=(tests/ops/test_conv2d_cuda_backward.py tests/ops/test_conv2d_cuda.py tests/ops/test_linear.py
-               tests/ops/test_bias_relu.py tests/distributed/test_nccl_single_gpu.py)
+  local files=(tests/ops/test_conv2d_cuda_backward.py tests/ops/test_conv2d_cuda.py tests/ops/test_triton_relaunch.py
+               tests/ops/test_linear.py tests/ops/test_bias_relu.py tests/distributed/test_nccl_single_gpu.py)
   for f in tests/ops/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
   PYOWT_FAILURE_LOG="$OUT/failures.log" timeout "${TESTS_S:-240}" $PY -m pytest "${files[@]}" "${xdist[@]}" \
       -v -p no:cacheprovider -o addopts="-ra" --timeout 170 --durations=15 > "$OUT/tests.log" 2>&1
