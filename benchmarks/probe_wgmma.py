@@ -1,4 +1,5 @@
-"""Try the CUDA conv's wgmma tiles in a process of their own, before anything relies on them.
+"""Try the CUDA conv's tiles that no GPU has run yet (the wgmma tiles, the 128x96x64 WMMA
+tile) in a process of their own, before anything relies on them.
 
     python -m benchmarks.probe_wgmma
 
@@ -7,9 +8,12 @@ SASS) on machines without a Hopper GPU. A wrong shared-memory descriptor could f
 device, and a CUDA fault poisons every later call of the process, so
 benchmarks/gpu_check.sh runs this first and, unless it passes, sets
 PYOWT_CUDA_CONV_WGMMA=0 for the stages after it (the tests then skip the wgmma tiles, the
-benchmark leaves them out). Each tile runs a few conv shapes (AlexNet's conv3 at batch 8,
-a K tail with several C_out blocks, NCHW and channels_last output, bf16 and fp16) and is
-compared with the 128x64x32 WMMA tile and with a float64 reference.
+benchmark leaves them out). The 128x96x64 WMMA tile (added later, also unrun) is tried
+first, so that a fault in it shows up here, named, rather than in a later stage; the
+first-call timing never picks a tile that disagrees with 128x64x32. Each tile runs a few
+conv shapes (AlexNet's conv3 at batch 8, a K tail with several C_out blocks, NCHW and
+channels_last output, bf16 and fp16) and is compared with the 128x64x32 WMMA tile and
+with a float64 reference.
 
 Exit status: 0 all agree, 1 a mismatch or an error, 2 the tiles cannot run here (no sm_90
 GPU or no sm_90a build).
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 from benchmarks import environ
 
-TILES = ("wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64")
+TILES = ("128x96x64", "wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64")
 # (N, C_in, H, W, C_out, kernel, stride, padding, channels_last)
 SHAPES = [
     (8, 192, 13, 13, 384, 3, 1, 1, True),   # AlexNet conv3
