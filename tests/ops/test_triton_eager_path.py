@@ -169,3 +169,42 @@ def test_gpu_triton_ops_launch_on_their_tensors_device(case, path):
     for name, a, r in zip(names, got, _out_and_grads(ref, tensors)):
         assert a.device == device, name
         assert_close_rel(a, r, torch.float32, name)
+
+
+def test_conv_eager_backward_launches_from_the_plan(triton_device, monkeypatch):
+    # The eager backward keeps its launches' arguments in the forward's plan, per gradient
+    # layout: later backward passes of a geometry skip the launchers' preparation (here
+    # under the interpreter: no relaunch, JITFunction.run from the memos), with the same
+    # gradients, and a weight in another layout gets memos (and a gradient) of its own.
+    from pyowt.kernels import conv2d as kconv
+    from pyowt.kernels import conv2d_backward as kbwd
+    from pyowt.ops import conv2d as conv_mod
+
+    monkeypatch.setattr(conv_mod, "_EAGER_PLANS", {})
+    prepared = record_calls(monkeypatch, kconv, "launch_and_remember")
+    prepared_bwd = record_calls(monkeypatch, kbwd, "launch_and_remember")
+    x, w, b = CASES["conv2d"][3](triton_device, seed=6)
+    grad = torch.randn(2, 6, 5, 4, generator=torch.Generator().manual_seed(7)).to(triton_device)
+
+    def grads(weight):
+        weight = weight.detach().requires_grad_()
+        out = conv2d_bias_act(x, weight, b, 2, 1, backend="triton")
+        return torch.autograd.grad(out, (x, weight, b), grad)
+
+    first = grads(w)
+    assert len(prepared) == 1 and len(prepared_bwd) == 3  # forward; dgrad, partials, sum
+    second, third = grads(w), grads(w)
+    assert len(prepared) == 1 and len(prepared_bwd) == 3, "a planned call prepared its launches again"
+    for a, s, t in zip(first, second, third):
+        assert torch.equal(a, s) and torch.equal(a, t)
+    (plan,) = conv_mod._EAGER_PLANS.values()
+    assert len(plan.backward) == 1
+    assert w.is_contiguous() and first[1].is_contiguous()
+    nhwc = grads(w.contiguous(memory_format=torch.channels_last))
+    assert len(plan.backward) == 2 and nhwc[1].is_contiguous(memory_format=torch.channels_last)
+    for a, n in zip(first, nhwc):
+        assert torch.equal(a, n)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.autograd.grad(conv2d_bias_act_reference(x64, w64, b64, 2, 1), (x64, w64, b64), grad.double())
+    for name, a, r in zip(("grad x", "grad weight", "grad bias"), first, ref):
+        assert_close_rel(a, r, torch.float32, name)
