@@ -10,15 +10,16 @@
 # cannot eat the next one's budget (seconds, overridable): the GPU-side tests
 # (TESTS_S=240: tests/ops on the GPU, every backend, plus NCCL on one GPU; pytest-xdist
 # spreads Triton's compiles over the cores when it is installed), the conv benchmark
-# (CONV_S=130), the linear benchmark (LINEAR_S=80), a host/device time profile of a linear
+# (CONV_S=130; or its forward rows and its forward+backward rows as two stages, conv_fwd
+# and conv_bwd, CONV_FWD_S / CONV_BWD_S=100), the linear benchmark (LINEAR_S=80), a host/device time profile of a linear
 # forward+backward (PROFILE_S=45), the ops' per-call host cost (HOST_S=60), on request
 # (STAGES=sweep) a block-config sweep of the Triton conv forward (SWEEP_S=150) and
 # (STAGES=conv_profile) the kernels and host ops of conv forward+backward per backend
 # (CONV_PROFILE_S=90), a bf16/NCCL
 # training smoke run
-# (TRAIN_S=60). Everything lands in <folder> as it happens (at most 8 files: summary.txt,
-# build.log, tests.log, failures.log, bench_conv.json, bench_linear.json, bench.log,
-# build_C.tgz), so a run stopped at any point still leaves what it did: failures.log gets
+# (TRAIN_S=60). Everything lands in <folder> as it happens (summary.txt, build.log,
+# tests.log, failures.log, bench.log, build_C.tgz and a bench_<name>.json per benchmark
+# stage), so a run stopped at any point still leaves what it did: failures.log gets
 # each failing test's traceback the moment it fails (tests/conftest.py, PYOWT_FAILURE_LOG).
 #
 # build_C.tgz holds the compiled extension: put it at .gpubuild/build_C.tgz and a later
@@ -27,14 +28,15 @@
 # layers whose pytest ids match that -k expression).
 #
 # PLAN=one-call: the defaults for a single call of at most ~10 minutes (a 15-minute device
-# budget, the machine's start included): the probe, the conv benchmark on AlexNet's layers
-# first (issue 4's figures), then the tests, then the host cost; each limit still
-# overridable, the build ~60 s on 16 cores.
+# budget, the machine's start included): the probe, the conv benchmark's forward rows on
+# AlexNet's layers first (issue 4's figures), the tests, the forward+backward rows, the
+# host cost; each limit still overridable, the build ~60-70 s on 16 cores.
 set -uo pipefail
 if [ "${PLAN:-}" = one-call ]; then
-  : "${STAGES:=conv tests host}" "${CONV_SELECT:=alexnet}" "${CONV_S:=170}" "${COMPILE_BUDGET_S:=15}"
-  : "${PROBE_S:=60}" "${TESTS_S:=200}" "${TEST_PROCS:=16}" "${HOST_S:=30}"
-  export STAGES CONV_SELECT CONV_S COMPILE_BUDGET_S PROBE_S TESTS_S TEST_PROCS HOST_S
+  : "${STAGES:=conv_fwd tests conv_bwd host}" "${CONV_SELECT:=alexnet}" "${CONV_FWD_S:=110}"
+  : "${CONV_BWD_S:=90}" "${COMPILE_BUDGET_S:=15}" "${PROBE_S:=60}" "${TESTS_S:=190}" "${TEST_PROCS:=16}"
+  : "${HOST_S:=30}"
+  export STAGES CONV_SELECT CONV_FWD_S CONV_BWD_S COMPILE_BUDGET_S PROBE_S TESTS_S TEST_PROCS HOST_S
 fi
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -111,12 +113,12 @@ stage_tests() {
   grep -E '(FAILED|ERROR|node down)' "$OUT/tests.log" | grep -v '^tests' | head -40 | tee -a "$S"
 }
 
-bench() {  # name, time limit, extra env...
-  local name=$1 limit=$2; shift 2
+bench() {  # name (of bench_<name>.json), benchmark (benchmarks/test_bench_<it>.py), time limit, extra env...
+  local name=$1 file=$2 limit=$3; shift 3
   log "benchmark $name ..."
   local t0=$SECONDS
   env PYOWT_BENCH_JSON="$OUT/bench_${name}.json" "$@" timeout "$limit" $PY -m pytest \
-      "benchmarks/test_bench_${name}.py" -q -p no:cacheprovider -o addopts="" --benchmark-enable -s \
+      "benchmarks/test_bench_${file}.py" -q -p no:cacheprovider -o addopts="" --benchmark-enable -s \
       -k "gpu${SELECT:+ and ($SELECT)}" >> "$OUT/bench.log" 2>&1 || bench_rc=1
   log "benchmark $name done ($((SECONDS - t0)) s)"
 }
@@ -157,14 +159,20 @@ stage_train() {  # NCCL, bf16 autocast, pinned memory, the fused ops in a real m
 for stage in $STAGES; do
   case $stage in
     tests) stage_tests ;;
-    conv) SELECT="${CONV_SELECT:-}" bench conv "${CONV_S:-130}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}" ;;
-    linear) bench linear "${LINEAR_S:-80}" ;;
+    conv) SELECT="${CONV_SELECT:-}" bench conv conv "${CONV_S:-130}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}" ;;
+    # the conv benchmark's forward rows (issue 4's targets) and its forward+backward rows apart
+    conv_fwd) SELECT="${CONV_SELECT:+($CONV_SELECT) and }fwd and not bwd" \
+                bench conv_fwd conv "${CONV_FWD_S:-100}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}" ;;
+    conv_bwd) SELECT="${CONV_SELECT:+($CONV_SELECT) and }bwd" \
+                bench conv_bwd conv "${CONV_BWD_S:-100}" PYOWT_BENCH_BUDGET_S="${COMPILE_BUDGET_S:-25}" ;;
+    linear) bench linear linear "${LINEAR_S:-80}" ;;
     profile) stage_profile ;;
     conv_profile) stage_conv_profile ;;
     sweep) stage_sweep ;;
     host) stage_host ;;
     train) stage_train ;;
-    *) log "unknown stage '$stage' (known: tests conv linear profile conv_profile sweep host train)"; bench_rc=1 ;;
+    *) log "unknown stage '$stage' (known: tests conv conv_fwd conv_bwd linear profile conv_profile sweep host train)"
+       bench_rc=1 ;;
   esac
 done
 # The benchmark tables (the reply shows the tail of the output).
