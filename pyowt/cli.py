@@ -14,10 +14,20 @@ def _cmd_info(args) -> int:
     return 0
 
 
+# compare()'s parameter -> the command-line flag that sets it
+_COMPARE_FLAGS = {"batch": "--batch-size"}
+
+
 def _cmd_compare(args) -> int:
-    from .compare import compare
+    from .compare import CompareArgumentError, check_compare_args, compare
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        check_compare_args(args.model, strategies, args.workers, args.steps, args.batch_size, args.data,
+                           args.size, args.lr)
+    except CompareArgumentError as e:
+        print(f"pyowt compare: error: {_COMPARE_FLAGS.get(e.param, '--' + e.param)}: {e.message}", file=sys.stderr)
+        return 2
     compare(model=args.model, strategies=strategies, workers=args.workers, steps=args.steps,
             batch=args.batch_size, data=args.data, size=args.size, seed=args.seed, lr=args.lr,
             json_path=args.json)

@@ -130,6 +130,55 @@ def _worker(strategy, model_name, data, steps, batch, size, seed, lr):
                           _state_mb(pmodel.parameters(), opt), losses)
 
 
+class CompareArgumentError(ValueError):
+    """An argument :func:`compare` cannot run with; ``param`` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param, self.message = param, message
+
+
+def check_compare_args(model: str, strategies: Sequence[str], workers: int, steps: int, batch: int,
+                       data: str, size: int, lr: float) -> None:
+    """Raise :class:`CompareArgumentError` for what :func:`compare` cannot run, before any
+    step runs or any worker starts: the model or data unknown, counts out of range, images
+    too small for the model, a strategy that is neither a preset nor a plan file that fits
+    the model."""
+    if model not in ("small", "alexnet"):
+        raise CompareArgumentError("model", f"must be 'small' or 'alexnet', got {model!r}")
+    if data not in ("digits", "synthetic"):
+        raise CompareArgumentError("data", f"must be 'digits' or 'synthetic', got {data!r}")
+    if workers < 1:
+        raise CompareArgumentError("workers", f"must be >= 1, got {workers}")
+    if batch < workers:
+        raise CompareArgumentError("batch", f"must be at least the number of workers ({workers}), got {batch}")
+    if steps < 2:
+        raise CompareArgumentError("steps", f"must be >= 2 (the first is a warm-up), got {steps}")
+    if not lr > 0:
+        raise CompareArgumentError("lr", f"must be > 0, got {lr}")
+    if data == "digits" and size < 8:
+        raise CompareArgumentError("size", f"must be >= 8 for the 8x8 digits, got {size}")
+    if not strategies:
+        raise CompareArgumentError("strategies", "name at least one strategy")
+    in_ch = 1 if data == "digits" else 3
+    net = build_model(model, 10, in_ch, seed=0)
+    try:  # shapes only, on the meta device
+        with torch.no_grad():
+            copy.deepcopy(net).to("meta")(torch.empty(2, in_ch, size, size, device="meta"))
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CompareArgumentError("size", f"model {model!r} cannot run on {size}x{size} images ({first})") from e
+    except NotImplementedError:  # an op without a meta kernel: the real forward will tell
+        pass
+    from .parallel.plan import resolve_plan, validate_plan
+
+    for strategy in strategies:
+        try:
+            validate_plan(resolve_plan(net, strategy), net)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise CompareArgumentError("strategies", f"{strategy!r}: {e}") from e
+
+
 def compare(model: str = "small", strategies: Sequence[str] = DEFAULT_STRATEGIES, workers: int = 2,
             steps: int = 20, batch: int = 64, data: str = "digits", size: int = 32, seed: int = 0,
             lr: float = 0.05, json_path: Optional[str] = None, out=print) -> List[StrategyResult]:
@@ -137,14 +186,10 @@ def compare(model: str = "small", strategies: Sequence[str] = DEFAULT_STRATEGIES
 
     Returns one :class:`StrategyResult` per strategy after the single-process reference
     (first). ``images_per_s`` is measured over steps 2..N (step 1 warms up) on rank 0; the
-    communication is that of one iteration on rank 0.
+    communication is that of one iteration on rank 0. Bad arguments raise
+    :class:`CompareArgumentError` (a ValueError) before anything runs.
     """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if batch < workers:
-        raise ValueError(f"batch ({batch}) must be at least the number of workers ({workers})")
-    if steps < 2:
-        raise ValueError(f"steps must be >= 2 (the first is a warm-up), got {steps}")
+    check_compare_args(model, strategies, workers, steps, batch, data, size, lr)
     out(f"pyowt compare: {model} on {data} ({size}x{size}), global batch {batch}, {steps} SGD steps, "
         f"{workers} Gloo workers")
     results = [_single_process(model, data, steps, batch, size, seed, lr)]
