@@ -136,7 +136,12 @@ def _figure(model, name, cluster, batch, iters, memory_limit, path, out=print, h
 
 def run_plan(args, out=print) -> int:
     """Handler of ``pyowt plan`` (``args`` from :func:`register`'s parser)."""
-    cluster = make_cluster(args.device, args.workers, args.interconnect, args.nodes, args.network, args.dtype)
+    try:  # the flags each parse alone but may not fit together (--nodes must divide --workers)
+        cluster = make_cluster(args.device, args.workers, args.interconnect, args.nodes, args.network, args.dtype)
+    except ValueError as e:
+        print(f"pyowt plan: error: {e} (--device {args.device}, --workers {args.workers}, --nodes {args.nodes}, "
+              f"--interconnect {args.interconnect}, --network {args.network})", file=sys.stderr)
+        return 2
     batch = args.batch or DEFAULT_BATCH[args.model]
     limit = args.memory_limit_gb * 1e9 if args.memory_limit_gb else None
     model = build_model(args.model)

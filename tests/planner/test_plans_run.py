@@ -103,11 +103,14 @@ def test_plan_command_writes_table_plan_results_and_figure(tmp_path, capsys):
     assert len(r["figure"]["workers"]) == 7 and fig.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_plan_command_rejects_bad_arguments():
+def test_plan_command_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--workers", "0"])
-    with pytest.raises(ValueError, match="nodes"):
-        main(["plan", "--model", "small", "--workers", "6", "--nodes", "4"])
+    assert "--workers: must be positive, got 0" in capsys.readouterr().err
+    # flags that parse alone but do not fit together: an error message and status 2, no traceback
+    assert main(["plan", "--model", "small", "--workers", "6", "--nodes", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyowt plan: error: nodes must be an int >= 1 dividing workers=6, got 4"), err
 
 
 def test_auto_beats_every_preset_on_vgg16_at_8_gpus():
