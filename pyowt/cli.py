@@ -41,16 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_info)
     s = sub.add_parser("compare", help="train with each strategy on K workers and compare throughput, "
                                          "communication, memory and loss against the single-process run")
-    s.add_argument("--model", default="small", choices=["small", "alexnet"])
-    s.add_argument("--strategies", default="data,model,owt", help="comma-separated presets or plan .json files")
-    s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--batch-size", type=int, default=64, help="global batch")
-    s.add_argument("--data", default="digits", choices=["digits", "synthetic"])
-    s.add_argument("--size", type=int, default=32, help="image side")
-    s.add_argument("--lr", type=float, default=0.05)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", default=None, help="write the results here")
+    s.add_argument("--model", default="small", choices=["small", "alexnet"],
+                   help="small (pyowt.models.AlexNetSmall) or torchvision's alexnet (needs --size >= 63) [small]")
+    s.add_argument("--strategies", default="data,model,owt",
+                   help="comma-separated presets (data, model, owt) or plan .json files [data,model,owt]")
+    s.add_argument("--workers", type=int, default=2, help="Gloo worker processes per strategy [2]")
+    s.add_argument("--steps", type=int, default=20, help="SGD steps; the first warms up and is not timed [20]")
+    s.add_argument("--batch-size", type=int, default=64, help="global batch, split over the workers [64]")
+    s.add_argument("--data", default="digits", choices=["digits", "synthetic"],
+                   help="the bundled 8x8 handwritten digits (upscaled) or random images [digits]")
+    s.add_argument("--size", type=int, default=32, help="image side in pixels [32]")
+    s.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9) [0.05]")
+    s.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and dropout [0]")
+    s.add_argument("--json", default=None, help="write the results here (and a figure next to it)")
     s.set_defaults(func=_cmd_compare)
     from .planner.cli import register as _register_plan
 
