@@ -171,7 +171,8 @@ def test_gpu_triton_ops_launch_on_their_tensors_device(case, path):
         assert_close_rel(a, r, torch.float32, name)
 
 
-def test_conv_eager_backward_launches_from_the_plan(triton_device, monkeypatch):
+@pytest.mark.parametrize("activation", ["relu", None])
+def test_conv_eager_backward_launches_from_the_plan(triton_device, monkeypatch, activation):
     # The eager backward keeps its launches' arguments in the forward's plan, per gradient
     # layout: later backward passes of a geometry skip the launchers' preparation (here
     # under the interpreter: no relaunch, JITFunction.run from the memos), with the same
@@ -188,7 +189,7 @@ def test_conv_eager_backward_launches_from_the_plan(triton_device, monkeypatch):
 
     def grads(weight):
         weight = weight.detach().requires_grad_()
-        out = conv2d_bias_act(x, weight, b, 2, 1, backend="triton")
+        out = conv2d_bias_act(x, weight, b, 2, 1, activation=activation, backend="triton")
         return torch.autograd.grad(out, (x, weight, b), grad)
 
     first = grads(w)
@@ -205,6 +206,7 @@ def test_conv_eager_backward_launches_from_the_plan(triton_device, monkeypatch):
     for a, n in zip(first, nhwc):
         assert torch.equal(a, n)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-    ref = torch.autograd.grad(conv2d_bias_act_reference(x64, w64, b64, 2, 1), (x64, w64, b64), grad.double())
+    ref = torch.autograd.grad(conv2d_bias_act_reference(x64, w64, b64, 2, 1, activation=activation), (x64, w64, b64),
+                              grad.double())
     for name, a, r in zip(("grad x", "grad weight", "grad bias"), first, ref):
         assert_close_rel(a, r, torch.float32, name)
