@@ -19,14 +19,17 @@ Autotuning: a handful of configs on a GPU for problems of at least ``TUNE_MIN_MA
 multiply-adds, one fixed config below that; under the interpreter (``TRITON_INTERPRET=1``,
 CPU tensors) a single tiny config.
 The launchers take ``launch`` (``torch.library.wrap_triton``) so the calls trace under
-torch.compile; None in eager mode (``kernels.autotuned.launch_autotuned``).
+torch.compile; None in eager mode, where a launch whose sizes, strides, dtypes and flags
+were seen before passes only its tensors, and from its third call relaunches the compiled
+kernel without Triton's ``JITFunction.run`` (kernels.autotuned.launch_from_memo,
+kernels.relaunch; ``PYOWT_TRITON_RELAUNCH=0`` turns the relaunch off).
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import ceil_div, interpreter_enabled
-from .autotuned import launch_autotuned
+from .autotuned import launch_and_remember, launch_from_memo
 
 
 # Problems below this many multiply-adds run one fixed tile config instead of autotuning:
@@ -209,6 +212,24 @@ def _grid(rows: int, cols: int):
     return lambda meta: (ceil_div(rows, meta["BLOCK_M"]) * ceil_div(cols, meta["BLOCK_N"]),)
 
 
+# Eager launches seen before: (which GEMM, its tensors' sizes, strides and dtypes, flags,
+# device) -> the memo of kernels.autotuned.launch_and_remember. A network repeats a few.
+_MEMOS: dict = {}
+_MEMOS_MAX = 1024
+
+
+def _memo(launch, key: tuple):
+    """The eager memo for ``key``; None for a traced launch (``launch`` given)."""
+    if launch is not None:
+        return None
+    memo = _MEMOS.get(key)
+    if memo is None:
+        if len(_MEMOS) >= _MEMOS_MAX:
+            _MEMOS.clear()
+        memo = _MEMOS[key] = {}
+    return memo
+
+
 def launch_linear_fwd(launch, x: torch.Tensor, w: torch.Tensor, bias, y: torch.Tensor, relu: bool) -> None:
     """y (M, N) = act(x (M, K) @ w (N, K)^T + bias); ``bias`` (N,) or None."""
     M, K = x.shape
@@ -216,11 +237,16 @@ def launch_linear_fwd(launch, x: torch.Tensor, w: torch.Tensor, bias, y: torch.T
     if M == 0 or N == 0:
         return
     b = bias if bias is not None else y
-    launch_autotuned(
-        launch, _pick(_FWD, M * N * K, x.dtype), (M, N, K, x.dtype, w.dtype, b.dtype, y.dtype), _grid(M, N),
-        x, w, b, y, M, N, K,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, RELU=relu, IEEE=x.dtype == torch.float32)
+    kernel = _pick(_FWD, M * N * K, x.dtype)
+    tensors = (x, w, b, y)
+    memo = _memo(launch, ("fwd", M, N, K, x.stride(), w.stride(), y.stride(), x.dtype, w.dtype, b.dtype, y.dtype,
+                          bias is not None, relu, x.device))
+    if launch_from_memo(memo, kernel, tensors):
+        return
+    launch_and_remember(
+        launch, memo, kernel, (M, N, K, x.dtype, w.dtype, b.dtype, y.dtype), _grid(M, N), tensors,
+        (M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1)),
+        dict(HAS_BIAS=bias is not None, RELU=relu, IEEE=x.dtype == torch.float32))
 
 
 def launch_linear_dx(launch, g: torch.Tensor, out, w: torch.Tensor, dx: torch.Tensor) -> None:
@@ -230,12 +256,17 @@ def launch_linear_dx(launch, g: torch.Tensor, out, w: torch.Tensor, dx: torch.Te
     if M == 0 or K == 0:
         return
     o = out if out is not None else g
-    launch_autotuned(
-        launch, _pick(_DX, M * N * K, g.dtype), (M, N, K, g.dtype, o.dtype, w.dtype, dx.dtype), _grid(M, K),
-        g, o, w, dx, M, N, K,
-        g.stride(0), g.stride(1), o.stride(0), o.stride(1), w.stride(0), w.stride(1),
-        dx.stride(0), dx.stride(1),
-        RELU=out is not None, IEEE=g.dtype == torch.float32)
+    kernel = _pick(_DX, M * N * K, g.dtype)
+    tensors = (g, o, w, dx)
+    memo = _memo(launch, ("dx", M, N, K, g.stride(), o.stride(), w.stride(), dx.stride(), g.dtype, o.dtype, w.dtype,
+                          dx.dtype, out is not None, g.device))
+    if launch_from_memo(memo, kernel, tensors):
+        return
+    launch_and_remember(
+        launch, memo, kernel, (M, N, K, g.dtype, o.dtype, w.dtype, dx.dtype), _grid(M, K), tensors,
+        (M, N, K, g.stride(0), g.stride(1), o.stride(0), o.stride(1), w.stride(0), w.stride(1),
+         dx.stride(0), dx.stride(1)),
+        dict(RELU=out is not None, IEEE=g.dtype == torch.float32))
 
 
 def launch_linear_dw(launch, g: torch.Tensor, out, x: torch.Tensor, dw: torch.Tensor, db) -> None:
@@ -246,10 +277,14 @@ def launch_linear_dw(launch, g: torch.Tensor, out, x: torch.Tensor, dw: torch.Te
         return
     o = out if out is not None else g
     b = db if db is not None else dw
-    launch_autotuned(
-        launch, _pick(_DW, M * N * K, g.dtype), (M, N, K, g.dtype, o.dtype, x.dtype, dw.dtype, b.dtype),
-        _grid(N, K),
-        g, o, x, dw, b, M, N, K,
-        g.stride(0), g.stride(1), o.stride(0), o.stride(1), x.stride(0), x.stride(1),
-        dw.stride(0), dw.stride(1),
-        RELU=out is not None, HAS_BIAS=db is not None, IEEE=g.dtype == torch.float32)
+    kernel = _pick(_DW, M * N * K, g.dtype)
+    tensors = (g, o, x, dw, b)
+    memo = _memo(launch, ("dw", M, N, K, g.stride(), o.stride(), x.stride(), dw.stride(), g.dtype, o.dtype, x.dtype,
+                          dw.dtype, b.dtype, out is not None, db is not None, g.device))
+    if launch_from_memo(memo, kernel, tensors):
+        return
+    launch_and_remember(
+        launch, memo, kernel, (M, N, K, g.dtype, o.dtype, x.dtype, dw.dtype, b.dtype), _grid(N, K), tensors,
+        (M, N, K, g.stride(0), g.stride(1), o.stride(0), o.stride(1), x.stride(0), x.stride(1),
+         dw.stride(0), dw.stride(1)),
+        dict(RELU=out is not None, HAS_BIAS=db is not None, IEEE=g.dtype == torch.float32))

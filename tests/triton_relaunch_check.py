@@ -168,6 +168,7 @@ def main() -> dict:
     check("PYOWT_TRITON_RELAUNCH=0 captures nothing", memo.get("relaunch") is False, memo.get("relaunch"))
     del os.environ["PYOWT_TRITON_RELAUNCH"]
     backward_checks(check, same_launch)
+    linear_checks(check, same_launch)
     return checks
 
 
@@ -218,6 +219,44 @@ def backward_checks(check, same_launch) -> None:
     _, grads, _ = step(torch.contiguous_format)  # another weight layout: another memo, sum through the JIT
     check("backward: another weight layout gets its own memos",
           len(plan.backward) == 2 and grads[1].is_contiguous() and "sum" in jit_runs, (len(plan.backward), jit_runs))
+
+
+def linear_checks(check, same_launch) -> None:
+    """The eager Triton linear (kernels.linear keeps a memo per launch geometry): its third
+    forward+backward relaunches the forward, dX and dW GEMMs as JITFunction.run did."""
+    from benchmarks.triton_launch_host import install_stand_ins
+    from pyowt.kernels import linear as L
+    from pyowt.ops import linear as linear_mod
+
+    variants = [v for group in (L._FWD, L._DX, L._DW) for v in group.values()]
+    launches = None
+    for v in variants:
+        _, launches, _ = install_stand_ins(v)  # the last one's list records what compiles next
+    linear_mod.resolve_backend = lambda op, device, backend=None: "triton"  # CPU tensors
+    L._MEMOS.clear()
+    jit_runs = []
+    for name, kernel in (("forward", L.linear_fwd_kernel), ("dx", L.linear_dx_kernel), ("dw", L.linear_dw_kernel)):
+        kernel.run = (lambda real, name: lambda *a, **k: jit_runs.append(name) or real(*a, **k))(kernel.run, name)
+
+    def step():
+        x = torch.randn(24, 40, requires_grad=True)
+        w = torch.randn(48, 40, requires_grad=True)
+        b = torch.randn(48, requires_grad=True)
+        start = len(launches)
+        torch.autograd.grad(linear_mod.linear_bias_act(x, w, b, backend="triton"), [x, w, b], torch.randn(24, 48))
+        return launches[start:]
+
+    step()
+    jit_runs.clear()
+    via_jit = step()
+    check("linear: second call through JITFunction.run from its memos", sorted(jit_runs) == ["dw", "dx", "forward"],
+          jit_runs)
+    jit_runs.clear()
+    relaunched = step()
+    # launch order: forward, dW, dX (4, 5 and 4 tensor arguments)
+    same = [same_launch(a[:9] + a[9 + n:], b[:9] + b[9 + n:]) for a, b, n in zip(relaunched, via_jit, (4, 5, 4))]
+    check("linear: third call relaunches the three GEMMs as JITFunction.run did",
+          not jit_runs and len(relaunched) == 3 and all(same), (jit_runs, len(relaunched), same))
 
 
 if __name__ == "__main__":

@@ -210,3 +210,25 @@ def test_conv_eager_backward_launches_from_the_plan(triton_device, monkeypatch, 
                               grad.double())
     for name, a, r in zip(("grad x", "grad weight", "grad bias"), first, ref):
         assert_close_rel(a, r, torch.float32, name)
+
+
+def test_linear_eager_launches_from_memos(triton_device, monkeypatch):
+    # kernels.linear keeps a memo per launch geometry: the second forward+backward of a shape
+    # prepares none of its three launches again and gives the same results; another shape
+    # (or layout) is prepared once.
+    from pyowt.kernels import linear as klin
+
+    monkeypatch.setattr(klin, "_MEMOS", {})
+    prepared = record_calls(monkeypatch, klin, "launch_and_remember")
+    x, w, b = CASES["linear"][3](triton_device)
+    first = _out_and_grads(CASES["linear"][4], [x, w, b])
+    assert len(prepared) == 3 and len(klin._MEMOS) == 3
+    second = _out_and_grads(CASES["linear"][4], [x, w, b])
+    assert len(prepared) == 3, "a seen linear launch was prepared again"
+    for a, s in zip(first, second):
+        assert torch.equal(a, s)
+    wt = w.detach().t().contiguous().t().requires_grad_()  # the same weight, column-major
+    other = _out_and_grads(CASES["linear"][4], [x, wt, b])
+    assert len(prepared) > 3 and len(klin._MEMOS) > 3
+    for a, o in zip(first, other):
+        torch.testing.assert_close(a, o)

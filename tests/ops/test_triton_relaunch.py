@@ -19,7 +19,7 @@ def test_relaunch_matches_triton_jit_without_gpu():
     proc = run_without_interpreter("tests.triton_relaunch_check", timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     checks = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(checks) >= 21, checks
+    assert len(checks) >= 23, checks
     failed = {name: detail for name, (ok, detail) in checks.items() if not ok}
     assert not failed, failed
 
@@ -115,4 +115,43 @@ def test_gpu_conv_backward_relaunch(monkeypatch, dtype, weight_format):
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in leaves)
     ref = torch.autograd.grad(conv2d_bias_act_reference(x64, w64, b64, 1, 1), (x64, w64, b64), grad.double())
     for name, a, r in zip(("grad x", "grad weight", "grad bias"), third, ref):
+        assert_close_rel(a.double(), r, dtype, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_linear_relaunch(monkeypatch, dtype):
+    # The eager Triton linear's third forward+backward of a shape relaunches its three GEMMs
+    # (kernels.linear's memos), bit for bit the registered op's results.
+    from pyowt.kernels import linear as klin
+    from pyowt.ops import linear_bias_act
+    from pyowt.ops.linear import linear_bias_act_reference
+
+    monkeypatch.setattr(klin, "_MEMOS", {})
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(96, 200, generator=g).to("cuda", dtype).requires_grad_()
+    w = torch.randn(144, 200, generator=g).to("cuda", dtype).requires_grad_()
+    b = torch.randn(144, generator=g).to("cuda", dtype).requires_grad_()
+    grad = torch.randn(96, 144, generator=g).to("cuda", dtype)
+
+    def run(op):
+        out = op(x, w, b)
+        return [out.detach(), *torch.autograd.grad(out, (x, w, b), grad)]
+
+    def eager(x, w, b):
+        return linear_bias_act(x, w, b, backend="triton")
+
+    first, second = run(eager), run(eager)
+    jit_runs = []
+    for kernel in (klin.linear_fwd_kernel, klin.linear_dx_kernel, klin.linear_dw_kernel):
+        monkeypatch.setattr(kernel, "run", lambda *a, real=kernel.run, **k: jit_runs.append(1) or real(*a, **k))
+    third = run(eager)
+    assert not jit_runs, f"{len(jit_runs)} launches of a seen shape went through JITFunction.run"
+    registered = run(lambda x, w, b: torch.ops.pyowt.linear_bias_act_triton(x, w, b, "relu"))
+    for name, a, s, t, r in zip(("out", "grad x", "grad weight", "grad bias"), first, second, third, registered):
+        assert torch.equal(a, s) and torch.equal(a, t) and torch.equal(a, r), name
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref64 = linear_bias_act_reference(x64, w64, b64)
+    ref = [ref64.detach(), *torch.autograd.grad(ref64, (x64, w64, b64), grad.double())]
+    for name, a, r in zip(("out", "grad x", "grad weight", "grad bias"), third, ref):
         assert_close_rel(a.double(), r, dtype, name)
