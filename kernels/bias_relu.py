@@ -1,13 +1,15 @@
 """Triton kernels for y = relu(x + bias) along one dimension, and its backward.
 
 A dense tensor is seen as [outer, C, inner] in memory order (inner = 1 for channels-last
-inputs, whose channel is innermost); element i has channel (i // inner) % C.
+inputs, whose channel is innermost); element i has channel (i // inner) % C. Eager launches
+of a size seen before relaunch the compiled kernel (kernels.autotuned.launch_from_memo).
 """
 import torch
 import triton
 import triton.language as tl
 
 from . import ceil_div
+from .autotuned import launch_and_remember, launch_from_memo
 
 BLOCK = 1024
 
@@ -36,9 +38,24 @@ def grid_1d(n: int):
     return (ceil_div(n, BLOCK),)
 
 
-def _launchable(launch, kernel):
-    # launch: wrap_triton inside the registered ops, None in eager mode.
-    return kernel if launch is None else launch(kernel)
+# Eager launches seen before: (kernel, sizes, dtypes, device) -> memo (kernels.autotuned).
+_MEMOS: dict = {}
+_MEMOS_MAX = 1024
+
+
+def _launch(launch, kernel, key: tuple, tensors: tuple, scalars: tuple) -> None:
+    """``kernel[grid_1d(n)](*tensors, *scalars, BLOCK=BLOCK)`` through ``launch`` (wrap_triton
+    inside the registered ops) or, eager (None), from the memo of ``key``."""
+    memo = None
+    if launch is None:
+        memo = _MEMOS.get(key)
+        if memo is None:
+            if len(_MEMOS) >= _MEMOS_MAX:
+                _MEMOS.clear()
+            memo = _MEMOS[key] = {}
+        if launch_from_memo(memo, kernel, tensors):
+            return
+    launch_and_remember(launch, memo, kernel, None, grid_1d(scalars[0]), tensors, scalars, dict(BLOCK=BLOCK))
 
 
 def launch_bias_relu_fwd(launch, x: torch.Tensor, bias: torch.Tensor, y: torch.Tensor,
@@ -46,11 +63,13 @@ def launch_bias_relu_fwd(launch, x: torch.Tensor, bias: torch.Tensor, y: torch.T
     """Run the forward kernel over dense ``x`` into ``y`` (same layout)."""
     n = x.numel()
     if n:
-        _launchable(launch, bias_relu_fwd_kernel)[grid_1d(n)](x, bias, y, n, channels, inner, BLOCK=BLOCK)
+        _launch(launch, bias_relu_fwd_kernel, ("fwd", n, channels, inner, x.dtype, bias.dtype, y.dtype, x.device),
+                (x, bias, y), (n, channels, inner))
 
 
 def launch_relu_mask(launch, grad: torch.Tensor, out: torch.Tensor, grad_x: torch.Tensor) -> None:
     """grad_x = grad where out > 0 else 0, over dense tensors of one layout."""
     n = out.numel()
     if n:
-        _launchable(launch, relu_mask_kernel)[grid_1d(n)](grad, out, grad_x, n, BLOCK=BLOCK)
+        _launch(launch, relu_mask_kernel, ("mask", n, grad.dtype, out.dtype, grad_x.dtype, out.device),
+                (grad, out, grad_x), (n,))

@@ -169,6 +169,7 @@ def main() -> dict:
     del os.environ["PYOWT_TRITON_RELAUNCH"]
     backward_checks(check, same_launch)
     linear_checks(check, same_launch)
+    bias_relu_checks(check, same_launch)
     return checks
 
 
@@ -258,6 +259,43 @@ def linear_checks(check, same_launch) -> None:
     check("linear: third call relaunches the three GEMMs as JITFunction.run did",
           not jit_runs and len(relaunched) == 3 and all(same), (jit_runs, len(relaunched), same))
 
+
+
+def bias_relu_checks(check, same_launch) -> None:
+    """The eager Triton bias_relu (plain JIT kernels, kernels.bias_relu's memos): its third
+    forward+backward relaunches both kernels as JITFunction.run did."""
+    import triton.compiler
+
+    import importlib
+
+    from benchmarks.triton_launch_host import RecordingCompiled
+    from pyowt.kernels import bias_relu as K
+
+    bias_relu_mod = importlib.import_module("pyowt.ops.bias_relu")  # (pyowt.ops.bias_relu is also the op)
+
+    launches = []
+    triton.compiler.compile = lambda src, *args, **kwargs: RecordingCompiled(launches)
+    bias_relu_mod.resolve_backend = lambda op, device, backend=None: "triton"  # CPU tensors
+    K._MEMOS.clear()
+    jit_runs = []
+    for name, kernel in (("forward", K.bias_relu_fwd_kernel), ("mask", K.relu_mask_kernel)):
+        kernel.run = (lambda real, name: lambda *a, **k: jit_runs.append(name) or real(*a, **k))(kernel.run, name)
+
+    def step():
+        x = torch.randn(4, 6, 5, 3, requires_grad=True)
+        b = torch.randn(6, requires_grad=True)
+        start = len(launches)
+        torch.autograd.grad(bias_relu_mod.bias_relu(x, b, 1, backend="triton"), [x, b], torch.randn(4, 6, 5, 3))
+        return launches[start:]
+
+    step()
+    jit_runs.clear()
+    via_jit = step()
+    jit_runs.clear()
+    relaunched = step()
+    same = [same_launch(a[:9] + a[9 + n:], b[:9] + b[9 + n:]) for a, b, n in zip(relaunched, via_jit, (3, 3))]
+    check("bias_relu: third call relaunches both kernels as JITFunction.run did",
+          not jit_runs and len(via_jit) == 2 and len(relaunched) == 2 and all(same), (jit_runs, len(relaunched), same))
 
 if __name__ == "__main__":
     print(json.dumps(main()))

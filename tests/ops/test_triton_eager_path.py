@@ -232,3 +232,17 @@ def test_linear_eager_launches_from_memos(triton_device, monkeypatch):
     assert len(prepared) > 3 and len(klin._MEMOS) > 3
     for a, o in zip(first, other):
         torch.testing.assert_close(a, o)
+
+
+def test_bias_relu_eager_launches_from_memos(triton_device, monkeypatch):
+    from pyowt.kernels import bias_relu as kbr
+
+    monkeypatch.setattr(kbr, "_MEMOS", {})
+    prepared = record_calls(monkeypatch, kbr, "launch_and_remember")
+    tensors = CASES["bias_relu"][3](triton_device)
+    first = _out_and_grads(CASES["bias_relu"][4], tensors)
+    assert len(prepared) == 2 and len(kbr._MEMOS) == 2  # forward, ReLU mask
+    second = _out_and_grads(CASES["bias_relu"][4], tensors)
+    assert len(prepared) == 2, "a seen bias_relu launch was prepared again"
+    for a, s in zip(first, second):
+        assert torch.equal(a, s)

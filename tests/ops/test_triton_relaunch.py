@@ -19,7 +19,7 @@ def test_relaunch_matches_triton_jit_without_gpu():
     proc = run_without_interpreter("tests.triton_relaunch_check", timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     checks = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(checks) >= 23, checks
+    assert len(checks) >= 24, checks
     failed = {name: detail for name, (ok, detail) in checks.items() if not ok}
     assert not failed, failed
 
