@@ -75,6 +75,33 @@ def launch_and_remember(launch, memo, kernel, key, grid, tensors: tuple, scalars
         memo["launch"] = (scalars, run_kwargs)
 
 
+class LaunchMemos:
+    """Eager launch memos by key (a launch geometry: sizes, strides, dtypes, flags, device),
+    for launchers without a caller-kept plan; cleared when ``limit`` keys are held (a network
+    repeats a few)."""
+
+    def __init__(self, limit: int = 1024):
+        self._memos: dict = {}
+        self.limit = limit
+
+    def for_launch(self, launch, key: tuple):
+        """The memo of ``key`` for an eager launch; None for a traced one (``launch`` given)."""
+        if launch is not None:
+            return None
+        memo = self._memos.get(key)
+        if memo is None:
+            if len(self._memos) >= self.limit:
+                self._memos.clear()
+            memo = self._memos[key] = {}
+        return memo
+
+    def __len__(self) -> int:
+        return len(self._memos)
+
+    def clear(self) -> None:
+        self._memos.clear()
+
+
 def launch_from_memo(memo, kernel, tensors: tuple) -> bool:
     """Launch ``kernel`` on ``tensors`` from what :func:`launch_and_remember` kept in
     ``memo`` and return True, or launch nothing and return False (nothing kept yet).

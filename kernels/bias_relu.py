@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from . import ceil_div
-from .autotuned import launch_and_remember, launch_from_memo
+from .autotuned import LaunchMemos, launch_and_remember, launch_from_memo
 
 BLOCK = 1024
 
@@ -38,23 +38,16 @@ def grid_1d(n: int):
     return (ceil_div(n, BLOCK),)
 
 
-# Eager launches seen before: (kernel, sizes, dtypes, device) -> memo (kernels.autotuned).
-_MEMOS: dict = {}
-_MEMOS_MAX = 1024
+# Eager launches seen before, by (kernel, sizes, dtypes, device).
+_MEMOS = LaunchMemos()
 
 
 def _launch(launch, kernel, key: tuple, tensors: tuple, scalars: tuple) -> None:
     """``kernel[grid_1d(n)](*tensors, *scalars, BLOCK=BLOCK)`` through ``launch`` (wrap_triton
     inside the registered ops) or, eager (None), from the memo of ``key``."""
-    memo = None
-    if launch is None:
-        memo = _MEMOS.get(key)
-        if memo is None:
-            if len(_MEMOS) >= _MEMOS_MAX:
-                _MEMOS.clear()
-            memo = _MEMOS[key] = {}
-        if launch_from_memo(memo, kernel, tensors):
-            return
+    memo = _MEMOS.for_launch(launch, key)
+    if launch_from_memo(memo, kernel, tensors):
+        return
     launch_and_remember(launch, memo, kernel, None, grid_1d(scalars[0]), tensors, scalars, dict(BLOCK=BLOCK))
 
 

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import ceil_div, interpreter_enabled
-from .autotuned import launch_and_remember, launch_from_memo
+from .autotuned import LaunchMemos, launch_and_remember, launch_from_memo
 
 
 # Problems below this many multiply-adds run one fixed tile config instead of autotuning:
@@ -212,22 +212,9 @@ def _grid(rows: int, cols: int):
     return lambda meta: (ceil_div(rows, meta["BLOCK_M"]) * ceil_div(cols, meta["BLOCK_N"]),)
 
 
-# Eager launches seen before: (which GEMM, its tensors' sizes, strides and dtypes, flags,
-# device) -> the memo of kernels.autotuned.launch_and_remember. A network repeats a few.
-_MEMOS: dict = {}
-_MEMOS_MAX = 1024
-
-
-def _memo(launch, key: tuple):
-    """The eager memo for ``key``; None for a traced launch (``launch`` given)."""
-    if launch is not None:
-        return None
-    memo = _MEMOS.get(key)
-    if memo is None:
-        if len(_MEMOS) >= _MEMOS_MAX:
-            _MEMOS.clear()
-        memo = _MEMOS[key] = {}
-    return memo
+# Eager launches seen before, by (which GEMM, its tensors' sizes, strides and dtypes, flags,
+# device).
+_MEMOS = LaunchMemos()
 
 
 def launch_linear_fwd(launch, x: torch.Tensor, w: torch.Tensor, bias, y: torch.Tensor, relu: bool) -> None:
@@ -239,8 +226,8 @@ def launch_linear_fwd(launch, x: torch.Tensor, w: torch.Tensor, bias, y: torch.T
     b = bias if bias is not None else y
     kernel = _pick(_FWD, M * N * K, x.dtype)
     tensors = (x, w, b, y)
-    memo = _memo(launch, ("fwd", M, N, K, x.stride(), w.stride(), y.stride(), x.dtype, w.dtype, b.dtype, y.dtype,
-                          bias is not None, relu, x.device))
+    memo = _MEMOS.for_launch(launch, ("fwd", M, N, K, x.stride(), w.stride(), y.stride(), x.dtype, w.dtype,
+                                      b.dtype, y.dtype, bias is not None, relu, x.device))
     if launch_from_memo(memo, kernel, tensors):
         return
     launch_and_remember(
@@ -258,8 +245,8 @@ def launch_linear_dx(launch, g: torch.Tensor, out, w: torch.Tensor, dx: torch.Te
     o = out if out is not None else g
     kernel = _pick(_DX, M * N * K, g.dtype)
     tensors = (g, o, w, dx)
-    memo = _memo(launch, ("dx", M, N, K, g.stride(), o.stride(), w.stride(), dx.stride(), g.dtype, o.dtype, w.dtype,
-                          dx.dtype, out is not None, g.device))
+    memo = _MEMOS.for_launch(launch, ("dx", M, N, K, g.stride(), o.stride(), w.stride(), dx.stride(), g.dtype,
+                                      o.dtype, w.dtype, dx.dtype, out is not None, g.device))
     if launch_from_memo(memo, kernel, tensors):
         return
     launch_and_remember(
@@ -279,8 +266,9 @@ def launch_linear_dw(launch, g: torch.Tensor, out, x: torch.Tensor, dw: torch.Te
     b = db if db is not None else dw
     kernel = _pick(_DW, M * N * K, g.dtype)
     tensors = (g, o, x, dw, b)
-    memo = _memo(launch, ("dw", M, N, K, g.stride(), o.stride(), x.stride(), dw.stride(), g.dtype, o.dtype, x.dtype,
-                          dw.dtype, b.dtype, out is not None, db is not None, g.device))
+    memo = _MEMOS.for_launch(launch, ("dw", M, N, K, g.stride(), o.stride(), x.stride(), dw.stride(), g.dtype,
+                                      o.dtype, x.dtype, dw.dtype, b.dtype, out is not None, db is not None,
+                                      g.device))
     if launch_from_memo(memo, kernel, tensors):
         return
     launch_and_remember(

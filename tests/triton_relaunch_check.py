@@ -209,7 +209,8 @@ def backward_checks(check, same_launch) -> None:
           sorted(jit_runs) == ["dgrad", "forward", "partials", "sum"], jit_runs)
     jit_runs.clear()
     relaunched, grads, w = step()        # relaunch
-    check("backward: third call relaunches every kernel", not jit_runs and len(relaunched) == 3, (jit_runs, len(relaunched)))
+    check("backward: third call relaunches every kernel", not jit_runs and len(relaunched) == 3,
+          (jit_runs, len(relaunched)))
     same = [same_launch(a[:9] + a[9 + n:], b[:9] + b[9 + n:]) for a, b, n in
             zip(relaunched, via_jit, tensor_count.values())]
     check("backward: relaunches pass what JITFunction.run passed", len(same) == 3 and all(same), same)

@@ -217,8 +217,9 @@ def test_linear_eager_launches_from_memos(triton_device, monkeypatch):
     # prepares none of its three launches again and gives the same results; another shape
     # (or layout) is prepared once.
     from pyowt.kernels import linear as klin
+    from pyowt.kernels.autotuned import LaunchMemos
 
-    monkeypatch.setattr(klin, "_MEMOS", {})
+    monkeypatch.setattr(klin, "_MEMOS", LaunchMemos())
     prepared = record_calls(monkeypatch, klin, "launch_and_remember")
     x, w, b = CASES["linear"][3](triton_device)
     first = _out_and_grads(CASES["linear"][4], [x, w, b])
@@ -236,8 +237,9 @@ def test_linear_eager_launches_from_memos(triton_device, monkeypatch):
 
 def test_bias_relu_eager_launches_from_memos(triton_device, monkeypatch):
     from pyowt.kernels import bias_relu as kbr
+    from pyowt.kernels.autotuned import LaunchMemos
 
-    monkeypatch.setattr(kbr, "_MEMOS", {})
+    monkeypatch.setattr(kbr, "_MEMOS", LaunchMemos())
     prepared = record_calls(monkeypatch, kbr, "launch_and_remember")
     tensors = CASES["bias_relu"][3](triton_device)
     first = _out_and_grads(CASES["bias_relu"][4], tensors)

@@ -108,7 +108,8 @@ def test_gpu_conv_backward_relaunch(monkeypatch, dtype, weight_format):
         monkeypatch.setattr(fn, "run", lambda *a, real=fn.run, **k: jit_runs.append(1) or real(*a, **k))
     third = grads(eager)
     assert not jit_runs, f"{len(jit_runs)} backward launches of a planned call went through JITFunction.run"
-    registered = grads(lambda x, w, b: torch.ops.pyowt.conv2d_bias_act_triton(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu"))
+    registered = grads(lambda x, w, b: torch.ops.pyowt.conv2d_bias_act_triton(x, w, b, [1, 1], [1, 1], [1, 1], 1,
+                                                                               "relu"))
     for name, a, s, t, r in zip(("grad x", "grad weight", "grad bias"), first, second, third, registered):
         assert torch.equal(a, s) and torch.equal(a, t) and torch.equal(a, r), name
     assert third[1].is_contiguous(memory_format=weight_format) and third[1].dtype == dtype
@@ -124,10 +125,11 @@ def test_gpu_linear_relaunch(monkeypatch, dtype):
     # The eager Triton linear's third forward+backward of a shape relaunches its three GEMMs
     # (kernels.linear's memos), bit for bit the registered op's results.
     from pyowt.kernels import linear as klin
+    from pyowt.kernels.autotuned import LaunchMemos
     from pyowt.ops import linear_bias_act
     from pyowt.ops.linear import linear_bias_act_reference
 
-    monkeypatch.setattr(klin, "_MEMOS", {})
+    monkeypatch.setattr(klin, "_MEMOS", LaunchMemos())
     g = torch.Generator().manual_seed(13)
     x = torch.randn(96, 200, generator=g).to("cuda", dtype).requires_grad_()
     w = torch.randn(144, 200, generator=g).to("cuda", dtype).requires_grad_()
