@@ -11,13 +11,13 @@
 // benchmark mode, the first call of each problem (device, dtype, loader, output layout,
 // geometry) times every candidate on the GPU and later calls reuse the fastest. A
 // candidate whose output disagrees with the first candidate's (128x64x32, the shape
-// measured longest) is never picked: the wgmma tiles were written and checked on machines
-// without a Hopper GPU, so the first call checks them against it (with a warning).
-// The environment variable PYOWT_CUDA_CONV_TILE = one of kTileNames forces a shape (tests,
-// benchmarks; a problem whose A operand takes the scalar loader, which steps K by 32, runs
-// the K-64 tiles as WMMA K-32 ones: 128x128x32, and 128x64x32 for widths up to 96); "auto" or unset times
-// them. During CUDA graph capture nothing is timed (no synchronization is allowed there):
-// an untimed problem runs 128x64x32.
+// measured longest) is never picked: the wgmma tiles and 128x96x64 were written and checked
+// on machines without a GPU, so the first call checks every candidate against it (with a
+// warning). The environment variable PYOWT_CUDA_CONV_TILE = one of kTileNames forces a
+// shape (tests, benchmarks; a problem whose A operand takes the scalar loader, which steps
+// K by 32, runs the K-64 tiles as WMMA K-32 ones: 128x128x32, and 128x64x32 for widths up
+// to 96); "auto" or unset times them. During CUDA graph capture nothing is timed (no
+// synchronization is allowed there): an untimed problem runs 128x64x32.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
