@@ -7,7 +7,6 @@ change where the arithmetic happens, not what it computes).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import resource
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from . import distributed as pdist
 from .launch import spawn
 from .models import AlexNetSmall
+from .models.shapes import image_size_problem
 
 DEFAULT_STRATEGIES = ("data", "model", "owt")
 
@@ -162,14 +162,9 @@ def check_compare_args(model: str, strategies: Sequence[str], workers: int, step
         raise CompareArgumentError("strategies", "name at least one strategy")
     in_ch = 1 if data == "digits" else 3
     net = build_model(model, 10, in_ch, seed=0)
-    try:  # shapes only, on the meta device
-        with torch.no_grad():
-            copy.deepcopy(net).to("meta")(torch.empty(2, in_ch, size, size, device="meta"))
-    except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CompareArgumentError("size", f"model {model!r} cannot run on {size}x{size} images ({first})") from e
-    except NotImplementedError:  # an op without a meta kernel: the real forward will tell
-        pass
+    problem = image_size_problem(net, in_ch, size)
+    if problem is not None:
+        raise CompareArgumentError("size", f"model {model!r} cannot run on {size}x{size} images ({problem})")
     from .parallel.plan import resolve_plan, validate_plan
 
     for strategy in strategies:

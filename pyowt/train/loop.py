@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .. import distributed as pdist
 from ..parallel import (full_optimizer_state_dict, full_state_dict, load_full_optimizer_state_dict,
                         load_full_state_dict, parallelize)
+from ..models.shapes import image_size_problem
 from ..parallel.layout import Layout
 from . import checkpoint as ckpt_io
 from .config import RESUME_KEYS, TrainConfig
@@ -82,18 +83,11 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch
 
 
 def _check_image_size(model, cfg: TrainConfig, in_channels: int) -> None:
-    # A forward on the meta device: shapes only, no memory, no arithmetic.
-    try:
-        m = copy.deepcopy(model).to("meta")
-        with torch.no_grad():
-            m(torch.empty(2, in_channels, cfg.image_size, cfg.image_size, device="meta"))
-    except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
+    problem = image_size_problem(model, in_channels, cfg.image_size)
+    if problem is not None:
         raise UserError(f"--model {cfg.model} cannot run on {in_channels}-channel {cfg.image_size}x{cfg.image_size} "
-                        f"images ({first}); check --image-size (too small for its strides and pools?) and the "
-                        "channels it expects (--channels for folders; digits are 1-channel)") from e
-    except NotImplementedError:  # an op without a meta kernel: the real forward will tell
-        pass
+                        f"images ({problem}); check --image-size (too small for its strides and pools?) and the "
+                        "channels it expects (--channels for folders; digits are 1-channel)")
 
 
 @torch.no_grad()
