@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from ..kernels import HAS_TRITON
+from ..kernels.autotuned import LaunchMemos
 from . import _checks
 from ._autocast import autocast_inputs
 from .backend import (call_cpp_op, composition_required, eager_autograd_function, is_forced, on_input_device,
@@ -216,7 +217,7 @@ if HAS_TRITON:
     def _triton_backward(launch, grad_out, x, weight, out, stride, padding, dilation, groups,
                          activation, has_bias, output_mask, plan=None):
         """The Triton backward's body (``launch`` as in :func:`_triton_forward`; the eager
-        path passes the forward's :class:`_EagerPlan`, whose ``backward`` dict keeps the
+        path passes the forward's :class:`_EagerPlan`, whose ``backward`` table keeps the
         launches' prepared arguments per gradient layout)."""
         _check_output_mask(output_mask, "conv2d_bias_act_backward_triton")
         relu = activation == "relu"
@@ -224,24 +225,21 @@ if HAS_TRITON:
         # dy and out must share strides; without ReLU `out` is never read.
         o = out.contiguous(memory_format=torch.channels_last) if relu else dy
         w_cl = weight.contiguous(memory_format=torch.channels_last)
+        dgrad_memo = wgrad_memo = None
         if plan is None:
             shape = conv_shape(x.shape, weight.shape, stride, padding, dilation, groups)
-            memos = {}
         else:
+            shape = plan.shape
             # x's and the output's layouts are the plan's; dy's strides (size-1 dimensions) and
             # the weight's layout (its gradient's) are not.
-            shape = plan.shape
-            key = (tuple(output_mask), dy.dtype, dy.stride(), o.stride(), weight.stride())
-            memos = plan.backward.get(key)
-            if memos is None:
-                if len(plan.backward) >= 8:
-                    plan.backward.clear()
-                memos = plan.backward[key] = {"dgrad": {}, "wgrad": {}}
+            memos = plan.backward.for_launch(launch, (tuple(output_mask), dy.dtype, dy.stride(), o.stride(),
+                                                      weight.stride()))
+            dgrad_memo, wgrad_memo = memos.setdefault("dgrad", {}), memos.setdefault("wgrad", {})
         # Distinct empty tensors: outputs of a custom op may not alias each other.
         grad_x, grad_w, grad_b = (x.new_empty((0,)) for _ in range(3))
         if output_mask[0]:
             grad_x = torch.empty_like(x, memory_format=_output_format(x))
-            _bwd.launch_conv2d_dgrad(launch, dy, o, w_cl, grad_x, shape, relu, memo=memos.get("dgrad"))
+            _bwd.launch_conv2d_dgrad(launch, dy, o, w_cl, grad_x, shape, relu, memo=dgrad_memo)
         want_bias = has_bias and output_mask[2]
         if output_mask[1]:
             x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -249,7 +247,7 @@ if HAS_TRITON:
             if want_bias:
                 grad_b = weight.new_empty((shape.c_out,))
             _bwd.launch_conv2d_wgrad(launch, dy, o, x_cl, grad_w, grad_b if want_bias else None, shape, relu,
-                                     memo=memos.get("wgrad"))
+                                     memo=wgrad_memo)
         elif want_bias:
             masked = torch.where(o > 0, dy, torch.zeros_like(dy)) if relu else dy
             grad_b = masked.sum(dim=(0, 2, 3), dtype=torch.float32).to(weight.dtype)
@@ -330,8 +328,8 @@ class _EagerPlan(NamedTuple):
     out_size: tuple
     out_stride: tuple
     memo: dict         # the forward launch's prepared arguments (kernels.conv2d.launch_conv2d_fwd)
-    backward: dict     # (output_mask, dy's dtype and strides, the weight's strides) -> the
-                       # backward launches' memos (kernels.conv2d_backward)
+    backward: LaunchMemos  # the backward launches' memos (kernels.conv2d_backward), by
+                           # output_mask, dy's dtype and strides and the weight's strides
 
 
 # Tensor metadata and conv arguments of eager Triton calls that passed _validate -> their
@@ -371,7 +369,7 @@ def _eager_plan(x, weight, bias, stride, padding, dilation, groups, activation) 
     size = (shape.n, shape.c_out, shape.h_out, shape.w_out)
     out_stride = torch.empty(size, device="meta", memory_format=_output_format(x)).stride()
     plan = _EagerPlan(shape, (shape.stride, shape.padding, shape.dilation, shape.groups, act), size, out_stride,
-                      {}, {})
+                      {}, LaunchMemos(limit=8))
     if key is not None:
         if len(_EAGER_PLANS) >= _EAGER_PLANS_MAX:
             _EAGER_PLANS.clear()
