@@ -15,9 +15,30 @@ JSON object: check name -> [passed, detail].
 from __future__ import annotations
 
 import json
-import os
 
 import torch
+
+from benchmarks import environ
+
+
+def _same_launch(a, b) -> bool:
+    """Equal launcher arguments apart from the hooks and their metadata (slots 6-8)."""
+    return len(a) == len(b) and a[:6] == b[:6] and all(x is y or x == y for x, y in zip(a[9:], b[9:]))
+
+
+def _same_apart_from_tensors(ours, theirs, tensor_counts) -> list:
+    """Per launch, whether ours passed what theirs did apart from the leading tensors (new
+    ones on every call), ``tensor_counts`` of them per launch."""
+    return [_same_launch(a[:9] + a[9 + n:], b[:9] + b[9 + n:]) for a, b, n in zip(ours, theirs, tensor_counts)]
+
+
+def _count_runs(fns: dict) -> list:
+    """Wrap each JIT function's ``run`` (name -> function) so that every call appends its name
+    to the returned list."""
+    runs = []
+    for name, fn in fns.items():
+        fn.run = (lambda real, name: lambda *a, **k: runs.append(name) or real(*a, **k))(fn.run, name)
+    return runs
 
 
 def main() -> dict:
@@ -30,15 +51,7 @@ def main() -> dict:
     from pyowt.ops.conv2d import conv_shape
 
     stand_in, launches, compiles = install_stand_ins(K.conv2d_fwd_kernel)
-    fn = K.conv2d_fwd_kernel.fn
-    jit_runs = []
-    jit_run = fn.run
-
-    def counted_run(*args, **kwargs):
-        jit_runs.append(1)
-        return jit_run(*args, **kwargs)
-
-    fn.run = counted_run
+    jit_runs = _count_runs({"forward": K.conv2d_fwd_kernel.fn})
 
     shape = conv_shape((2, 8, 9, 7), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1)
 
@@ -61,10 +74,6 @@ def main() -> dict:
     def check(name, ok, detail=""):
         checks[name] = [bool(ok), str(detail)]
 
-    def same_launch(a, b):
-        """Equal launcher arguments apart from the hooks and their metadata (slots 6-8)."""
-        return len(a) == len(b) and a[:6] == b[:6] and all(x is y or x == y for x, y in zip(a[9:], b[9:]))
-
     def idle(hook):
         """None (Triton < 3.5) or an empty hook chain: the hook calls nothing."""
         return hook is None or (hasattr(hook, "calls") and not hook.calls)
@@ -76,7 +85,7 @@ def main() -> dict:
     n_compiles, n_runs = len(compiles), len(jit_runs)
     launch(first)   # relaunch
     check("relaunch skips JITFunction.run", len(jit_runs) == n_runs and len(launches) == 3, len(jit_runs) - n_runs)
-    check("relaunch passes what JITFunction.run passed", same_launch(launches[-1], via_jit),
+    check("relaunch passes what JITFunction.run passed", _same_launch(launches[-1], via_jit),
           f"{len(via_jit)} vs {len(launches[-1])} arguments")
     check("no hooks, no metadata", launches[-1][6:9] == (None, None, None) and all(map(idle, via_jit[7:9])),
           (launches[-1][6:9], via_jit[6:9]))
@@ -120,7 +129,7 @@ def main() -> dict:
         runtime.launch_enter_hook = None
     before = len(jit_runs)
     launch(first)
-    check("relaunch again without the hook", len(jit_runs) == before and same_launch(launches[-1], via_jit))
+    check("relaunch again without the hook", len(jit_runs) == before and _same_launch(launches[-1], via_jit))
 
     # Another current device: Triton's cache is per device.
     stand_in.device = 1
@@ -133,10 +142,9 @@ def main() -> dict:
     stand_in.device = 0
 
     # The switch set after the capture: through the JIT at once, and back when unset.
-    os.environ["PYOWT_TRITON_RELAUNCH"] = "0"
     before = len(jit_runs)
-    launch(first)
-    del os.environ["PYOWT_TRITON_RELAUNCH"]
+    with environ("PYOWT_TRITON_RELAUNCH", "0"):
+        launch(first)
     launch(first)
     check("PYOWT_TRITON_RELAUNCH=0 takes effect on captured kernels", len(jit_runs) == before + 1,
           len(jit_runs) - before)
@@ -161,19 +169,18 @@ def main() -> dict:
           and "JITFunction.run" in str(caught[0].message), [str(w.message) for w in caught])
 
     # Switched off: no capture.
-    os.environ["PYOWT_TRITON_RELAUNCH"] = "0"
     memo.clear()
-    launch(first)
-    launch(first)
+    with environ("PYOWT_TRITON_RELAUNCH", "0"):
+        launch(first)
+        launch(first)
     check("PYOWT_TRITON_RELAUNCH=0 captures nothing", memo.get("relaunch") is False, memo.get("relaunch"))
-    del os.environ["PYOWT_TRITON_RELAUNCH"]
-    backward_checks(check, same_launch)
-    linear_checks(check, same_launch)
-    bias_relu_checks(check, same_launch)
+    backward_checks(check)
+    linear_checks(check)
+    bias_relu_checks(check)
     return checks
 
 
-def backward_checks(check, same_launch) -> None:
+def backward_checks(check) -> None:
     """The eager op's backward (pyowt.ops.conv2d: the forward's plan keeps the backward's
     memos): its third forward+backward relaunches the data gradient, the weight gradient's
     partials and their sum, passing what JITFunction.run passed."""
@@ -186,12 +193,8 @@ def backward_checks(check, same_launch) -> None:
     _, launches, _ = install_stand_ins(B.conv2d_wgrad_kernel)  # what compiles from now on records here
     conv_mod.resolve_backend = lambda op, device, backend=None: "triton"  # CPU tensors
     conv_mod._EAGER_PLANS.clear()
-    fns = {"dgrad": B.conv2d_dgrad_kernel.fn, "partials": B.conv2d_wgrad_kernel.fn,
-           "sum": B.conv2d_wgrad_sum_kernel, "forward": K.conv2d_fwd_kernel.fn}
-    tensor_count = {"dgrad": 4, "partials": 5, "sum": 4}
-    jit_runs = []
-    for name, fn in fns.items():
-        fn.run = (lambda real, name: lambda *a, **k: jit_runs.append(name) or real(*a, **k))(fn.run, name)
+    jit_runs = _count_runs({"dgrad": B.conv2d_dgrad_kernel.fn, "partials": B.conv2d_wgrad_kernel.fn,
+                            "sum": B.conv2d_wgrad_sum_kernel, "forward": K.conv2d_fwd_kernel.fn})
 
     def step(weight_format=torch.channels_last):
         x = torch.randn(2, 8, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -211,8 +214,7 @@ def backward_checks(check, same_launch) -> None:
     relaunched, grads, w = step()        # relaunch
     check("backward: third call relaunches every kernel", not jit_runs and len(relaunched) == 3,
           (jit_runs, len(relaunched)))
-    same = [same_launch(a[:9] + a[9 + n:], b[:9] + b[9 + n:]) for a, b, n in
-            zip(relaunched, via_jit, tensor_count.values())]
+    same = _same_apart_from_tensors(relaunched, via_jit, (4, 5, 4))  # dgrad, partials, sum
     check("backward: relaunches pass what JITFunction.run passed", len(same) == 3 and all(same), same)
     check("backward: gradients in the weight's layout", grads[1].is_contiguous(memory_format=torch.channels_last)
           and grads[1].dtype == w.dtype, grads[1].stride())
@@ -223,7 +225,7 @@ def backward_checks(check, same_launch) -> None:
           len(plan.backward) == 2 and grads[1].is_contiguous() and "sum" in jit_runs, (len(plan.backward), jit_runs))
 
 
-def linear_checks(check, same_launch) -> None:
+def linear_checks(check) -> None:
     """The eager Triton linear (kernels.linear keeps a memo per launch geometry): its third
     forward+backward relaunches the forward, dX and dW GEMMs as JITFunction.run did."""
     from benchmarks.triton_launch_host import install_stand_ins
@@ -236,9 +238,7 @@ def linear_checks(check, same_launch) -> None:
         _, launches, _ = install_stand_ins(v)  # the last one's list records what compiles next
     linear_mod.resolve_backend = lambda op, device, backend=None: "triton"  # CPU tensors
     L._MEMOS.clear()
-    jit_runs = []
-    for name, kernel in (("forward", L.linear_fwd_kernel), ("dx", L.linear_dx_kernel), ("dw", L.linear_dw_kernel)):
-        kernel.run = (lambda real, name: lambda *a, **k: jit_runs.append(name) or real(*a, **k))(kernel.run, name)
+    jit_runs = _count_runs({"forward": L.linear_fwd_kernel, "dx": L.linear_dx_kernel, "dw": L.linear_dw_kernel})
 
     def step():
         x = torch.randn(24, 40, requires_grad=True)
@@ -255,19 +255,17 @@ def linear_checks(check, same_launch) -> None:
           jit_runs)
     jit_runs.clear()
     relaunched = step()
-    # launch order: forward, dW, dX (4, 5 and 4 tensor arguments)
-    same = [same_launch(a[:9] + a[9 + n:], b[:9] + b[9 + n:]) for a, b, n in zip(relaunched, via_jit, (4, 5, 4))]
+    same = _same_apart_from_tensors(relaunched, via_jit, (4, 5, 4))  # launch order: forward, dW, dX
     check("linear: third call relaunches the three GEMMs as JITFunction.run did",
           not jit_runs and len(relaunched) == 3 and all(same), (jit_runs, len(relaunched), same))
 
 
-
-def bias_relu_checks(check, same_launch) -> None:
+def bias_relu_checks(check) -> None:
     """The eager Triton bias_relu (plain JIT kernels, kernels.bias_relu's memos): its third
     forward+backward relaunches both kernels as JITFunction.run did."""
-    import triton.compiler
-
     import importlib
+
+    import triton.compiler
 
     from benchmarks.triton_launch_host import RecordingCompiled
     from pyowt.kernels import bias_relu as K
@@ -278,9 +276,7 @@ def bias_relu_checks(check, same_launch) -> None:
     triton.compiler.compile = lambda src, *args, **kwargs: RecordingCompiled(launches)
     bias_relu_mod.resolve_backend = lambda op, device, backend=None: "triton"  # CPU tensors
     K._MEMOS.clear()
-    jit_runs = []
-    for name, kernel in (("forward", K.bias_relu_fwd_kernel), ("mask", K.relu_mask_kernel)):
-        kernel.run = (lambda real, name: lambda *a, **k: jit_runs.append(name) or real(*a, **k))(kernel.run, name)
+    jit_runs = _count_runs({"forward": K.bias_relu_fwd_kernel, "mask": K.relu_mask_kernel})
 
     def step():
         x = torch.randn(4, 6, 5, 3, requires_grad=True)
@@ -294,9 +290,10 @@ def bias_relu_checks(check, same_launch) -> None:
     via_jit = step()
     jit_runs.clear()
     relaunched = step()
-    same = [same_launch(a[:9] + a[9 + n:], b[:9] + b[9 + n:]) for a, b, n in zip(relaunched, via_jit, (3, 3))]
+    same = _same_apart_from_tensors(relaunched, via_jit, (3, 3))
     check("bias_relu: third call relaunches both kernels as JITFunction.run did",
           not jit_runs and len(via_jit) == 2 and len(relaunched) == 2 and all(same), (jit_runs, len(relaunched), same))
+
 
 if __name__ == "__main__":
     print(json.dumps(main()))

@@ -24,6 +24,14 @@ def test_relaunch_matches_triton_jit_without_gpu():
     assert not failed, failed
 
 
+def _count_jit_runs(monkeypatch, *fns) -> list:
+    """A list that gets one entry per ``JITFunction.run`` call of any of ``fns``."""
+    runs = []
+    for fn in fns:
+        monkeypatch.setattr(fn, "run", lambda *a, real=fn.run, **k: runs.append(1) or real(*a, **k))
+    return runs
+
+
 def _channels_last_at(t: torch.Tensor, offset: int) -> torch.Tensor:
     """A copy of channels-last ``t`` that starts ``offset`` elements into its storage."""
     n, c, h, w = t.shape
@@ -51,8 +59,7 @@ def test_gpu_conv_relaunch(monkeypatch, dtype):
     (plan,) = conv_mod._EAGER_PLANS.values()
     assert isinstance(plan.memo.get("relaunch"), CompiledLaunch), plan.memo.get("relaunch")
     fn = kconv.conv2d_fwd_kernel.fn
-    jit_runs = []
-    monkeypatch.setattr(fn, "run", lambda *a, real=fn.run, **k: jit_runs.append(1) or real(*a, **k))
+    jit_runs = _count_jit_runs(monkeypatch, fn)
     third = conv2d_bias_act(x, w, b, 1, 1, backend="triton")
     other = conv2d_bias_act(x2, w, b, 1, 1, backend="triton")
     assert not jit_runs, "a planned call went through JITFunction.run"
@@ -103,9 +110,8 @@ def test_gpu_conv_backward_relaunch(monkeypatch, dtype, weight_format):
         return conv2d_bias_act(x, w, b, 1, 1, backend="triton")
 
     first, second = grads(eager), grads(eager)
-    jit_runs = []
-    for fn in (kbwd.conv2d_dgrad_kernel.fn, kbwd.conv2d_wgrad_kernel.fn, kbwd.conv2d_wgrad_sum_kernel):
-        monkeypatch.setattr(fn, "run", lambda *a, real=fn.run, **k: jit_runs.append(1) or real(*a, **k))
+    jit_runs = _count_jit_runs(monkeypatch, kbwd.conv2d_dgrad_kernel.fn, kbwd.conv2d_wgrad_kernel.fn,
+                               kbwd.conv2d_wgrad_sum_kernel)
     third = grads(eager)
     assert not jit_runs, f"{len(jit_runs)} backward launches of a planned call went through JITFunction.run"
     registered = grads(lambda x, w, b: torch.ops.pyowt.conv2d_bias_act_triton(x, w, b, [1, 1], [1, 1], [1, 1], 1,
@@ -144,9 +150,7 @@ def test_gpu_linear_relaunch(monkeypatch, dtype):
         return linear_bias_act(x, w, b, backend="triton")
 
     first, second = run(eager), run(eager)
-    jit_runs = []
-    for kernel in (klin.linear_fwd_kernel, klin.linear_dx_kernel, klin.linear_dw_kernel):
-        monkeypatch.setattr(kernel, "run", lambda *a, real=kernel.run, **k: jit_runs.append(1) or real(*a, **k))
+    jit_runs = _count_jit_runs(monkeypatch, klin.linear_fwd_kernel, klin.linear_dx_kernel, klin.linear_dw_kernel)
     third = run(eager)
     assert not jit_runs, f"{len(jit_runs)} launches of a seen shape went through JITFunction.run"
     registered = run(lambda x, w, b: torch.ops.pyowt.linear_bias_act_triton(x, w, b, "relu"))
