@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import traceback
 import warnings
 from datetime import timedelta
@@ -42,8 +43,19 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn):
         finally:
             dist.destroy_process_group()
         conn.send(("ok", result))
+        code = 0
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("err", traceback.format_exc()))
+        code = 1
+    # The result is in the pipe and the process group is gone: nothing is left to do but
+    # the interpreter's teardown, where torch's C++ destructors (c10d/Gloo threads) now and
+    # then end in std::terminate ("terminate called without an active exception", SIGABRT;
+    # 1 of 15 `pyowt compare` runs, 60 workers, on the 2-core dev machine). Skip
+    # it, as a forked multiprocessing child does; only stdio needs flushing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    conn.close()
+    os._exit(code)
 
 
 def _exit_description(code: int) -> str:
@@ -56,12 +68,11 @@ def _exit_description(code: int) -> str:
 
 
 def _warn_unclean_exits(procs) -> None:
-    """Every rank returned its result; say so if one then died while shutting down.
+    """Every rank returned its result; say so if one then died before its exit.
 
     The results are complete (they were sent before the exit), so this warns rather than
-    raises; without it a crash at interpreter exit shows only as a bare line on stderr
-    (e.g. "terminate called without an active exception", seen about once in ten
-    ``pyowt compare`` runs on a loaded 2-core machine) that no one can attribute.
+    raises. Workers leave through ``os._exit`` right after sending, so what is left to
+    report is a rank killed in between (a signal from outside, the OOM killer).
     """
     for rank, p in enumerate(procs):
         if p.exitcode not in (0, None):
