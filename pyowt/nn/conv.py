@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.backend import check_backend_name
 from ..ops.conv2d import _activation, conv2d_bias_act
 
 
@@ -38,7 +39,7 @@ class FusedConv2d(nn.Conv2d):
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                          device=device, dtype=dtype)
         self.activation = _activation(activation)
-        self.backend = backend
+        self.backend = check_backend_name("conv2d_bias_act", backend, "FusedConv2d")
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, activation: Optional[str] = "relu",
@@ -84,6 +85,9 @@ def fuse_conv_relu(model: nn.Module, backend: Optional[str] = None) -> nn.Module
     Convs followed by anything else, and ReLUs reached through ``forward`` code rather
     than a Sequential, are left as they are.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_conv_relu: model must be a torch.nn.Module, got {type(model).__name__}")
+    check_backend_name("conv2d_bias_act", backend, "fuse_conv_relu")
     fused = copy.deepcopy(model)
     for module in list(fused.modules()):
         if not isinstance(module, nn.Sequential):

@@ -250,6 +250,21 @@ def _getenv(key):
     return _ENV_DATA.get(key) if _ENV_DATA is not None else os.environ.get(key)
 
 
+def check_backend_name(op: str, backend: Optional[str], owner: str) -> Optional[str]:
+    """``backend`` if it is None or a backend ``op`` implements, else ``ValueError``.
+
+    For modules that store a ``backend=`` for later calls: a misspelt name is refused where
+    it is given, not at the first forward. Whether it can run on a device is decided per
+    call (the module may move), by :func:`resolve_backend`.
+    """
+    if backend is None:
+        return None
+    implemented = _OPS[op].implemented
+    if not isinstance(backend, str) or backend not in implemented:
+        raise ValueError(f"{owner}: backend must be None or one of {implemented}, got {backend!r}")
+    return backend
+
+
 def _resolve(op: str, device: torch.device, backend: Optional[str]) -> str:
     spec = _OPS[op]
     requested, source = _requested(op, backend)

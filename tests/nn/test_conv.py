@@ -78,8 +78,23 @@ def test_backend_argument_is_used(triton_device):
     x = torch.randn(1, 3, 7, 7, device=triton_device)
     ref = F.relu(F.conv2d(x.double(), m.weight.double(), m.bias.double(), padding=1))
     assert_close_rel(m(x), ref, torch.float32)
-    with pytest.raises(ValueError, match="backend='tpu'"):
-        FusedConv2d(3, 4, 3, backend="tpu")(torch.randn(1, 3, 5, 5))
+
+
+def test_bad_backend_is_refused_where_it_is_given():
+    # A misspelt name fails at construction, not at the first forward.
+    with pytest.raises(ValueError, match=r"FusedConv2d: backend must be None or one of \('triton', 'cuda', "
+                                         r"'cpu', 'aten'\), got 'tpu'"):
+        FusedConv2d(3, 4, 3, backend="tpu")
+    with pytest.raises(ValueError, match="got 1"):
+        FusedConv2d(3, 4, 3, backend=1)
+    with pytest.raises(ValueError, match="fuse_conv_relu: backend must be .* got 'cudnn'"):
+        fuse_conv_relu(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), backend="cudnn")
+    with pytest.raises(TypeError, match="fuse_conv_relu: model must be a torch.nn.Module, got int"):
+        fuse_conv_relu(3)
+    # A real backend that cannot run on the input's device is refused per call, naming why.
+    m = FusedConv2d(3, 4, 3, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda' cannot run: backend 'cuda' needs CUDA tensors"):
+        m(torch.randn(1, 3, 5, 5))
 
 
 def _check_fused_model(model, x, n_convs):
