@@ -352,9 +352,12 @@ def parallelize(model: nn.Module, plan="owt", group=None, *, seed: int = 0, broa
             data-parallel across the groups; see :mod:`pyowt.parallel.mesh`).
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``, ``plan`` of another type.
         ValueError: unsupported layers or plan entries (naming them), or ranks whose plans or
             model structures differ (on every rank).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"parallelize: model must be a torch.nn.Module, got {type(model).__name__}")
     group = pdist.resolve_group(group)
     steps = capture_chain(model)
     if isinstance(plan, str) and plan == "auto":

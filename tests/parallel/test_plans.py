@@ -74,6 +74,12 @@ def test_unsupported_layer_is_named():
         capture_chain(model)
 
 
+def test_model_that_is_not_a_module_is_refused():
+    # Before the process-group lookup: the wrong argument is named, initialized or not.
+    with pytest.raises(TypeError, match="parallelize: model must be a torch.nn.Module, got int"):
+        parallelize(3, "owt")
+
+
 def test_branching_model_is_refused():
     class Residual(nn.Module):
         def __init__(self):
