@@ -6,6 +6,7 @@ can join or reach it.
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
 import signal
@@ -47,15 +48,25 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn):
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("err", traceback.format_exc()))
         code = 1
-    # The result is in the pipe and the process group is gone: nothing is left to do but
-    # the interpreter's teardown, where torch's C++ destructors (c10d/Gloo threads) now and
-    # then end in std::terminate ("terminate called without an active exception", SIGABRT;
-    # 1 of 15 `pyowt compare` runs, 60 workers, on the 2-core dev machine). Skip
-    # it, as a forked multiprocessing child does; only stdio needs flushing.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    conn.close()
+    # The result is in the pipe and the process group is gone. What is left is the
+    # interpreter's teardown, where torch's C++ side (c10d/Gloo threads, static destructors)
+    # now and then ends in std::terminate ("terminate called without an active exception",
+    # SIGABRT: 1 of 15 `pyowt compare` runs, 60 workers, on the 2-core dev machine). Run
+    # the Python atexit handlers (logging's flush, library cleanups: nothing of the user's is
+    # lost), flush stdio, and leave without the C-level teardown.
+    _finish_python_side()
     os._exit(code)
+
+
+def _finish_python_side() -> None:
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed or broken by the user's code
+                pass
 
 
 def _exit_description(code: int) -> str:
@@ -68,11 +79,11 @@ def _exit_description(code: int) -> str:
 
 
 def _warn_unclean_exits(procs) -> None:
-    """Every rank returned its result; say so if one then died before its exit.
+    """Every rank returned its result; say so if one then died while shutting down.
 
     The results are complete (they were sent before the exit), so this warns rather than
-    raises. Workers leave through ``os._exit`` right after sending, so what is left to
-    report is a rank killed in between (a signal from outside, the OOM killer).
+    raises. Workers skip the C-level teardown (``_entry``), so what is left to report is a
+    Python exit handler that crashed, or a rank killed from outside in between.
     """
     for rank, p in enumerate(procs):
         if p.exitcode not in (0, None):

@@ -1,5 +1,6 @@
 """pyowt.launch.spawn: results by rank, failures reported, unclean exits named."""
 import atexit
+import ctypes
 import os
 import warnings
 from types import SimpleNamespace
@@ -19,7 +20,25 @@ def _rank_sum():
 
 def _abort_at_exit_on_rank1():
     if dist.get_rank() == 1:
-        atexit.register(os.abort)  # a crash in the interpreter's teardown, after the result
+        atexit.register(os.abort)  # a Python exit handler that dies, after the result is sent
+    return dist.get_rank()
+
+
+def _abort_in_c_teardown_on_rank1():
+    # Stands in for torch's C++ teardown crashes: abort() registered the way C++ registers
+    # its static destructors, to run at exit().
+    if dist.get_rank() == 1:
+        libc = ctypes.CDLL(None)
+        libc.__cxa_atexit.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        libc.__cxa_atexit(ctypes.cast(libc.abort, ctypes.c_void_p), None, None)
+    return dist.get_rank()
+
+
+def _write_at_exit(path):
+    # A Python exit handler of the user's (buffered output, say) still runs.
+    out = open(f"{path}.{dist.get_rank()}", "w")
+    out.write("flushed")  # buffered until the handler closes the file
+    atexit.register(out.close)
     return dist.get_rank()
 
 
@@ -35,15 +54,25 @@ def test_results_by_rank_and_a_clean_exit_warns_nothing():
         assert spawn(_rank_sum, 2, threads=1) == [(0, 3.0), (1, 3.0)]
 
 
-def test_workers_skip_the_interpreter_teardown_after_their_result():
-    # torch's C++ destructors now and then abort at interpreter exit; the workers never get
-    # there (an atexit handler stands in for such a crash).
+def test_workers_skip_the_c_level_teardown_after_their_result():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        assert spawn(_abort_at_exit_on_rank1, 2, threads=1) == [0, 1]
+        assert spawn(_abort_in_c_teardown_on_rank1, 2, threads=1) == [0, 1]
+
+
+def test_workers_run_their_python_exit_handlers(tmp_path):
+    path = str(tmp_path / "exit")
+    assert spawn(_write_at_exit, 2, args=(path,), threads=1) == [0, 1]
+    assert [open(f"{path}.{r}").read() for r in range(2)] == ["flushed", "flushed"]
 
 
 def test_a_rank_dying_after_its_result_is_named():
+    with pytest.warns(RuntimeWarning, match=r"rank 1 \(pid \d+\) returned its result, then exited with "
+                                            r"signal SIGABRT"):
+        assert spawn(_abort_at_exit_on_rank1, 2, threads=1) == [0, 1]
+
+
+def test_unclean_exit_wording():
     procs = [SimpleNamespace(exitcode=0, pid=10), SimpleNamespace(exitcode=-6, pid=11),
              SimpleNamespace(exitcode=3, pid=12)]
     with pytest.warns(RuntimeWarning) as record:
