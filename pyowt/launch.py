@@ -45,8 +45,14 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn):
             dist.destroy_process_group()
         conn.send(("ok", result))
         code = 0
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every process of the terminal's group: the parent says so once.
+        code = 130
     except BaseException:  # noqa: BLE001 - the parent reports it
-        conn.send(("err", traceback.format_exc()))
+        try:
+            conn.send(("err", traceback.format_exc()))
+        except OSError:  # the parent is gone
+            pass
         code = 1
     # The result is in the pipe and the process group is gone. What is left is the
     # interpreter's teardown, where torch's C++ side (c10d/Gloo threads, static destructors)
@@ -115,30 +121,24 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
     ctx = mp.get_context("spawn")
     port = free_loopback_port()
     procs, conns = [], []
-    for rank in range(world_size):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_entry, args=(rank, world_size, port, backend, timeout_s, threads, fn, tuple(args), child))
-        p.start()
-        child.close()
-        procs.append(p)
-        conns.append(parent)
-    results: List[Any] = [None] * world_size
-    errors = {}
-    pending = {c: r for r, c in enumerate(conns)}
-    while pending:
-        ready = wait(list(pending), timeout=5.0 if errors else None)
-        if not ready:  # a rank failed and the others are stuck waiting for it
-            break
-        for c in ready:
-            rank = pending.pop(c)
-            try:
-                status, payload = c.recv()
-            except EOFError:
-                status, payload = "err", f"rank {rank} exited with code {procs[rank].exitcode} without a result"
-            if status == "ok":
-                results[rank] = payload
-            else:
-                errors[rank] = payload
+    try:
+        for rank in range(world_size):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_entry, args=(rank, world_size, port, backend, timeout_s, threads, fn,
+                                                 tuple(args), child))
+            p.start()
+            child.close()
+            procs.append(p)
+            conns.append(parent)
+        results, errors, pending = _collect(procs, conns)
+    except BaseException:
+        # Interrupted (Ctrl-C, a signal turned into an exception): no worker outlives spawn.
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=30)
+        raise
     for p in procs:
         if pending or errors:
             p.kill() if p.is_alive() else None
@@ -150,3 +150,30 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         raise WorkerFailed(msg)
     _warn_unclean_exits(procs)
     return results
+
+
+def _collect(procs, conns):
+    """Every rank's result or traceback; stops waiting 5 s after a failure (the others may be
+    stuck in a collective with the failed rank). Returns (results, errors, pending)."""
+    results: List[Any] = [None] * len(procs)
+    errors = {}
+    pending = {c: r for r, c in enumerate(conns)}
+    while pending:
+        ready = wait(list(pending), timeout=5.0 if errors else None)
+        if not ready:  # a rank failed and the others are stuck waiting for it
+            break
+        for c in ready:
+            rank = pending.pop(c)
+            try:
+                status, payload = c.recv()
+            except EOFError:
+                procs[rank].join(timeout=5)  # its exit status, for the message
+                code = procs[rank].exitcode
+                status, payload = "err", (f"rank {rank} exited with "
+                                          f"{'an unknown status' if code is None else _exit_description(code)}"
+                                          " without a result")
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors[rank] = payload
+    return results, errors, pending

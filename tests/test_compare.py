@@ -45,3 +45,12 @@ def test_compare_runs_every_strategy_like_one_process(tmp_path):
         assert r.workers == 2 and len(r.losses) == 3 and r.comm_bytes_per_iter > 0
         assert r.max_loss_diff < 1e-4, (r.strategy, r.max_loss_diff)
     assert (tmp_path / "c.json").exists() and any("results written to" in line for line in lines)
+
+
+def test_cli_interrupted_says_so_in_one_line(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_mod, "compare", interrupted)
+    assert cli.main(["compare"]) == 130
+    assert capsys.readouterr().err == "pyowt compare: interrupted\n"

@@ -1,7 +1,11 @@
 """pyowt.launch.spawn: results by rank, failures reported, unclean exits named."""
 import atexit
 import ctypes
+import multiprocessing
 import os
+import signal
+import threading
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -39,6 +43,11 @@ def _write_at_exit(path):
     out = open(f"{path}.{dist.get_rank()}", "w")
     out.write("flushed")  # buffered until the handler closes the file
     atexit.register(out.close)
+    return dist.get_rank()
+
+
+def _sleep_long():
+    time.sleep(120)
     return dist.get_rank()
 
 
@@ -87,3 +96,18 @@ def test_unclean_exit_wording():
 def test_a_failing_rank_raises_with_its_traceback():
     with pytest.raises(WorkerFailed, match="(?s)rank 0.*ValueError: rank 0 refuses"):
         spawn(_raise_on_rank0, 2, threads=1, timeout_s=60)
+
+
+@pytest.mark.parametrize("delay_s", [0.05, 8.0])  # while starting the workers / while they run
+def test_an_interrupted_spawn_leaves_no_worker(delay_s):
+    # A real SIGINT (what Ctrl-C sends): it interrupts the parent's blocking wait.
+    timer = threading.Timer(delay_s, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            spawn(_sleep_long, 2, threads=1)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 60
+    assert multiprocessing.active_children() == []

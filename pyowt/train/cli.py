@@ -204,7 +204,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="pyowt train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return _cmd_train(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return _cmd_train(args)
+    except KeyboardInterrupt:  # under torchrun every rank gets it: one line each, no traceback
+        print("pyowt train: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

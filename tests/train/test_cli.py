@@ -63,6 +63,15 @@ def test_unparsable_numbers_exit_2(capsys):
     assert e.value.code == 2 and "invalid int value: 'many'" in capsys.readouterr().err
 
 
+def test_interrupted_says_so_in_one_line(monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_train", interrupted)
+    assert cli.main(["--data", "digits"]) == 130
+    assert capsys.readouterr().err == "pyowt train: interrupted\n"
+
+
 def _spawned_entry(cfg):
     from dataclasses import replace
 
