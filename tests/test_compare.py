@@ -44,7 +44,14 @@ def test_compare_runs_every_strategy_like_one_process(tmp_path):
     for r in results[1:]:
         assert r.workers == 2 and len(r.losses) == 3 and r.comm_bytes_per_iter > 0
         assert r.max_loss_diff < 1e-4, (r.strategy, r.max_loss_diff)
+        assert r.steps_agreeing == 3
     assert (tmp_path / "c.json").exists() and any("results written to" in line for line in lines)
+
+
+def test_leading_steps_within_tolerance():
+    assert compare_mod._leading_within([1.0, 2.0, 3.0], [1.0, 2.00005, 3.5], 1e-4) == 2
+    assert compare_mod._leading_within([1.0, 2.0], [1.0, 2.0], 1e-4) == 2
+    assert compare_mod._leading_within([1.0], [1.1], 1e-4) == 0
 
 
 def test_cli_interrupted_says_so_in_one_line(monkeypatch, capsys):
