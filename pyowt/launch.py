@@ -133,16 +133,9 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         results, errors, pending = _collect(procs, conns)
     except BaseException:
         # Interrupted (Ctrl-C, a signal turned into an exception): no worker outlives spawn.
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            p.join(timeout=30)
+        _stop(procs, kill=True)
         raise
-    for p in procs:
-        if pending or errors:
-            p.kill() if p.is_alive() else None
-        p.join(timeout=30)
+    _stop(procs, kill=bool(pending or errors))
     if errors or pending:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         if pending:
@@ -150,6 +143,15 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         raise WorkerFailed(msg)
     _warn_unclean_exits(procs)
     return results
+
+
+def _stop(procs, kill: bool) -> None:
+    """Join every worker, killing the live ones first when ``kill``."""
+    for p in procs:
+        if kill and p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(timeout=30)
 
 
 def _collect(procs, conns):
