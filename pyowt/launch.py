@@ -59,7 +59,9 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn):
     # now and then ends in std::terminate ("terminate called without an active exception",
     # SIGABRT: 1 of 15 `pyowt compare` runs, 60 workers, on the 2-core dev machine). Run
     # the Python atexit handlers (logging's flush, library cleanups: nothing of the user's is
-    # lost), flush stdio, and leave without the C-level teardown.
+    # lost), flush stdio, and leave without the C-level teardown. A Ctrl-C from here on
+    # would only turn a finished exit into a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _finish_python_side()
     os._exit(code)
 
@@ -99,7 +101,7 @@ def _warn_unclean_exits(procs) -> None:
 
 
 def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str = "gloo",
-          timeout_s: float = 600.0, threads: Optional[int] = None) -> List[Any]:
+          timeout_s: float = 600.0, threads: Optional[int] = None, graceful_interrupt: bool = False) -> List[Any]:
     """Run ``fn(*args)`` on ``world_size`` new processes in one process group.
 
     Args:
@@ -109,10 +111,14 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (one GPU per rank).
         timeout_s: process-group timeout; a collective stuck longer fails on every rank.
         threads: torch intra-op threads per worker (default: cores // world_size, >= 1).
+        graceful_interrupt: on Ctrl-C, pass the SIGINT on to the workers and wait for them
+            (``fn`` handles it, e.g. finishes a step and saves); a second Ctrl-C kills them.
+            Default: kill them at once.
 
     Returns:
         ``fn``'s return values, by rank. Raises :class:`WorkerFailed` with the traceback of
-        every rank that failed (the others are stopped).
+        every rank that failed (the others are stopped), and ``KeyboardInterrupt`` when
+        interrupted (with ``graceful_interrupt``: when a worker ended without a result).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
@@ -130,12 +136,26 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
             child.close()
             procs.append(p)
             conns.append(parent)
-        results, errors, pending = _collect(procs, conns)
+        state = _Collected(len(procs), conns)
+        while True:
+            try:
+                _collect(procs, state)
+                break
+            except KeyboardInterrupt:
+                if not graceful_interrupt or state.interrupted:
+                    raise
+                state.interrupted = True
+                for p in procs:  # a terminal's Ctrl-C has reached them already; a kill -INT has not
+                    if p.is_alive():
+                        os.kill(p.pid, signal.SIGINT)
     except BaseException:
         # Interrupted (Ctrl-C, a signal turned into an exception): no worker outlives spawn.
         _stop(procs, kill=True)
         raise
+    results, errors, pending = state.results, state.errors, state.pending
     _stop(procs, kill=bool(pending or errors))
+    if state.interrupted and state.exited_130:
+        raise KeyboardInterrupt  # a worker took the Ctrl-C as an interruption: no result to return
     if errors or pending:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         if pending:
@@ -154,28 +174,38 @@ def _stop(procs, kill: bool) -> None:
         p.join(timeout=30)
 
 
-def _collect(procs, conns):
-    """Every rank's result or traceback; stops waiting 5 s after a failure (the others may be
-    stuck in a collective with the failed rank). Returns (results, errors, pending)."""
-    results: List[Any] = [None] * len(procs)
-    errors = {}
-    pending = {c: r for r, c in enumerate(conns)}
-    while pending:
-        ready = wait(list(pending), timeout=5.0 if errors else None)
-        if not ready:  # a rank failed and the others are stuck waiting for it
+class _Collected:
+    """What :func:`_collect` has gathered so far (kept across a Ctrl-C that spawn rides out)."""
+
+    def __init__(self, world_size: int, conns):
+        self.results: List[Any] = [None] * world_size
+        self.errors = {}
+        self.pending = {c: r for r, c in enumerate(conns)}
+        self.interrupted = False
+        self.exited_130 = []  # ranks that ended by KeyboardInterrupt, without a result
+
+
+def _collect(procs, state: _Collected) -> None:
+    """Every rank's result or traceback into ``state``; stops waiting 5 s after a failure (the
+    others may be stuck in a collective with the failed rank)."""
+    while state.pending:
+        ready = wait(list(state.pending), timeout=5.0 if state.errors or state.exited_130 else None)
+        if not ready:  # a rank failed (or quit) and the others are stuck waiting for it
             break
         for c in ready:
-            rank = pending.pop(c)
+            rank = state.pending.pop(c)
             try:
                 status, payload = c.recv()
             except EOFError:
                 procs[rank].join(timeout=5)  # its exit status, for the message
                 code = procs[rank].exitcode
+                if state.interrupted and code == 130:
+                    state.exited_130.append(rank)
+                    continue
                 status, payload = "err", (f"rank {rank} exited with "
                                           f"{'an unknown status' if code is None else _exit_description(code)}"
                                           " without a result")
             if status == "ok":
-                results[rank] = payload
+                state.results[rank] = payload
             else:
-                errors[rank] = payload
-    return results, errors, pending
+                state.errors[rank] = payload

@@ -112,3 +112,60 @@ def test_an_interrupted_spawn_leaves_no_worker(delay_s):
         timer.cancel()
     assert time.monotonic() - start < 60
     assert set(multiprocessing.active_children()) - others == set()
+
+
+def _wait_for_sigint(ready_dir, mode):
+    """Install a SIGINT handler per ``mode``, say so with a file, then wait (at most 60 s).
+    ``"stop"``: the first SIGINT ends the wait; ``"ignore"``: SIGINTs do nothing; ``"default"``:
+    Python's own (KeyboardInterrupt)."""
+    stopped = threading.Event()
+    if mode == "stop":
+        signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    elif mode == "ignore":
+        signal.signal(signal.SIGINT, lambda *_: None)
+    open(os.path.join(ready_dir, str(dist.get_rank())), "w").close()
+    stopped.wait(60)
+    t = torch.tensor([1.0])
+    dist.all_reduce(t)  # the group still works after the interruption
+    return dist.get_rank(), stopped.is_set(), t.item()
+
+
+def _interrupt_parent_when_ready(ready_dir, world_size, times, gap_s=1.5):
+    def send():
+        deadline = time.monotonic() + 60
+        while len(os.listdir(ready_dir)) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i in range(times):
+            if i:
+                time.sleep(gap_s)
+            os.kill(os.getpid(), signal.SIGINT)  # the parent only, as `kill -INT <pid>` would
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    return t
+
+
+def test_graceful_interrupt_passes_ctrl_c_on_and_keeps_the_results(tmp_path):
+    sender = _interrupt_parent_when_ready(str(tmp_path), 2, times=1)
+    start = time.monotonic()
+    out = spawn(_wait_for_sigint, 2, args=(str(tmp_path), "stop"), threads=1, graceful_interrupt=True)
+    sender.join()
+    assert out == [(0, True, 2.0), (1, True, 2.0)]
+    assert time.monotonic() - start < 50  # they stopped on the forwarded signal, not at 60 s
+
+
+def test_graceful_interrupt_a_second_ctrl_c_kills(tmp_path):
+    others = set(multiprocessing.active_children())
+    sender = _interrupt_parent_when_ready(str(tmp_path), 2, times=2)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        spawn(_wait_for_sigint, 2, args=(str(tmp_path), "ignore"), threads=1, graceful_interrupt=True)
+    sender.join()
+    assert time.monotonic() - start < 50
+    assert set(multiprocessing.active_children()) - others == set()
+
+
+def test_graceful_interrupt_of_workers_that_quit_is_an_interrupt_not_a_failure(tmp_path):
+    sender = _interrupt_parent_when_ready(str(tmp_path), 2, times=1)
+    with pytest.raises(KeyboardInterrupt):
+        spawn(_wait_for_sigint, 2, args=(str(tmp_path), "default"), threads=1, graceful_interrupt=True)
+    sender.join()

@@ -10,7 +10,8 @@ Two ways to run K workers:
 
 NCCL with one GPU per local rank when CUDA is available, Gloo on CPU; bf16 autocast on GPUs.
 Bad input exits with status 2 and a one-paragraph message (no traceback); a failure inside
-a worker exits with 1 and the worker's traceback.
+a worker exits with 1 and the worker's traceback. Ctrl-C during training stops every rank
+after the same step, writes a checkpoint and exits with 130 (a second Ctrl-C quits at once).
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from typing import List, Optional
 
 from .config import STRATEGIES, TrainConfig, validate
 from .errors import UserError
+from .interrupt import TrainingInterrupted
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,11 +106,19 @@ def _spawned(cfg: TrainConfig):
         return {"results": run(cfg)}
     except UserError as e:
         return {"user_error": str(e)}
+    except TrainingInterrupted as e:
+        return {"interrupted": (e.global_step, e.checkpoint)}
 
 
 def _error(msg: str) -> int:
     print(f"pyowt train: error: {msg}", file=sys.stderr)
     return EXIT_USER_ERROR
+
+
+def _interrupted(e: TrainingInterrupted, rank: int = 0) -> int:
+    if rank == 0:
+        print(e.describe(), file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _run_torchrun(cfg: TrainConfig) -> int:
@@ -134,6 +145,8 @@ def _run_torchrun(cfg: TrainConfig) -> int:
         return 0
     except UserError as e:
         return _error(str(e)) if rank == 0 else EXIT_USER_ERROR
+    except TrainingInterrupted as e:
+        return _interrupted(e, rank)
     finally:
         dist.destroy_process_group()
 
@@ -165,6 +178,8 @@ def _run_local(cfg: TrainConfig) -> int:
             return 0
         except UserError as e:
             return _error(str(e))
+        except TrainingInterrupted as e:
+            return _interrupted(e)
         finally:
             dist.destroy_process_group()
     # By module path, not this module's globals: under ``python -m pyowt.train.cli`` this
@@ -172,12 +187,17 @@ def _run_local(cfg: TrainConfig) -> int:
     from .cli import _spawned as entry
 
     try:
-        outs = spawn(entry, cfg.workers, args=(cfg,), backend=backend, timeout_s=1800.0, threads=cfg.threads)
+        # Ctrl-C goes on to the workers, which finish the step and checkpoint (loop.py).
+        outs = spawn(entry, cfg.workers, args=(cfg,), backend=backend, timeout_s=1800.0, threads=cfg.threads,
+                     graceful_interrupt=True)
     except WorkerFailed as e:
         print(f"pyowt train: a worker failed:\n{e}", file=sys.stderr)
         return 1
     errors = [o["user_error"] for o in outs if "user_error" in o]
-    return _error(errors[0]) if errors else 0
+    if errors:
+        return _error(errors[0])
+    stopped = [o["interrupted"] for o in outs if "interrupted" in o]
+    return _interrupted(TrainingInterrupted(*stopped[0])) if stopped else 0
 
 
 def run_train(cfg: TrainConfig) -> int:
@@ -209,7 +229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _cmd_train(args)
     except KeyboardInterrupt:  # under torchrun every rank gets it: one line each, no traceback
         print("pyowt train: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ resuming skips them without loading them.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
@@ -115,6 +116,14 @@ class _RankBatches:
         return len(self.batches)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches the loader processes too. The trainer decides what it means
+    # (finish the step, checkpoint: pyowt.train.interrupt); a loader that died of it would fail
+    # the batches still to come, and a forked one would run the trainer's handler. They still
+    # exit with the trainer (DataLoader's workers watch their parent).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class FolderSource(DataSource):
     """An ImageFolder tree; see :mod:`pyowt.train.imagefolder` for the safety checks."""
 
@@ -126,7 +135,8 @@ class FolderSource(DataSource):
         self.train_data = ImageFolderData(train.samples, size, channels, augment, seed, *limits)
         self.val_data = ImageFolderData(val.samples, size, channels, False, seed, *limits)
         pin = device.type == "cuda"
-        opts = dict(num_workers=loader_workers, pin_memory=pin, collate_fn=collate)
+        opts = dict(num_workers=loader_workers, pin_memory=pin, collate_fn=collate,
+                    worker_init_fn=_ignore_sigint if loader_workers > 0 else None)
         if loader_workers > 0:
             # Persistent workers: no re-spawn every epoch; prefetching keeps the step fed.
             opts.update(persistent_workers=True, prefetch_factor=4)

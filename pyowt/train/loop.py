@@ -30,6 +30,7 @@ from . import checkpoint as ckpt_io
 from .config import RESUME_KEYS, TrainConfig
 from .data import open_data
 from .errors import UserError
+from .interrupt import StopRequest, TrainingInterrupted
 from .models import build_model
 from .progress import Progress, format_duration
 from .results import write_results
@@ -274,61 +275,72 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
         history["evaluation"] = result
     pmodel.train()
     progress.start(global_step)
-    while not cfg.evaluate and epoch < cfg.epochs:
-        pending: List[torch.Tensor] = []
-        t_epoch, steps_here = time.perf_counter(), 0
+    # Ctrl-C: every rank stops after the same step, writes a checkpoint, raises TrainingInterrupted.
+    with StopRequest(announce=rank == 0, saving=saver is not None) as stop_request:
+        while not cfg.evaluate and epoch < cfg.epochs:
+            pending: List[torch.Tensor] = []
+            t_epoch, steps_here = time.perf_counter(), 0
 
-        def flush():
-            if pending:
-                history["loss"].extend(torch.stack(pending).tolist())
-                pending.clear()
+            def flush():
+                if pending:
+                    history["loss"].extend(torch.stack(pending).tolist())
+                    pending.clear()
 
-        for i, (x, y, b, bad) in enumerate(source.train_batches(pmodel, cfg.batch_size, epoch, start_batch, cfg.seed),
-                                           start=start_batch + 1):
-            bad_images += bad
-            lr = learning_rate(cfg, global_step, total_steps, steps_per_epoch)
-            for o in optimizers:
-                for g in o.param_groups:
-                    g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                out = pmodel(x, global_batch=b)
-                loss = pmodel.loss(out.float() if bf16 else out, y)
-            loss.backward()
-            opt.step()
-            global_step += 1
-            steps_here += 1
-            pending.append(loss.detach().float())
-            history["lr"].append(lr)
-            progress.step(epoch, i, global_step, loss.detach())
-            if saver and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and i < steps_per_epoch:
-                flush()
-                progress.pause()
-                saver.save(epoch, i, global_step, history)
-                progress.resume()
-        flush()
-        train_time = time.perf_counter() - t_epoch
-        progress.pause()
-        t_val = time.perf_counter()
-        val = evaluate(pmodel, source, cfg.val_batch_size, autocast)
-        first = epoch * steps_per_epoch
-        epoch_losses = history["loss"][first:first + steps_per_epoch]
-        record = {"epoch": epoch + 1, "global_step": global_step,
-                  "train_loss": sum(epoch_losses) / max(1, len(epoch_losses)),
-                  "images_per_s": steps_here * cfg.batch_size / train_time if steps_here else float("nan"),
-                  "train_seconds": train_time, "val_seconds": time.perf_counter() - t_val, **val}
-        history["epochs"].append(record)
-        progress.message(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
-                         f"val loss {val['val_loss']:.4f}, val acc {100 * val['val_acc']:.2f}%, "
-                         f"{record['images_per_s']:,.0f} img/s, {format_duration(time.perf_counter() - t_epoch)}")
-        epoch, start_batch = epoch + 1, 0
-        if saver:
-            path = saver.save(epoch, 0, global_step, history)
-            if path:
-                progress.message(f"checkpoint: {path}")
-        if rank == 0 and cfg.json:
-            write_results(_results(cfg, meta, history, source, 0, time.perf_counter() - t_run), cfg.json, None)
-        progress.resume()
+            for i, (x, y, b, bad) in enumerate(source.train_batches(pmodel, cfg.batch_size, epoch, start_batch, cfg.seed),
+                                               start=start_batch + 1):
+                bad_images += bad
+                lr = learning_rate(cfg, global_step, total_steps, steps_per_epoch)
+                for o in optimizers:
+                    for g in o.param_groups:
+                        g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                with autocast():
+                    out = pmodel(x, global_batch=b)
+                    loss = pmodel.loss(out.float() if bf16 else out, y)
+                loss.backward()
+                opt.step()
+                global_step += 1
+                steps_here += 1
+                pending.append(loss.detach().float())
+                history["lr"].append(lr)
+                progress.step(epoch, i, global_step, loss.detach())
+                if stop_request.poll():
+                    flush()
+                    progress.end_line()
+                    # At an epoch's last step too: the resumed run then validates that epoch.
+                    path = saver.save(epoch, i, global_step, history) if saver else None
+                    if rank == 0 and cfg.json:
+                        partial = _results(cfg, meta, history, source, 0, time.perf_counter() - t_run)
+                        write_results({**partial, "interrupted_after_step": global_step}, cfg.json, None)
+                    raise TrainingInterrupted(global_step, path)
+                if saver and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and i < steps_per_epoch:
+                    flush()
+                    progress.pause()
+                    saver.save(epoch, i, global_step, history)
+                    progress.resume()
+            flush()
+            train_time = time.perf_counter() - t_epoch
+            progress.pause()
+            t_val = time.perf_counter()
+            val = evaluate(pmodel, source, cfg.val_batch_size, autocast)
+            first = epoch * steps_per_epoch
+            epoch_losses = history["loss"][first:first + steps_per_epoch]
+            record = {"epoch": epoch + 1, "global_step": global_step,
+                      "train_loss": sum(epoch_losses) / max(1, len(epoch_losses)),
+                      "images_per_s": steps_here * cfg.batch_size / train_time if steps_here else float("nan"),
+                      "train_seconds": train_time, "val_seconds": time.perf_counter() - t_val, **val}
+            history["epochs"].append(record)
+            progress.message(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
+                             f"val loss {val['val_loss']:.4f}, val acc {100 * val['val_acc']:.2f}%, "
+                             f"{record['images_per_s']:,.0f} img/s, {format_duration(time.perf_counter() - t_epoch)}")
+            epoch, start_batch = epoch + 1, 0
+            if saver:
+                path = saver.save(epoch, 0, global_step, history)
+                if path:
+                    progress.message(f"checkpoint: {path}")
+            if rank == 0 and cfg.json:
+                write_results(_results(cfg, meta, history, source, 0, time.perf_counter() - t_run), cfg.json, None)
+            progress.resume()
 
     # Images are loaded per shard, or per split group's block (every rank of it the same).
     loaders = pmodel.group if pmodel.input_layout == Layout.SHARD_BATCH else pmodel.input_mesh.replica_group

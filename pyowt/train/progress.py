@@ -53,10 +53,14 @@ class Progress:
         """A line of text (ends the bar's line first)."""
         if self.mode == "none":
             return
+        self.end_line()
+        self._out(text)
+
+    def end_line(self) -> None:
+        """End the bar's line (if one is drawn), so what is printed next starts on its own."""
         if self.mode == "bar" and self._last_draw:
             self._out("")
             self._last_draw = 0.0
-        self._out(text)
 
     def start(self, global_step: int) -> None:
         now = time.perf_counter()

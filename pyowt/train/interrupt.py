@@ -1,0 +1,127 @@
+"""Ctrl-C during training: every rank stops after the same step, so a checkpoint can be written.
+
+A terminal's Ctrl-C reaches every process of its group, and the launchers forward it too
+(``--workers``' parent and torchrun's agent each send their workers a SIGINT), but not at
+the same instant, and ``kill -INT`` may reach one rank only. Stopping where each rank
+happens to be would leave the others waiting in a collective. So the signal only raises a
+flag, and the ranks take the maximum of their flags at agreed step boundaries; all ranks
+read the same value, so they stop after the same step.
+
+That reduction is a synchronous round trip (about 0.25 ms over Gloo on a 2-core machine,
+where an asynchronous one slowed the step's own collectives more). So it is not taken every
+step but about every :data:`POLL_PERIOD_S` seconds: the same reduction carries each rank's
+seconds per step, and every rank derives the next polling step from the maximum, so the
+schedule stays the same on all of them.
+
+A second SIGINT quits at once (``KeyboardInterrupt``), except within
+:data:`REPEAT_WINDOW_S` of the first: those are the launchers' copies of the same press.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# The launchers forward a press within milliseconds; a person pressing again takes longer.
+REPEAT_WINDOW_S = 1.0
+# How often the ranks compare flags: the delay before a Ctrl-C takes effect, at most this
+# plus a step; and at most every MAX_POLL_INTERVAL steps, however short they are.
+POLL_PERIOD_S = 0.25
+MAX_POLL_INTERVAL = 64
+
+
+class TrainingInterrupted(Exception):
+    """Raised on every rank once the ranks agreed to stop; says where and what was saved."""
+
+    def __init__(self, global_step: int, checkpoint: Optional[str]):
+        self.global_step, self.checkpoint = global_step, checkpoint
+        super().__init__(global_step, checkpoint)
+
+    def describe(self, prog: str = "pyowt train") -> str:
+        """The line the CLI prints: the step, and the checkpoint with how to continue from it."""
+        if self.checkpoint:
+            return (f"{prog}: interrupted after global step {self.global_step}; checkpoint written to "
+                    f"{self.checkpoint} (continue with --resume)")
+        return (f"{prog}: interrupted after global step {self.global_step}; nothing saved "
+                f"(no --checkpoint-dir)")
+
+
+class StopRequest:
+    """``with StopRequest(...) as stop:`` and call ``stop.poll()`` once per step on every rank.
+
+    Args:
+        announce: write one line to stderr at the first Ctrl-C (rank 0).
+        saving: whether a checkpoint will be written (the announcement says so).
+
+    The handler is installed only from the main thread (Python delivers signals there);
+    elsewhere Ctrl-C keeps its default behaviour. On NCCL the flags travel over a small Gloo
+    group, so polling never waits on the GPU.
+    """
+
+    def __init__(self, announce: bool = False, saving: bool = False):
+        self.announce, self.saving = announce, saving
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self._group = None
+        if self.world > 1 and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")  # collective: every rank creates it here
+        self._first_at: Optional[float] = None
+        self._previous_handler = None
+        self._steps = 0  # calls to poll(), the same on every rank
+        self._next_poll = 1
+        self._last_poll = None  # (time, steps) when the last reduction returned
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process saw a Ctrl-C (the ranks act on it only through :meth:`poll`)."""
+        return self._first_at is not None
+
+    def request(self) -> None:
+        """What the first SIGINT does; callable directly (tests, embedding applications)."""
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+            if self.announce:
+                what = "write a checkpoint" if self.saving else "stop (no --checkpoint-dir: nothing is saved)"
+                # os.write: print() from a signal handler can re-enter an interrupted print.
+                os.write(2, f"\npyowt train: Ctrl-C: finishing this step to {what}; press Ctrl-C "
+                            f"again to quit at once\n".encode())
+
+    def _on_sigint(self, signum, frame):
+        if self._first_at is None:
+            self.request()
+        elif time.monotonic() - self._first_at >= REPEAT_WINDOW_S:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def poll(self) -> bool:
+        """Call once per step on every rank (a collective on the polling steps): True, on every
+        rank at the same step, once any rank has seen a Ctrl-C."""
+        self._steps += 1
+        if self.world == 1:
+            return self._first_at is not None
+        if self._steps < self._next_poll:
+            return False
+        now = time.perf_counter()
+        seconds_per_step = 0.0
+        if self._last_poll is not None:
+            seconds_per_step = (now - self._last_poll[0]) / (self._steps - self._last_poll[1])
+        both = torch.tensor([1.0 if self._first_at is not None else 0.0, seconds_per_step], dtype=torch.float64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._group)
+        stop, seconds_per_step = both.tolist()
+        self._last_poll = (time.perf_counter(), self._steps)
+        interval = int(POLL_PERIOD_S / seconds_per_step) if seconds_per_step > 0 else 1
+        self._next_poll = self._steps + max(1, min(MAX_POLL_INTERVAL, interval))
+        return stop > 0
