@@ -5,6 +5,7 @@
 - :mod:`.loop`: :func:`run`, what every rank executes;
 - :mod:`.data`, :mod:`.imagefolder`: sharded loading, ImageFolder with safety limits;
 - :mod:`.checkpoint`: atomic, weights-only, K-independent checkpoints;
+- :mod:`.interrupt`: Ctrl-C stops every rank after the same step (then a checkpoint);
 - :mod:`.progress`, :mod:`.results`: progress bar/lines, JSON and PNG results.
 """
 from .config import TrainConfig
