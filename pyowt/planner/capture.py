@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..parallel.graph import (CONV, CROSS_CHANNEL, DROPOUT, FLATTEN, LINEAR, POINTWISE, Step,
+from ..parallel.graph import (CONV, FLATTEN, LINEAR, POINTWISE, Step,
                               UnsupportedModelError, _classify_module, _is_flatten_call, capture_chain)
 
 # Node kinds beyond the chain's (see pyowt.parallel.graph): per-channel normalization over the

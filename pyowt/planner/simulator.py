@@ -15,7 +15,7 @@ difference on are scheduled again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 COMPUTE, COMM = "compute", "comm"
 

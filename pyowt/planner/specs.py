@@ -14,7 +14,7 @@ at hand, :mod:`pyowt.planner.costs` measures instead.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
 import torch

@@ -222,7 +222,7 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
         except (ValueError, TypeError, NotImplementedError) as e:
             raise UserError(f"--strategy {cfg.strategy}: {e}") from e
     pmodel = _agree(_parallelize, k)
-    del model
+    model = None  # drop this reference to the unsplit model: the parallel one keeps what it needs
     opt = _optimizer(cfg, pmodel.trunk_parameters() if pmodel.head_optimizer is not None else pmodel.parameters())
     optimizers = [o for o in (opt, pmodel.head_optimizer) if o is not None]
 

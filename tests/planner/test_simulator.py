@@ -1,5 +1,4 @@
 """The simulator on hand-computed task graphs and a tiny model with a hand-computed cost."""
-import math
 
 import pytest
 import torch
