@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import time
 from datetime import timedelta
@@ -41,13 +40,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pyowt.launch import loopback_store
+
 _ROWS: list = []
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _raw_fns():
@@ -72,7 +67,6 @@ def _block(fn, iters, sync, group):
 def _sweep(rank, k, port, backend, sizes, reps, queue):
     import pyowt.distributed as pd
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
@@ -81,7 +75,8 @@ def _sweep(rank, k, port, backend, sizes, reps, queue):
         torch.set_num_threads(1)
         device = torch.device("cpu")
         sync = lambda: None  # noqa: E731
-    dist.init_process_group(backend, rank=rank, world_size=k, timeout=timedelta(minutes=5))
+    store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(minutes=5))  # the parent's
+    dist.init_process_group(backend, store=store, rank=rank, world_size=k, timeout=timedelta(minutes=5))
     # Barriers and timing reductions run on a CPU (Gloo) group; the backend under test
     # carries only the measured traffic.
     timing = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
@@ -161,8 +156,8 @@ def _wrapper_overhead(pd, k, device):
 def _run(backend, k, sizes, reps):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_sweep, args=(r, k, port, backend, sizes, reps, queue)) for r in range(k)]
+    store = loopback_store(300.0)  # held until the workers are done
+    procs = [ctx.Process(target=_sweep, args=(r, k, store.port, backend, sizes, reps, queue)) for r in range(k)]
     for p in procs:
         p.start()
     try:

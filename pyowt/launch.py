@@ -10,7 +10,6 @@ import atexit
 import multiprocessing as mp
 import os
 import signal
-import socket
 import sys
 import traceback
 import warnings
@@ -23,10 +22,18 @@ class WorkerFailed(RuntimeError):
     """A spawned worker raised or died; the message holds its traceback."""
 
 
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def loopback_store(timeout_s: float):
+    """A ``TCPStore`` server on 127.0.0.1, on a port the OS picks as it binds, for workers to
+    join as clients (``store.port``); it lives as long as the returned object.
+
+    Not "find a free port, let rank 0 bind it later": between the two, any process on the
+    machine can take that port, and then two jobs' ranks meet in one store (seen in CI:
+    a rank 0 failing in Gloo's connectFullMesh against another job's rank).
+    """
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
 
 
 def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn):
@@ -38,7 +45,9 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timeout)  # the parent's
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         try:
             result = fn(*args)
         finally:
@@ -125,12 +134,12 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
-    port = free_loopback_port()
+    store = loopback_store(timeout_s)  # held until the workers are done (subgroups use it too)
     procs, conns = [], []
     try:
         for rank in range(world_size):
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_entry, args=(rank, world_size, port, backend, timeout_s, threads, fn,
+            p = ctx.Process(target=_entry, args=(rank, world_size, store.port, backend, timeout_s, threads, fn,
                                                  tuple(args), child))
             p.start()
             child.close()

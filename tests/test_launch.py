@@ -169,3 +169,20 @@ def test_graceful_interrupt_of_workers_that_quit_is_an_interrupt_not_a_failure(t
     with pytest.raises(KeyboardInterrupt):
         spawn(_wait_for_sigint, 2, args=(str(tmp_path), "default"), threads=1, graceful_interrupt=True)
     sender.join()
+
+
+def test_the_rendezvous_port_is_held_from_the_start():
+    # The workers join a store the parent already listens on: no window in which another
+    # process could take the port (the old pick-a-free-port-then-let-rank-0-bind-it did).
+    import socket
+    from datetime import timedelta
+
+    from pyowt.launch import loopback_store
+
+    store = loopback_store(10.0)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with pytest.raises(OSError):
+            s.bind(("127.0.0.1", store.port))
+    client = dist.TCPStore("127.0.0.1", store.port, None, False, timeout=timedelta(seconds=10))
+    client.set("k", "v")
+    assert store.get("k") == b"v"

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable, List, Optional
+
+from pyowt.launch import loopback_store
 
 # Collectives that never complete surface as errors after this long, inside the workers.
 PG_TIMEOUT_S = 60
@@ -30,12 +31,6 @@ PG_TIMEOUT_S = 60
 
 class WorkerError(RuntimeError):
     """One or more ranks failed or timed out; the message holds their tracebacks."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker_main(rank: int, world_size: int, port: int, conn, threads: int) -> None:
@@ -46,8 +41,9 @@ def _worker_main(rank: int, world_size: int, port: int, conn, threads: int) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=PG_TIMEOUT_S))
+        timeout = timedelta(seconds=PG_TIMEOUT_S)
+        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timeout)  # the pool's
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     except BaseException:  # noqa: BLE001 - report, then exit
         conn.send(("err", traceback.format_exc()))
         return
@@ -115,11 +111,13 @@ class WorkerPool:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        # Held for the pool's life: the ranks' subgroups rendezvous through it too.
+        self._store = loopback_store(PG_TIMEOUT_S)
         self.conns, self.procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(rank, world_size, port, child, threads), daemon=True)
+            p = ctx.Process(target=_worker_main, args=(rank, world_size, self._store.port, child, threads),
+                            daemon=True)
             p.start()
             child.close()
             self.conns.append(parent)

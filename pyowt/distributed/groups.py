@@ -38,7 +38,7 @@ def init(backend: Optional[str] = None, timeout: timedelta = timedelta(minutes=5
 
     Rank, world size and rendezvous come from torchrun's environment variables (``RANK``,
     ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``). Without them (a plain ``python``
-    run) a one-process group on 127.0.0.1 is created, so single-process code paths work.
+    run) a one-process group is created, so single-process code paths work.
     Under NCCL the current CUDA device is set to ``LOCAL_RANK`` (default: rank modulo the
     device count), which is what one-process-per-GPU launches expect.
     """
@@ -54,25 +54,19 @@ def init(backend: Optional[str] = None, timeout: timedelta = timedelta(minutes=5
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        # Not launched by torchrun: a group of one, so the same code runs unlaunched.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-    rank = int(os.environ["RANK"])
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ["RANK"]) if launched else 0
     if "nccl" in backend and torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    if launched:
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+        return
+    # Not launched by torchrun: a group of one (its store in this process, no port taken),
+    # so the same code runs unlaunched.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def resolve_group(group=None) -> dist.ProcessGroup:

@@ -155,7 +155,7 @@ def _run_local(cfg: TrainConfig) -> int:
     import torch
     import torch.distributed as dist
 
-    from ..launch import WorkerFailed, free_loopback_port, spawn
+    from ..launch import WorkerFailed, spawn
     from .loop import run
 
     try:
@@ -170,9 +170,9 @@ def _run_local(cfg: TrainConfig) -> int:
     if cfg.workers == 1:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        # One process: a group of one on the loopback address, in this process.
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_loopback_port()}", rank=0,
-                                world_size=1, timeout=timedelta(minutes=30))
+        # One process: a group of one, its store in this process (no port to take).
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(minutes=30))
         try:
             run(cfg)
             return 0
