@@ -75,6 +75,20 @@ def _positive(name: str, value, minimum=1) -> None:
         raise UserError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
+def _check_writable_folder(flag: str, folder: str) -> None:
+    """Create ``folder`` if needed and write a file in it: a folder the run cannot write
+    fails now, not at the first checkpoint an epoch later."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pyowt-write-check-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot write to {folder!r} ({e.strerror or e})") from e
+
+
 def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     """Check every value (raising :class:`UserError` naming the flag) and fill the defaults
     that depend on others. ``world_size``: K, from torchrun's environment or ``--workers``."""
@@ -163,8 +177,15 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         list_image_folder(cfg.data)  # layout errors now, before any process starts
     if cfg.loader_workers is not None:
         _positive("loader_workers", cfg.loader_workers, 0)
+    if cfg.checkpoint_dir:
+        _check_writable_folder("--checkpoint-dir", cfg.checkpoint_dir)
     if cfg.json is None and cfg.checkpoint_dir:
         cfg.json = os.path.join(cfg.checkpoint_dir, "results.json")
     if cfg.plot is None and cfg.json:
         cfg.plot = os.path.splitext(cfg.json)[0] + ".png"
+    for flag, path in (("--json", cfg.json), ("--plot", cfg.plot)):
+        if path:
+            if os.path.isdir(path):
+                raise UserError(f"{flag}: {path!r} is a folder; name the file to write")
+            _check_writable_folder(flag, os.path.dirname(os.path.abspath(path)))
     return cfg

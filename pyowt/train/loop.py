@@ -117,15 +117,20 @@ def evaluate(pmodel, source, batch_size: int, autocast) -> dict:
 
 
 class _Checkpointer:
-    def __init__(self, cfg: TrainConfig, pmodel, opt, rank: int, meta: dict):
-        self.cfg, self.pmodel, self.opt, self.rank, self.meta = cfg, pmodel, opt, rank, meta
+    def __init__(self, cfg: TrainConfig, pmodel, opt, rank: int, k: int, meta: dict):
+        self.cfg, self.pmodel, self.opt, self.rank, self.k, self.meta = cfg, pmodel, opt, rank, k, meta
 
     def save(self, epoch: int, batch_in_epoch: int, global_step: int, history: dict) -> Optional[str]:
-        """Collective (the gathers); rank 0 writes. Returns the path on rank 0."""
+        """Collective (the gathers); rank 0 writes. Returns the path on rank 0. A failed write
+        (disk full, say) raises :class:`UserError` on every rank, not on rank 0 alone."""
         model = full_state_dict(self.pmodel)
         optim = full_optimizer_state_dict(self.pmodel, self.opt)
         head = self.pmodel.head_optimizer
         head_optim = full_optimizer_state_dict(self.pmodel, head) if head is not None else None
+        return _agree(lambda: self._write(model, optim, head_optim, epoch, batch_in_epoch, global_step, history),
+                      self.k)
+
+    def _write(self, model, optim, head_optim, epoch, batch_in_epoch, global_step, history) -> Optional[str]:
         if self.rank != 0:
             return None
         payload = {
@@ -139,8 +144,14 @@ class _Checkpointer:
             "history": copy.deepcopy(history),
         }
         path = os.path.join(self.cfg.checkpoint_dir, ckpt_io.checkpoint_name(global_step))
-        ckpt_io.save_atomic(payload, path)
-        ckpt_io.prune(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
+        try:
+            ckpt_io.save_atomic(payload, path)
+            ckpt_io.prune(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
+        except OSError as e:
+            newest = ckpt_io.list_checkpoints(self.cfg.checkpoint_dir)
+            raise UserError(f"--checkpoint-dir: could not write {path} ({e.strerror or e}); the run stopped "
+                            f"after global step {global_step}; the newest checkpoint is "
+                            f"{newest[-1][1] if newest else 'none'}") from e
         return path
 
 
@@ -258,7 +269,7 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
             "num_classes": source.num_classes, "classes": source.classes[:1000],
             "train_size": source.train_size, "val_size": source.val_size, "bf16": bf16,
             "torch": str(torch.__version__)}
-    saver = _Checkpointer(cfg, pmodel, opt, rank, meta) if cfg.checkpoint_dir else None
+    saver = _Checkpointer(cfg, pmodel, opt, rank, k, meta) if cfg.checkpoint_dir else None
     progress = Progress(total_steps, steps_per_epoch, cfg.epochs, cfg.batch_size, enabled=rank == 0,
                         mode=cfg.progress, every=cfg.log_every)
     say(f"pyowt train: {cfg.model} on {cfg.data} ({source.train_size} train / {source.val_size} val images, "

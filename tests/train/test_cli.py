@@ -23,6 +23,24 @@ def _no_classes(tmp_path):
     return str(tmp_path / "flat")
 
 
+def _a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return str(path)
+
+
+def _under_a_file(tmp_path):
+    return os.path.join(_a_file(tmp_path), "sub")
+
+
+def _json_under_a_file(tmp_path):
+    return os.path.join(_a_file(tmp_path), "r.json")
+
+
+def _a_folder(tmp_path):
+    return str(tmp_path)
+
+
 CASES = [
     (["--data", "/no/such/folder"], "is neither 'digits', 'synthetic' nor an existing folder"),
     (["--data", _empty_class], "has no image files"),
@@ -44,6 +62,10 @@ CASES = [
     (["--workers", "4", "--split-degree", "3"], "--split-degree must divide the 4 workers, got 3"),
     (["--strategy", "data", "--split-degree", "2"], "--split-degree applies to --strategy model or owt"),
     (["--split-degree", "0"], "--split-degree must be >= 1, got 0"),
+    (["--checkpoint-dir", _under_a_file], "--checkpoint-dir: cannot write to"),
+    (["--checkpoint-dir", _a_file], "--checkpoint-dir: cannot write to"),
+    (["--json", _json_under_a_file], "--json: cannot write to"),
+    (["--json", _a_folder], "is a folder; name the file to write"),
 ]
 
 
@@ -91,6 +113,32 @@ def test_error_found_inside_the_workers_reaches_every_rank(run_workers, tmp_path
     assert [set(o) for o in outs] == [{"user_error"}, {"user_error"}]
     assert outs[0] == outs[1]
     assert outs[0]["user_error"].startswith(f"--strategy {plan}: plan 'mine' has no entry for layer")
+
+
+def _checkpoint_dir_replaced_by_a_file(cfg):
+    import shutil
+
+    import torch.distributed as dist
+
+    from pyowt.train.config import validate
+
+    cfg = validate(cfg, dist.get_world_size())  # creates the folder, writes in it: fine now
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(cfg.checkpoint_dir)
+        open(cfg.checkpoint_dir, "w").close()
+    dist.barrier()
+    return cli._spawned(cfg)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_every_rank_with_a_message(run_workers, tmp_path):
+    ck = str(tmp_path / "ck")
+    outs = run_workers(2, _checkpoint_dir_replaced_by_a_file,
+                       small_config(epochs=1, checkpoint_dir=ck, checkpoint_every=4))
+    assert outs[0] == outs[1] and set(outs[0]) == {"user_error"}, outs
+    assert outs[0]["user_error"] == (
+        f"--checkpoint-dir: could not write {ck}/step_00000004.pt (File exists); the run stopped after "
+        f"global step 4; the newest checkpoint is none")
 
 
 class _RunsCode:
