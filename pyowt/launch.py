@@ -7,10 +7,12 @@ can join or reach it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from datetime import timedelta
@@ -202,19 +204,48 @@ def _collect(procs, state: _Collected) -> None:
         if not ready:  # a rank failed (or quit) and the others are stuck waiting for it
             break
         for c in ready:
-            rank = state.pending.pop(c)
-            try:
-                status, payload = c.recv()
-            except EOFError:
-                procs[rank].join(timeout=5)  # its exit status, for the message
-                code = procs[rank].exitcode
-                if state.interrupted and code == 130:
-                    state.exited_130.append(rank)
-                    continue
-                status, payload = "err", (f"rank {rank} exited with "
-                                          f"{'an unknown status' if code is None else _exit_description(code)}"
-                                          " without a result")
-            if status == "ok":
-                state.results[rank] = payload
-            else:
-                state.errors[rank] = payload
+            # A Ctrl-C while a message is read and recorded would lose a rank's result (spawn
+            # rides out the first one with graceful_interrupt): it waits until that is done.
+            with _sigint_deferred():
+                _receive(procs, state, c)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold back a SIGINT until the block is done, then act on it as the handler in place
+    would. (Blocking the signal for this thread would not do: another thread, a TCPStore's
+    say, can take it, and Python still raises in the main thread.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        if callable(previous):
+            previous(signal.SIGINT, caught[0])
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _receive(procs, state: _Collected, c) -> None:
+    """Record rank ``state.pending[c]``'s result, traceback, or how it ended without one."""
+    rank = state.pending.pop(c)
+    try:
+        status, payload = c.recv()
+    except EOFError:
+        procs[rank].join(timeout=5)  # its exit status, for the message
+        code = procs[rank].exitcode
+        if state.interrupted and code == 130:
+            state.exited_130.append(rank)
+            return
+        status, payload = "err", (f"rank {rank} exited with "
+                                  f"{'an unknown status' if code is None else _exit_description(code)}"
+                                  " without a result")
+    if status == "ok":
+        state.results[rank] = payload
+    else:
+        state.errors[rank] = payload

@@ -186,3 +186,16 @@ def test_the_rendezvous_port_is_held_from_the_start():
     client = dist.TCPStore("127.0.0.1", store.port, None, False, timeout=timedelta(seconds=10))
     client.set("k", "v")
     assert store.get("k") == b"v"
+
+
+def test_a_ctrl_c_while_a_result_is_recorded_waits_for_it():
+    from pyowt.launch import _sigint_deferred
+
+    recorded = []
+    with pytest.raises(KeyboardInterrupt):
+        with _sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # Python runs handlers between bytecodes: it had its chance here
+            recorded.append("result")
+    assert recorded == ["result"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
