@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -38,7 +39,24 @@ def loopback_store(timeout_s: float):
                          wait_for_workers=False)
 
 
-def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn):
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGKILL this worker when the parent dies. A parent killed by a
+    signal (`kill <pid>` sends SIGTERM) cannot stop its workers, which would otherwise train
+    on as orphans with nobody to report to. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the call above
+        os._exit(1)
+
+
+def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn, parent_pid):
+    _die_with_parent(parent_pid)
     import torch
     import torch.distributed as dist
 
@@ -142,7 +160,7 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         for rank in range(world_size):
             parent, child = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_entry, args=(rank, world_size, store.port, backend, timeout_s, threads, fn,
-                                                 tuple(args), child))
+                                                 tuple(args), child, os.getpid()))
             p.start()
             child.close()
             procs.append(p)

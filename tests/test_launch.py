@@ -199,3 +199,50 @@ def test_a_ctrl_c_while_a_result_is_recorded_waits_for_it():
             recorded.append("result")
     assert recorded == ["result"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _write_pid_then_sleep(folder):
+    with open(os.path.join(folder, f"{dist.get_rank()}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead, only not reaped yet
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_workers_do_not_outlive_a_killed_parent(tmp_path, sig):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; from pyowt.launch import spawn; from tests.test_launch import _write_pid_then_sleep; "
+            "spawn(_write_pid_then_sleep, 2, args=(sys.argv[1],), threads=1)")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=repo)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+        assert len(pids) == 2
+        parent.send_signal(sig)  # `kill <pid>`: nothing of spawn's own cleanup runs
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if _alive(p)]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for p in tmp_path.glob("*.pid"):
+            try:
+                os.kill(int(p.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
