@@ -23,7 +23,7 @@ from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable, List, Optional
 
-from pyowt.launch import loopback_store
+from pyowt.launch import _die_with_parent, loopback_store
 
 # Collectives that never complete surface as errors after this long, inside the workers.
 PG_TIMEOUT_S = 60
@@ -33,7 +33,8 @@ class WorkerError(RuntimeError):
     """One or more ranks failed or timed out; the message holds their tracebacks."""
 
 
-def _worker_main(rank: int, world_size: int, port: int, conn, threads: int) -> None:
+def _worker_main(rank: int, world_size: int, port: int, conn, threads: int, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)  # a killed test session leaves no pool behind
     import torch
     import torch.distributed as dist
 
@@ -116,8 +117,8 @@ class WorkerPool:
         self.conns, self.procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(rank, world_size, self._store.port, child, threads),
-                            daemon=True)
+            p = ctx.Process(target=_worker_main, args=(rank, world_size, self._store.port, child, threads,
+                                                       os.getpid()), daemon=True)
             p.start()
             child.close()
             self.conns.append(parent)
