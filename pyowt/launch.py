@@ -130,7 +130,8 @@ def _warn_unclean_exits(procs) -> None:
 
 
 def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str = "gloo",
-          timeout_s: float = 600.0, threads: Optional[int] = None, graceful_interrupt: bool = False) -> List[Any]:
+          timeout_s: float = 600.0, threads: Optional[int] = None, graceful_interrupt: bool = False,
+          forward_sigterm: bool = False) -> List[Any]:
     """Run ``fn(*args)`` on ``world_size`` new processes in one process group.
 
     Args:
@@ -143,6 +144,10 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         graceful_interrupt: on Ctrl-C, pass the SIGINT on to the workers and wait for them
             (``fn`` handles it, e.g. finishes a step and saves); a second Ctrl-C kills them.
             Default: kill them at once.
+        forward_sigterm: on SIGTERM, pass it on to the workers and keep waiting for their
+            results (``fn`` handles it); if a worker dies of it, this process then ends by
+            the same SIGTERM. Default: SIGTERM ends this process as usual, and the workers
+            with it. Either takes effect only when called from the main thread.
 
     Returns:
         ``fn``'s return values, by rank. Raises :class:`WorkerFailed` with the traceback of
@@ -155,36 +160,42 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         threads = max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
     store = loopback_store(timeout_s)  # held until the workers are done (subgroups use it too)
-    procs, conns = [], []
-    try:
-        for rank in range(world_size):
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_entry, args=(rank, world_size, store.port, backend, timeout_s, threads, fn,
-                                                 tuple(args), child, os.getpid()))
-            p.start()
-            child.close()
-            procs.append(p)
-            conns.append(parent)
-        state = _Collected(len(procs), conns)
-        while True:
-            try:
-                _collect(procs, state)
-                break
-            except KeyboardInterrupt:
-                if not graceful_interrupt or state.interrupted:
-                    raise
-                state.interrupted = True
-                for p in procs:  # a terminal's Ctrl-C has reached them already; a kill -INT has not
-                    if p.is_alive():
-                        os.kill(p.pid, signal.SIGINT)
-    except BaseException:
-        # Interrupted (Ctrl-C, a signal turned into an exception): no worker outlives spawn.
-        _stop(procs, kill=True)
-        raise
+    procs: list = []
+    state = _Collected(world_size)
+    with _sigterm_forwarded(procs, state, forward_sigterm) as previous_sigterm:
+        try:
+            for rank in range(world_size):
+                parent, child = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_entry, args=(rank, world_size, store.port, backend, timeout_s, threads, fn,
+                                                     tuple(args), child, os.getpid()))
+                p.start()
+                child.close()
+                procs.append(p)
+                state.pending[parent] = rank
+            while True:
+                try:
+                    _collect(procs, state)
+                    break
+                except KeyboardInterrupt:
+                    if not graceful_interrupt or state.interrupted:
+                        raise
+                    state.interrupted = True
+                    for p in procs:  # a terminal's Ctrl-C has reached them already; a kill -INT has not
+                        if p.is_alive():
+                            os.kill(p.pid, signal.SIGINT)
+        except BaseException:
+            # Interrupted (Ctrl-C, a signal turned into an exception): no worker outlives spawn.
+            _stop(procs, kill=True)
+            raise
     results, errors, pending = state.results, state.errors, state.pending
     _stop(procs, kill=bool(pending or errors))
-    if state.interrupted and state.exited_130:
+    if state.quit_on[signal.SIGINT]:
         raise KeyboardInterrupt  # a worker took the Ctrl-C as an interruption: no result to return
+    if state.quit_on[signal.SIGTERM]:
+        # A worker ended by the forwarded SIGTERM: this process goes the way SIGTERM takes it.
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        signal.raise_signal(signal.SIGTERM)
+        errors.update({r: f"rank {r} was ended by the SIGTERM passed on to it" for r in state.quit_on[signal.SIGTERM]})
     if errors or pending:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         if pending:
@@ -192,6 +203,27 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         raise WorkerFailed(msg)
     _warn_unclean_exits(procs)
     return results
+
+
+@contextlib.contextmanager
+def _sigterm_forwarded(procs, state: "_Collected", enabled: bool):
+    """With ``enabled`` (and on the main thread), a SIGTERM to this process is passed on to the
+    live workers and noted in ``state``; yields the handler it replaced (None otherwise)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+
+    def forward(signum, frame):
+        state.terminated = True
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield previous
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop(procs, kill: bool) -> None:
@@ -206,19 +238,23 @@ def _stop(procs, kill: bool) -> None:
 class _Collected:
     """What :func:`_collect` has gathered so far (kept across a Ctrl-C that spawn rides out)."""
 
-    def __init__(self, world_size: int, conns):
+    def __init__(self, world_size: int):
         self.results: List[Any] = [None] * world_size
         self.errors = {}
-        self.pending = {c: r for r, c in enumerate(conns)}
-        self.interrupted = False
-        self.exited_130 = []  # ranks that ended by KeyboardInterrupt, without a result
+        self.pending = {}  # connection -> rank, until its message is in
+        self.interrupted = False  # a Ctrl-C was passed on to the workers
+        self.terminated = False  # a SIGTERM was
+        # Ranks that ended without a result after a signal passed on to them: a worker that
+        # quit on it (KeyboardInterrupt: exit 130; SIGTERM's default: killed by it).
+        self.quit_on = {signal.SIGINT: [], signal.SIGTERM: []}
 
 
 def _collect(procs, state: _Collected) -> None:
     """Every rank's result or traceback into ``state``; stops waiting 5 s after a failure (the
     others may be stuck in a collective with the failed rank)."""
     while state.pending:
-        ready = wait(list(state.pending), timeout=5.0 if state.errors or state.exited_130 else None)
+        quit_early = state.errors or state.quit_on[signal.SIGINT] or state.quit_on[signal.SIGTERM]
+        ready = wait(list(state.pending), timeout=5.0 if quit_early else None)
         if not ready:  # a rank failed (or quit) and the others are stuck waiting for it
             break
         for c in ready:
@@ -258,7 +294,10 @@ def _receive(procs, state: _Collected, c) -> None:
         procs[rank].join(timeout=5)  # its exit status, for the message
         code = procs[rank].exitcode
         if state.interrupted and code == 130:
-            state.exited_130.append(rank)
+            state.quit_on[signal.SIGINT].append(rank)
+            return
+        if state.terminated and code == -signal.SIGTERM:
+            state.quit_on[signal.SIGTERM].append(rank)
             return
         status, payload = "err", (f"rank {rank} exited with "
                                   f"{'an unknown status' if code is None else _exit_description(code)}"

@@ -114,15 +114,15 @@ def test_an_interrupted_spawn_leaves_no_worker(delay_s):
     assert set(multiprocessing.active_children()) - others == set()
 
 
-def _wait_for_sigint(ready_dir, mode):
-    """Install a SIGINT handler per ``mode``, say so with a file, then wait (at most 60 s).
-    ``"stop"``: the first SIGINT ends the wait; ``"ignore"``: SIGINTs do nothing; ``"default"``:
-    Python's own (KeyboardInterrupt)."""
+def _wait_for_sigint(ready_dir, mode, signum=signal.SIGINT):
+    """Install a ``signum`` handler per ``mode``, say so with a file, then wait (at most 60 s).
+    ``"stop"``: the first signal ends the wait; ``"ignore"``: signals do nothing; ``"default"``:
+    Python's own (KeyboardInterrupt for SIGINT, the end of the process for SIGTERM)."""
     stopped = threading.Event()
     if mode == "stop":
-        signal.signal(signal.SIGINT, lambda *_: stopped.set())
+        signal.signal(signum, lambda *_: stopped.set())
     elif mode == "ignore":
-        signal.signal(signal.SIGINT, lambda *_: None)
+        signal.signal(signum, lambda *_: None)
     open(os.path.join(ready_dir, str(dist.get_rank())), "w").close()
     stopped.wait(60)
     t = torch.tensor([1.0])
@@ -130,7 +130,7 @@ def _wait_for_sigint(ready_dir, mode):
     return dist.get_rank(), stopped.is_set(), t.item()
 
 
-def _interrupt_parent_when_ready(ready_dir, world_size, times, gap_s=1.5):
+def _interrupt_parent_when_ready(ready_dir, world_size, times, gap_s=1.5, signum=signal.SIGINT):
     def send():
         deadline = time.monotonic() + 60
         while len(os.listdir(ready_dir)) < world_size and time.monotonic() < deadline:
@@ -138,7 +138,7 @@ def _interrupt_parent_when_ready(ready_dir, world_size, times, gap_s=1.5):
         for i in range(times):
             if i:
                 time.sleep(gap_s)
-            os.kill(os.getpid(), signal.SIGINT)  # the parent only, as `kill -INT <pid>` would
+            os.kill(os.getpid(), signum)  # the parent only, as `kill -INT <pid>` would
     t = threading.Thread(target=send, daemon=True)
     t.start()
     return t
@@ -246,3 +246,36 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path, sig):
                 os.kill(int(p.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_forward_sigterm_passes_it_on_and_keeps_the_results(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    sender = _interrupt_parent_when_ready(str(tmp_path), 2, times=1, signum=signal.SIGTERM)
+    out = spawn(_wait_for_sigint, 2, args=(str(tmp_path), "stop", signal.SIGTERM), threads=1,
+                forward_sigterm=True)
+    sender.join()
+    assert out == [(0, True, 2.0), (1, True, 2.0)]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_forward_sigterm_to_workers_that_die_of_it_ends_the_parent_too(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import signal, sys; from pyowt.launch import spawn; from tests.test_launch import _wait_for_sigint; "
+            "spawn(_wait_for_sigint, 2, args=(sys.argv[1], 'default', signal.SIGTERM), threads=1, "
+            "forward_sigterm=True); print('spawn returned')")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=repo, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        parent.send_signal(signal.SIGTERM)
+        out, _ = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == -signal.SIGTERM and "spawn returned" not in out

@@ -11,7 +11,8 @@ Two ways to run K workers:
 NCCL with one GPU per local rank when CUDA is available, Gloo on CPU; bf16 autocast on GPUs.
 Bad input exits with status 2 and a one-paragraph message (no traceback); a failure inside
 a worker exits with 1 and the worker's traceback. Ctrl-C during training stops every rank
-after the same step, writes a checkpoint and exits with 130 (a second Ctrl-C quits at once).
+after the same step, writes a checkpoint and exits with 130 (a second Ctrl-C quits at once);
+with --checkpoint-on-sigterm a SIGTERM does the same and exits with 143.
 """
 from __future__ import annotations
 
@@ -77,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also checkpoint every N steps (0: at epoch ends only) [%(default)s]")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="keep the newest N (0: all) [%(default)s]")
+    g.add_argument("--checkpoint-on-sigterm", action="store_true",
+                   help="on SIGTERM (a scheduler's preemption, `kill`), stop every rank after the same step "
+                        "and checkpoint there, as on Ctrl-C; exit status 143 (default: SIGTERM ends the run "
+                        "where it is)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint file or folder; 'auto' (or no value): the newest in "
                         "--checkpoint-dir, a fresh start if there is none")
@@ -107,7 +112,7 @@ def _spawned(cfg: TrainConfig):
     except UserError as e:
         return {"user_error": str(e)}
     except TrainingInterrupted as e:
-        return {"interrupted": (e.global_step, e.checkpoint)}
+        return {"interrupted": (e.global_step, e.checkpoint, e.signum)}
 
 
 def _error(msg: str) -> int:
@@ -118,7 +123,7 @@ def _error(msg: str) -> int:
 def _interrupted(e: TrainingInterrupted, rank: int = 0) -> int:
     if rank == 0:
         print(e.describe(), file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return e.exit_status
 
 
 def _run_torchrun(cfg: TrainConfig) -> int:
@@ -187,9 +192,10 @@ def _run_local(cfg: TrainConfig) -> int:
     from .cli import _spawned as entry
 
     try:
-        # Ctrl-C goes on to the workers, which finish the step and checkpoint (loop.py).
+        # Ctrl-C (SIGTERM with --checkpoint-on-sigterm) goes on to the workers, which finish
+        # the step and checkpoint (loop.py).
         outs = spawn(entry, cfg.workers, args=(cfg,), backend=backend, timeout_s=1800.0, threads=cfg.threads,
-                     graceful_interrupt=True)
+                     graceful_interrupt=True, forward_sigterm=cfg.checkpoint_on_sigterm)
     except WorkerFailed as e:
         print(f"pyowt train: a worker failed:\n{e}", file=sys.stderr)
         return 1

@@ -35,6 +35,7 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    checkpoint_on_sigterm: bool = False
     resume: Optional[str] = None
     init_state_dict: Optional[str] = None
     image_size: Optional[int] = None
@@ -151,6 +152,8 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
     _positive("checkpoint_every", cfg.checkpoint_every, 0)
     if cfg.checkpoint_every and not cfg.checkpoint_dir:
         raise UserError("--checkpoint-every needs --checkpoint-dir")
+    if cfg.checkpoint_on_sigterm and not cfg.checkpoint_dir:
+        raise UserError("--checkpoint-on-sigterm needs --checkpoint-dir")
     if cfg.resume and cfg.resume != "auto" and not os.path.exists(cfg.resume):
         raise UserError(f"--resume: {cfg.resume!r} does not exist")
     if cfg.resume and cfg.init_state_dict:

@@ -286,8 +286,10 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
         history["evaluation"] = result
     pmodel.train()
     progress.start(global_step)
-    # Ctrl-C: every rank stops after the same step, writes a checkpoint, raises TrainingInterrupted.
-    with StopRequest(announce=rank == 0, saving=saver is not None) as stop_request:
+    # Ctrl-C (and SIGTERM if asked): every rank stops after the same step, writes a checkpoint,
+    # raises TrainingInterrupted.
+    with StopRequest(announce=rank == 0, saving=saver is not None,
+                     on_sigterm=cfg.checkpoint_on_sigterm) as stop_request:
         while not cfg.evaluate and epoch < cfg.epochs:
             pending: List[torch.Tensor] = []
             t_epoch, steps_here = time.perf_counter(), 0
@@ -315,7 +317,8 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
                 pending.append(loss.detach().float())
                 history["lr"].append(lr)
                 progress.step(epoch, i, global_step, loss.detach())
-                if stop_request.poll():
+                stop_signal = stop_request.poll()
+                if stop_signal:
                     flush()
                     progress.end_line()
                     # At an epoch's last step too: the resumed run then validates that epoch.
@@ -323,7 +326,7 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
                     if rank == 0 and cfg.json:
                         partial = _results(cfg, meta, history, source, 0, time.perf_counter() - t_run)
                         write_results({**partial, "interrupted_after_step": global_step}, cfg.json, None)
-                    raise TrainingInterrupted(global_step, path)
+                    raise TrainingInterrupted(global_step, path, stop_signal)
                 if saver and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and i < steps_per_epoch:
                     flush()
                     progress.pause()

@@ -50,7 +50,8 @@ def small_model_that_interrupts(num_classes: int, in_channels: int):
     this process a SIGINT, as ``kill -INT`` would: a Ctrl-C that arrives at a known step.
     With ``$PYOWT_TEST_SIGINT_GROUP=1`` it goes to the whole process group, as a terminal's
     Ctrl-C does (run the command in a session of its own). With ``$PYOWT_TEST_SIGINT_IN=val``
-    the count is of validation forwards instead."""
+    the count is of validation forwards instead. ``$PYOWT_TEST_SIGINT_SIGNAL=SIGTERM``: that
+    signal instead, to the parent process (the launcher, as `kill <pid>` would)."""
     import signal
 
     import torch
@@ -71,7 +72,9 @@ def small_model_that_interrupts(num_classes: int, in_channels: int):
             return
         calls[0] += 1
         if calls[0] == at:
-            if os.environ.get("PYOWT_TEST_SIGINT_GROUP") == "1":
+            if os.environ.get("PYOWT_TEST_SIGINT_SIGNAL") == "SIGTERM":
+                os.kill(os.getppid(), signal.SIGTERM)
+            elif os.environ.get("PYOWT_TEST_SIGINT_GROUP") == "1":
                 os.killpg(os.getpgid(0), signal.SIGINT)
             else:
                 os.kill(os.getpid(), signal.SIGINT)

@@ -57,6 +57,7 @@ CASES = [
     (["--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
     (["--image-size", "4"], "--image-size must be >= 8"),
     (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint-dir"),
+    (["--checkpoint-on-sigterm"], "--checkpoint-on-sigterm needs --checkpoint-dir"),
     (["--resume", "/no/ckpt.pt"], "--resume: '/no/ckpt.pt' does not exist"),
     (["--scheme", "a", "--fc-update", "per_pass"], "--fc-update per_pass needs --scheme b or c"),
     (["--workers", "4", "--split-degree", "3"], "--split-degree must divide the 4 workers, got 3"),

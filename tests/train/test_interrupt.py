@@ -108,6 +108,43 @@ def test_a_terminals_ctrl_c_during_validation_with_loader_processes(tmp_path):
     assert [s for s, _ in list_checkpoints(str(ck))] == [3, 4]
 
 
+def test_sigterm_with_checkpoint_on_sigterm_checkpoints_and_exits_143(tmp_path):
+    ck = tmp_path / "ck"
+    # `kill <launcher pid>` during step 10: the launcher passes it on, the ranks agree.
+    stopped = _run(_cli(2, "--checkpoint-dir", str(ck), "--progress", "none", "--checkpoint-on-sigterm"),
+                   {"PYOWT_TEST_SIGINT_AT": "10", "PYOWT_TEST_SIGINT_SIGNAL": "SIGTERM"})
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 143, out
+    assert "Traceback" not in out, out
+    saved = [s for s, _ in list_checkpoints(str(ck))]
+    assert len(saved) == 1 and saved[0] >= 10, (saved, out)
+    assert (f"pyowt train: stopped by SIGTERM after global step {saved[0]}; checkpoint written to "
+            f"{ck / f'step_{saved[0]:08d}.pt'} (continue with --resume)") in stopped.stderr, out
+    assert "SIGTERM: finishing this step to write a checkpoint\n" in stopped.stderr, out
+
+
+def test_sigterm_without_the_flag_ends_the_run_where_it_is(tmp_path):
+    ck = tmp_path / "ck"
+    stopped = _run(_cli(2, "--checkpoint-dir", str(ck), "--progress", "none"),
+                   {"PYOWT_TEST_SIGINT_AT": "10", "PYOWT_TEST_SIGINT_SIGNAL": "SIGTERM"})
+    assert stopped.returncode == -signal.SIGTERM, stopped.stdout + stopped.stderr
+    assert list_checkpoints(str(ck)) == []
+
+
+def test_stop_request_sigterm_only_when_asked(monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequest():
+        assert signal.getsignal(signal.SIGTERM) is before
+    with StopRequest(on_sigterm=True) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # repeats change nothing; Ctrl-C still quits
+        time.sleep(0.1)
+        assert stop.poll() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert TrainingInterrupted(3, "x.pt", signal.SIGTERM).exit_status == 143
+
+
 def test_stop_request_first_ctrl_c_asks_repeats_are_absorbed_a_later_one_quits(monkeypatch, capfd):
     monkeypatch.setattr(interrupt, "REPEAT_WINDOW_S", 0.3)
     before = signal.getsignal(signal.SIGINT)
