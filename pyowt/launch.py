@@ -39,6 +39,12 @@ def loopback_store(timeout_s: float):
                          wait_for_workers=False)
 
 
+def restore_handler(signum: int, handler) -> None:
+    """Put back what ``signal.signal`` returned: ``None`` (a handler installed outside Python)
+    cannot be put back, and becomes the default action."""
+    signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: have the kernel SIGKILL this worker when the parent dies. A parent killed by a
     signal (`kill <pid>` sends SIGTERM) cannot stop its workers, which would otherwise train
@@ -193,7 +199,7 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         raise KeyboardInterrupt  # a worker took the Ctrl-C as an interruption: no result to return
     if state.quit_on[signal.SIGTERM]:
         # A worker ended by the forwarded SIGTERM: this process goes the way SIGTERM takes it.
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        restore_handler(signal.SIGTERM, previous_sigterm)
         signal.raise_signal(signal.SIGTERM)
         errors.update({r: f"rank {r} was ended by the SIGTERM passed on to it" for r in state.quit_on[signal.SIGTERM]})
     if errors or pending:
@@ -223,7 +229,7 @@ def _sigterm_forwarded(procs, state: "_Collected", enabled: bool):
     try:
         yield previous
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_handler(signal.SIGTERM, previous)
 
 
 def _stop(procs, kill: bool) -> None:
@@ -277,7 +283,7 @@ def _sigint_deferred():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore_handler(signal.SIGINT, previous)
     if caught:
         if callable(previous):
             previous(signal.SIGINT, caught[0])

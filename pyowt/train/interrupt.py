@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..launch import restore_handler
+
 # The launchers forward a press within milliseconds; a person pressing again takes longer.
 REPEAT_WINDOW_S = 1.0
 # How often the ranks compare flags: the delay before a Ctrl-C takes effect, at most this
@@ -118,7 +120,7 @@ class StopRequest:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
+            restore_handler(sig, handler)
         self._previous_handlers.clear()
 
     def poll(self) -> int:
