@@ -30,13 +30,14 @@
 # PLAN=one-call: the defaults for a single call of at most ~10 minutes (a 15-minute device
 # budget, the machine's start included): the probe, the conv benchmark's forward rows on
 # AlexNet's layers first (issue 4's figures), the tests, the forward+backward rows, the
-# host cost; each limit still overridable, the build ~60-70 s on 16 cores.
+# host cost, last the training smoke (NCCL through the in-process store, 18 s on the H200);
+# each limit still overridable, the build ~60-70 s on 16 cores.
 set -uo pipefail
 if [ "${PLAN:-}" = one-call ]; then
-  : "${STAGES:=conv_fwd tests conv_bwd host}" "${CONV_SELECT:=alexnet}" "${CONV_FWD_S:=110}"
+  : "${STAGES:=conv_fwd tests conv_bwd host train}" "${CONV_SELECT:=alexnet}" "${CONV_FWD_S:=110}"
   : "${CONV_BWD_S:=90}" "${COMPILE_BUDGET_S:=15}" "${PROBE_S:=60}" "${TESTS_S:=190}" "${TEST_PROCS:=16}"
-  : "${HOST_S:=30}"
-  export STAGES CONV_SELECT CONV_FWD_S CONV_BWD_S COMPILE_BUDGET_S PROBE_S TESTS_S TEST_PROCS HOST_S
+  : "${HOST_S:=30}" "${TRAIN_S:=40}"
+  export STAGES CONV_SELECT CONV_FWD_S CONV_BWD_S COMPILE_BUDGET_S PROBE_S TESTS_S TEST_PROCS HOST_S TRAIN_S
 fi
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
