@@ -208,63 +208,11 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
         say(f"data: {cfg.data}: train {source.report.summary()}")
         if source.val_report is not None and source.val_report.skipped:
             say(f"data: validation {source.val_report.summary()}")
-    model = _agree(lambda: build_model(cfg.model, source.num_classes, source.in_channels, cfg.seed), k)
-    _agree(lambda: _check_image_size(model, cfg, source.in_channels), k)
-    if cfg.init_state_dict:
-        def _init():
-            sd = ckpt_io.load_plain_state_dict(cfg.init_state_dict)
-            try:
-                model.load_state_dict(sd)
-            except RuntimeError as e:
-                raise UserError(f"--init-state-dict {cfg.init_state_dict}: does not fit --model {cfg.model}: "
-                                f"{str(e).strip().splitlines()[0]} ...") from e
-        _agree(_init, k)
-    model.to(device)
-    head_opt = (lambda ps: _optimizer(cfg, ps)) if cfg.fc_update == "per_pass" else None
-
-    def _parallelize():
-        try:
-            options = {"scheme": cfg.scheme, "fc_update": cfg.fc_update} if cfg.strategy == "owt" else {}
-            if cfg.split_degree is not None:
-                options["split_degree"] = cfg.split_degree
-            if cfg.strategy == "auto":  # the search costs the global batch's shape
-                options["input_shape"] = (cfg.batch_size, source.in_channels, cfg.image_size, cfg.image_size)
-            return parallelize(model, cfg.strategy, seed=cfg.seed, head_optimizer=head_opt, **options)
-        except (ValueError, TypeError, NotImplementedError) as e:
-            raise UserError(f"--strategy {cfg.strategy}: {e}") from e
-    pmodel = _agree(_parallelize, k)
-    model = None  # drop this reference to the unsplit model: the parallel one keeps what it needs
-    opt = _optimizer(cfg, pmodel.trunk_parameters() if pmodel.head_optimizer is not None else pmodel.parameters())
+    pmodel, opt = _build(cfg, source, device, k)
     optimizers = [o for o in (opt, pmodel.head_optimizer) if o is not None]
 
     total_steps = cfg.epochs * steps_per_epoch
-    history = {"loss": [], "lr": [], "epochs": []}
-    epoch, start_batch, global_step = 0, 0, 0
-    resume_path = _agree(lambda: ckpt_io.resolve_resume(cfg.resume, cfg.checkpoint_dir), k)
-    if resume_path:
-        ckpt = _agree(lambda: ckpt_io.load_checkpoint(resume_path), k)
-        _agree(lambda: _check_resume_config(ckpt, cfg, resume_path), k)
-
-        def _load():
-            try:
-                load_full_state_dict(pmodel, ckpt["model"])
-                load_full_optimizer_state_dict(pmodel, opt, ckpt["optimizer"])
-                if pmodel.head_optimizer is not None:
-                    if ckpt.get("head_optimizer") is None:
-                        raise ValueError("the checkpoint has no head optimizer state (it was not written with "
-                                         "--fc-update per_pass)")
-                    load_full_optimizer_state_dict(pmodel, pmodel.head_optimizer, ckpt["head_optimizer"])
-            except (ValueError, KeyError) as e:
-                raise UserError(f"--resume {resume_path}: {e}") from e
-        _agree(_load, k)
-        prog = ckpt["progress"]
-        epoch, start_batch, global_step = prog["epoch"], prog["batch_in_epoch"], prog["global_step"]
-        pmodel._steps = prog["pmodel_steps"]
-        ckpt_io.set_rng_state(ckpt["rng"])
-        history = ckpt["history"]
-        say(f"resumed from {resume_path}: epoch {epoch + 1}, batch {start_batch} of {steps_per_epoch}, "
-            f"global step {global_step} (checkpoint written with K={ckpt['meta'].get('world_size')}, now K={k})")
-        del ckpt
+    epoch, start_batch, global_step, history = _resume(cfg, pmodel, opt, k, steps_per_epoch, say)
     meta = {"world_size": k, "device": str(device), "backend": pdist.get_backend(), "plan": pmodel.plan.name,
             "num_classes": source.num_classes, "classes": source.classes[:1000],
             "train_size": source.train_size, "val_size": source.val_size, "bf16": bf16,
@@ -369,6 +317,69 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
         for path in write_results(results, cfg.json, cfg.plot):
             say(f"results written to {path}")
     return results
+
+
+def _build(cfg: TrainConfig, source, device: torch.device, k: int):
+    """The model (seeded, or from --init-state-dict), parallelized, and its optimizer; errors
+    the user can cause are :class:`UserError` on every rank."""
+    model = _agree(lambda: build_model(cfg.model, source.num_classes, source.in_channels, cfg.seed), k)
+    _agree(lambda: _check_image_size(model, cfg, source.in_channels), k)
+    if cfg.init_state_dict:
+        def _init():
+            sd = ckpt_io.load_plain_state_dict(cfg.init_state_dict)
+            try:
+                model.load_state_dict(sd)
+            except RuntimeError as e:
+                raise UserError(f"--init-state-dict {cfg.init_state_dict}: does not fit --model {cfg.model}: "
+                                f"{str(e).strip().splitlines()[0]} ...") from e
+        _agree(_init, k)
+    model.to(device)
+    head_opt = (lambda ps: _optimizer(cfg, ps)) if cfg.fc_update == "per_pass" else None
+
+    def _parallelize():
+        try:
+            options = {"scheme": cfg.scheme, "fc_update": cfg.fc_update} if cfg.strategy == "owt" else {}
+            if cfg.split_degree is not None:
+                options["split_degree"] = cfg.split_degree
+            if cfg.strategy == "auto":  # the search costs the global batch's shape
+                options["input_shape"] = (cfg.batch_size, source.in_channels, cfg.image_size, cfg.image_size)
+            return parallelize(model, cfg.strategy, seed=cfg.seed, head_optimizer=head_opt, **options)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise UserError(f"--strategy {cfg.strategy}: {e}") from e
+    pmodel = _agree(_parallelize, k)
+    opt = _optimizer(cfg, pmodel.trunk_parameters() if pmodel.head_optimizer is not None else pmodel.parameters())
+    return pmodel, opt
+
+
+def _resume(cfg: TrainConfig, pmodel, opt, k: int, steps_per_epoch: int, say):
+    """Load ``--resume``'s checkpoint into the model, optimizers and generators, if there is
+    one. Returns (epoch, batches done in it, global step, history)."""
+    resume_path = _agree(lambda: ckpt_io.resolve_resume(cfg.resume, cfg.checkpoint_dir), k)
+    if not resume_path:
+        return 0, 0, 0, {"loss": [], "lr": [], "epochs": []}
+    ckpt = _agree(lambda: ckpt_io.load_checkpoint(resume_path), k)
+    _agree(lambda: _check_resume_config(ckpt, cfg, resume_path), k)
+
+    def _load():
+        try:
+            load_full_state_dict(pmodel, ckpt["model"])
+            load_full_optimizer_state_dict(pmodel, opt, ckpt["optimizer"])
+            if pmodel.head_optimizer is not None:
+                if ckpt.get("head_optimizer") is None:
+                    raise ValueError("the checkpoint has no head optimizer state (it was not written with "
+                                     "--fc-update per_pass)")
+                load_full_optimizer_state_dict(pmodel, pmodel.head_optimizer, ckpt["head_optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"--resume {resume_path}: {e}") from e
+    _agree(_load, k)
+    prog = ckpt["progress"]
+    epoch, start_batch, global_step = prog["epoch"], prog["batch_in_epoch"], prog["global_step"]
+    pmodel._steps = prog["pmodel_steps"]
+    ckpt_io.set_rng_state(ckpt["rng"])
+    history = ckpt["history"]
+    say(f"resumed from {resume_path}: epoch {epoch + 1}, batch {start_batch} of {steps_per_epoch}, "
+        f"global step {global_step} (checkpoint written with K={ckpt['meta'].get('world_size')}, now K={k})")
+    return epoch, start_batch, global_step, history
 
 
 def _results(cfg, meta, history, source, bad_at_load: int, seconds: float) -> dict:
