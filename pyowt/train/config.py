@@ -1,6 +1,7 @@
 """``TrainConfig``: everything a training run needs, validated before any process starts."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -184,7 +185,10 @@ def validate(cfg: TrainConfig, world_size: int) -> TrainConfig:
         _check_writable_folder("--checkpoint-dir", cfg.checkpoint_dir)
     if cfg.json is None and cfg.checkpoint_dir:
         cfg.json = os.path.join(cfg.checkpoint_dir, "results.json")
-    if cfg.plot is None and cfg.json:
+    have_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    if cfg.plot and not have_matplotlib:
+        raise UserError(f"--plot {cfg.plot}: drawing needs matplotlib (pip install matplotlib, or pyowt[demo])")
+    if cfg.plot is None and cfg.json and have_matplotlib:  # no figure by default without it
         cfg.plot = os.path.splitext(cfg.json)[0] + ".png"
     for flag, path in (("--json", cfg.json), ("--plot", cfg.plot)):
         if path:

@@ -273,7 +273,7 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
                     path = saver.save(epoch, i, global_step, history) if saver else None
                     if rank == 0 and cfg.json:
                         partial = _results(cfg, meta, history, source, 0, time.perf_counter() - t_run)
-                        write_results({**partial, "interrupted_after_step": global_step}, cfg.json, None)
+                        _write_results({**partial, "interrupted_after_step": global_step}, cfg.json, None)
                     raise TrainingInterrupted(global_step, path, stop_signal)
                 if saver and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and i < steps_per_epoch:
                     flush()
@@ -300,8 +300,9 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
                 path = saver.save(epoch, 0, global_step, history)
                 if path:
                     progress.message(f"checkpoint: {path}")
-            if rank == 0 and cfg.json:
-                write_results(_results(cfg, meta, history, source, 0, time.perf_counter() - t_run), cfg.json, None)
+            if cfg.json:  # rank 0 writes; a failure (disk full) stops every rank
+                _agree(lambda: _write_results(_results(cfg, meta, history, source, 0, time.perf_counter() - t_run),
+                                              cfg.json, None) if rank == 0 else None, k)
             progress.resume()
 
     # Images are loaded per shard, or per split group's block (every rank of it the same).
@@ -314,9 +315,21 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
         return None
     _summary(results, say)
     if cfg.json or cfg.plot:
-        for path in write_results(results, cfg.json, cfg.plot):
+        for path in _write_results(results, cfg.json, cfg.plot):
             say(f"results written to {path}")
     return results
+
+
+def _write_results(results: dict, json_path: Optional[str], plot_path: Optional[str]) -> List[str]:
+    """:func:`write_results`, with a failure to write (a full disk) as a :class:`UserError`."""
+    written = []
+    for flag, path, paths in (("--json", json_path, (json_path, None)), ("--plot", plot_path, (None, plot_path))):
+        if path:
+            try:
+                written += write_results(results, *paths)
+            except OSError as e:
+                raise UserError(f"{flag}: could not write {path} ({e.strerror or e})") from e
+    return written
 
 
 def _build(cfg: TrainConfig, source, device: torch.device, k: int):

@@ -116,7 +116,7 @@ def test_error_found_inside_the_workers_reaches_every_rank(run_workers, tmp_path
     assert outs[0]["user_error"].startswith(f"--strategy {plan}: plan 'mine' has no entry for layer")
 
 
-def _checkpoint_dir_replaced_by_a_file(cfg):
+def _folder_replaced_by_a_file(cfg, folder):
     import shutil
 
     import torch.distributed as dist
@@ -126,20 +126,42 @@ def _checkpoint_dir_replaced_by_a_file(cfg):
     cfg = validate(cfg, dist.get_world_size())  # creates the folder, writes in it: fine now
     dist.barrier()
     if dist.get_rank() == 0:
-        shutil.rmtree(cfg.checkpoint_dir)
-        open(cfg.checkpoint_dir, "w").close()
+        shutil.rmtree(folder)
+        open(folder, "w").close()
     dist.barrier()
     return cli._spawned(cfg)
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_every_rank_with_a_message(run_workers, tmp_path):
     ck = str(tmp_path / "ck")
-    outs = run_workers(2, _checkpoint_dir_replaced_by_a_file,
-                       small_config(epochs=1, checkpoint_dir=ck, checkpoint_every=4))
+    outs = run_workers(2, _folder_replaced_by_a_file,
+                       small_config(epochs=1, checkpoint_dir=ck, checkpoint_every=4), ck)
     assert outs[0] == outs[1] and set(outs[0]) == {"user_error"}, outs
     assert outs[0]["user_error"] == (
         f"--checkpoint-dir: could not write {ck}/step_00000004.pt (File exists); the run stopped after "
         f"global step 4; the newest checkpoint is none")
+
+
+def test_results_that_cannot_be_written_stop_every_rank_with_a_message(run_workers, tmp_path):
+    out_dir = str(tmp_path / "out")
+    outs = run_workers(2, _folder_replaced_by_a_file,
+                       small_config(epochs=2, json=os.path.join(out_dir, "r.json")), out_dir)
+    assert outs[0] == outs[1] and set(outs[0]) == {"user_error"}, outs
+    assert outs[0]["user_error"] == f"--json: could not write {out_dir}/r.json (File exists)"
+
+
+def test_without_matplotlib_no_default_figure_and_plot_is_refused(monkeypatch, tmp_path):
+    import importlib.util
+
+    from pyowt.train import config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(config.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    cfg = config.validate(small_config(json=str(tmp_path / "r.json")), 1)
+    assert cfg.plot is None  # the run still writes its JSON, and does not fail at its end
+    with pytest.raises(UserError, match="--plot .*needs matplotlib"):
+        config.validate(small_config(plot=str(tmp_path / "r.png")), 1)
 
 
 class _RunsCode:
