@@ -1,5 +1,6 @@
 """Ctrl-C during `pyowt train`: every rank stops after the same step, a checkpoint is written,
-the resumed run continues bit-identically; a second Ctrl-C quits at once."""
+the resumed run continues bit-identically; a second Ctrl-C quits at once; SIGTERM does the
+same with --checkpoint-on-sigterm."""
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def _run(argv, env_extra=None, timeout=300):
                           start_new_session=True)
 
 
-def _losses(path):
+def _history(path):
     with open(path) as f:
         return json.load(f)["history"]
 
@@ -57,12 +58,12 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step_and_resumes_exa
     step = saved[0]
     assert (f"pyowt train: interrupted after global step {step}; checkpoint written to "
             f"{ck / f'step_{step:08d}.pt'} (continue with --resume)") in stopped.stderr, out
-    assert _losses(ck / "results.json")["loss"] == reference[:step]
+    assert _history(ck / "results.json")["loss"] == reference[:step]
 
     resumed = _run(_cli(2, "--checkpoint-dir", str(ck), "--resume", "--progress", "none"))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"global step {step}" in resumed.stdout
-    assert _losses(ck / "results.json")["loss"] == reference  # bit-exact across the interruption
+    assert _history(ck / "results.json")["loss"] == reference  # bit-exact across the interruption
 
 
 def test_ctrl_c_at_an_epochs_last_step_resumes_with_that_epochs_validation(run_workers, tmp_path):
@@ -74,11 +75,11 @@ def test_ctrl_c_at_an_epochs_last_step_resumes_with_that_epochs_validation(run_w
                    {"PYOWT_TEST_SIGINT_AT": str(steps_per_epoch)})
     assert stopped.returncode == 130, stopped.stdout + stopped.stderr
     assert f"interrupted after global step {steps_per_epoch};" in stopped.stderr
-    assert _losses(ck / "results.json")["epochs"] == []  # stopped before the epoch's validation
+    assert _history(ck / "results.json")["epochs"] == []  # stopped before the epoch's validation
 
     resumed = _run(_cli(1, "--checkpoint-dir", str(ck), "--resume", "--progress", "none"))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    history = _losses(ck / "results.json")
+    history = _history(ck / "results.json")
     assert history["loss"] == reference["loss"]
     keys = ("epoch", "global_step", "train_loss", "val_loss", "val_acc", "val_samples")
     assert [{k: e[k] for k in keys} for e in history["epochs"]] == \
@@ -103,7 +104,7 @@ def test_a_terminals_ctrl_c_during_validation_with_loader_processes(tmp_path):
     assert stopped.stderr.count("Ctrl-C: finishing this step") == 1, out
     # The validation finished, its epoch-end checkpoint was written, and the run stopped
     # after the next step.
-    assert len(_losses(ck / "results.json")["epochs"]) == 1
+    assert len(_history(ck / "results.json")["epochs"]) == 1
     assert "interrupted after global step 4; checkpoint written to" in stopped.stderr, out
     assert [s for s, _ in list_checkpoints(str(ck))] == [3, 4]
 
