@@ -279,3 +279,14 @@ def test_forward_sigterm_to_workers_that_die_of_it_ends_the_parent_too(tmp_path)
         if parent.poll() is None:
             parent.kill()
     assert parent.returncode == -signal.SIGTERM and "spawn returned" not in out
+
+
+def test_a_handler_installed_outside_python_is_put_back_as_the_default():
+    from pyowt.launch import restore_handler
+
+    before = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        restore_handler(signal.SIGUSR1, None)  # what signal.signal returns for a C-level handler
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    finally:
+        restore_handler(signal.SIGUSR1, before)
