@@ -30,8 +30,8 @@ def loopback_store(timeout_s: float):
     join as clients (``store.port``); it lives as long as the returned object.
 
     Not "find a free port, let rank 0 bind it later": between the two, any process on the
-    machine can take that port, and then two jobs' ranks meet in one store (seen in CI:
-    a rank 0 failing in Gloo's connectFullMesh against another job's rank).
+    machine can take that port, and two jobs' ranks can meet in one store (the likely cause
+    of a CI failure: a rank 0 failing in Gloo's connectFullMesh while its rank 1 returned).
     """
     import torch.distributed as dist
 
