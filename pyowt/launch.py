@@ -168,7 +168,8 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
     store = loopback_store(timeout_s)  # held until the workers are done (subgroups use it too)
     procs: list = []
     state = _Collected(world_size)
-    with _sigterm_forwarded(procs, state, forward_sigterm) as previous_sigterm:
+    passed_on = {signal.SIGINT: graceful_interrupt, signal.SIGTERM: forward_sigterm}
+    with _signals_passed_on(procs, state, [sig for sig, on in passed_on.items() if on]) as replaced:
         try:
             for rank in range(world_size):
                 parent, child = ctx.Pipe(duplex=False)
@@ -178,17 +179,7 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
                 child.close()
                 procs.append(p)
                 state.pending[parent] = rank
-            while True:
-                try:
-                    _collect(procs, state)
-                    break
-                except KeyboardInterrupt:
-                    if not graceful_interrupt or state.interrupted:
-                        raise
-                    state.interrupted = True
-                    for p in procs:  # a terminal's Ctrl-C has reached them already; a kill -INT has not
-                        if p.is_alive():
-                            os.kill(p.pid, signal.SIGINT)
+            _collect(procs, state)
         except BaseException:
             # Interrupted (Ctrl-C, a signal turned into an exception): no worker outlives spawn.
             _stop(procs, kill=True)
@@ -199,7 +190,7 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
         raise KeyboardInterrupt  # a worker took the Ctrl-C as an interruption: no result to return
     if state.quit_on[signal.SIGTERM]:
         # A worker ended by the forwarded SIGTERM: this process goes the way SIGTERM takes it.
-        restore_handler(signal.SIGTERM, previous_sigterm)
+        restore_handler(signal.SIGTERM, replaced.get(signal.SIGTERM))
         signal.raise_signal(signal.SIGTERM)
         errors.update({r: f"rank {r} was ended by the SIGTERM passed on to it" for r in state.quit_on[signal.SIGTERM]})
     if errors or pending:
@@ -212,24 +203,28 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), backend: str 
 
 
 @contextlib.contextmanager
-def _sigterm_forwarded(procs, state: "_Collected", enabled: bool):
-    """With ``enabled`` (and on the main thread), a SIGTERM to this process is passed on to the
-    live workers and noted in ``state``; yields the handler it replaced (None otherwise)."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield None
-        return
+def _signals_passed_on(procs, state: "_Collected", signums):
+    """While the block runs (on the main thread), each of ``signums`` that reaches this process
+    is passed on to the live workers and noted in ``state.passed_on`` instead of acting here;
+    a second SIGINT raises ``KeyboardInterrupt`` (the workers are then killed). Yields the
+    handlers it replaced, by signal."""
+    replaced = {}
+    if threading.current_thread() is threading.main_thread():
+        def pass_on(signum, frame):
+            if signum == signal.SIGINT and signum in state.passed_on:
+                raise KeyboardInterrupt
+            state.passed_on.add(signum)
+            for p in procs:  # a terminal's Ctrl-C has reached them already; a kill <pid> has not
+                if p.is_alive():
+                    os.kill(p.pid, signum)
 
-    def forward(signum, frame):
-        state.terminated = True
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGTERM, forward)
+        for signum in signums:
+            replaced[signum] = signal.signal(signum, pass_on)
     try:
-        yield previous
+        yield replaced
     finally:
-        restore_handler(signal.SIGTERM, previous)
+        for signum, handler in replaced.items():
+            restore_handler(signum, handler)
 
 
 def _stop(procs, kill: bool) -> None:
@@ -242,14 +237,13 @@ def _stop(procs, kill: bool) -> None:
 
 
 class _Collected:
-    """What :func:`_collect` has gathered so far (kept across a Ctrl-C that spawn rides out)."""
+    """What :func:`_collect` has gathered so far, and which signals were passed on."""
 
     def __init__(self, world_size: int):
         self.results: List[Any] = [None] * world_size
         self.errors = {}
         self.pending = {}  # connection -> rank, until its message is in
-        self.interrupted = False  # a Ctrl-C was passed on to the workers
-        self.terminated = False  # a SIGTERM was
+        self.passed_on = set()  # the signals passed on to the workers
         # Ranks that ended without a result after a signal passed on to them: a worker that
         # quit on it (KeyboardInterrupt: exit 130; SIGTERM's default: killed by it).
         self.quit_on = {signal.SIGINT: [], signal.SIGTERM: []}
@@ -264,31 +258,7 @@ def _collect(procs, state: _Collected) -> None:
         if not ready:  # a rank failed (or quit) and the others are stuck waiting for it
             break
         for c in ready:
-            # A Ctrl-C while a message is read and recorded would lose a rank's result (spawn
-            # rides out the first one with graceful_interrupt): it waits until that is done.
-            with _sigint_deferred():
-                _receive(procs, state, c)
-
-
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Hold back a SIGINT until the block is done, then act on it as the handler in place
-    would. (Blocking the signal for this thread would not do: another thread, a TCPStore's
-    say, can take it, and Python still raises in the main thread.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
-    try:
-        yield
-    finally:
-        restore_handler(signal.SIGINT, previous)
-    if caught:
-        if callable(previous):
-            previous(signal.SIGINT, caught[0])
-        elif previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signal.SIGINT)
+            _receive(procs, state, c)
 
 
 def _receive(procs, state: _Collected, c) -> None:
@@ -299,12 +269,10 @@ def _receive(procs, state: _Collected, c) -> None:
     except EOFError:
         procs[rank].join(timeout=5)  # its exit status, for the message
         code = procs[rank].exitcode
-        if state.interrupted and code == 130:
-            state.quit_on[signal.SIGINT].append(rank)
-            return
-        if state.terminated and code == -signal.SIGTERM:
-            state.quit_on[signal.SIGTERM].append(rank)
-            return
+        for signum, quit_code in ((signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)):
+            if signum in state.passed_on and code == quit_code:
+                state.quit_on[signum].append(rank)
+                return
         status, payload = "err", (f"rank {rank} exited with "
                                   f"{'an unknown status' if code is None else _exit_description(code)}"
                                   " without a result")
