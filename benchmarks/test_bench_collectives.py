@@ -33,14 +33,13 @@ import json
 import os
 import statistics
 import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pyowt.launch import loopback_store
+from pyowt.launch import join_loopback_group, loopback_store
 
 _ROWS: list = []
 
@@ -75,8 +74,7 @@ def _sweep(rank, k, port, backend, sizes, reps, queue):
         torch.set_num_threads(1)
         device = torch.device("cpu")
         sync = lambda: None  # noqa: E731
-    store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(minutes=5))  # the parent's
-    dist.init_process_group(backend, store=store, rank=rank, world_size=k, timeout=timedelta(minutes=5))
+    join_loopback_group(backend, port, rank, k, 300.0)  # the parent's store
     # Barriers and timing reductions run on a CPU (Gloo) group; the backend under test
     # carries only the measured traffic.
     timing = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD

@@ -39,13 +39,22 @@ def loopback_store(timeout_s: float):
                          wait_for_workers=False)
 
 
+def join_loopback_group(backend: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+    """In a worker: ``init_process_group`` through the :func:`loopback_store` on ``port``."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+
+
 def restore_handler(signum: int, handler) -> None:
     """Put back what ``signal.signal`` returned: ``None`` (a handler installed outside Python)
     cannot be put back, and becomes the default action."""
     signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Linux: have the kernel SIGKILL this worker when the parent dies. A parent killed by a
     signal (`kill <pid>` sends SIGTERM) cannot stop its workers, which would otherwise train
     on as orphans with nobody to report to. Elsewhere: nothing."""
@@ -62,7 +71,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn, parent_pid):
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     import torch
     import torch.distributed as dist
 
@@ -71,9 +80,7 @@ def _entry(rank, world_size, port, backend, timeout_s, threads, fn, args, conn, 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     try:
-        timeout = timedelta(seconds=timeout_s)
-        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timeout)  # the parent's
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        join_loopback_group(backend, port, rank, world_size, timeout_s)
         try:
             result = fn(*args)
         finally:

@@ -19,11 +19,10 @@ import multiprocessing as mp
 import os
 import time
 import traceback
-from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any, Callable, List, Optional
 
-from pyowt.launch import _die_with_parent, loopback_store
+from pyowt.launch import die_with_parent, join_loopback_group, loopback_store
 
 # Collectives that never complete surface as errors after this long, inside the workers.
 PG_TIMEOUT_S = 60
@@ -34,7 +33,7 @@ class WorkerError(RuntimeError):
 
 
 def _worker_main(rank: int, world_size: int, port: int, conn, threads: int, parent_pid: int) -> None:
-    _die_with_parent(parent_pid)  # a killed test session leaves no pool behind
+    die_with_parent(parent_pid)  # a killed test session leaves no pool behind
     import torch
     import torch.distributed as dist
 
@@ -42,9 +41,7 @@ def _worker_main(rank: int, world_size: int, port: int, conn, threads: int, pare
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
-        timeout = timedelta(seconds=PG_TIMEOUT_S)
-        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timeout)  # the pool's
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+        join_loopback_group("gloo", port, rank, world_size, PG_TIMEOUT_S)  # the pool's store
     except BaseException:  # noqa: BLE001 - report, then exit
         conn.send(("err", traceback.format_exc()))
         return
