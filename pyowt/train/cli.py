@@ -104,7 +104,8 @@ def _under_torchrun() -> bool:
 
 
 def _spawned(cfg: TrainConfig):
-    """Entry of a ``--workers`` process (the process group is up)."""
+    """Train on the process group this process is in (a ``--workers`` process, or this one):
+    the results, or what stopped the run, as a picklable dict for the launcher."""
     from .loop import run
 
     try:
@@ -120,18 +121,32 @@ def _error(msg: str) -> int:
     return EXIT_USER_ERROR
 
 
-def _interrupted(e: TrainingInterrupted, rank: int = 0) -> int:
-    if rank == 0:
-        print(e.describe(), file=sys.stderr)
-    return e.exit_status
+def _exit_status(outcome: dict, rank: int = 0) -> int:
+    """The exit status for what :func:`_spawned` returned; rank 0 says what went wrong."""
+    if "user_error" in outcome:
+        return _error(outcome["user_error"]) if rank == 0 else EXIT_USER_ERROR
+    if "interrupted" in outcome:
+        stop = TrainingInterrupted(*outcome["interrupted"])
+        if rank == 0:
+            print(stop.describe(), file=sys.stderr)
+        return stop.exit_status
+    return 0
+
+
+def _run_in_group(cfg: TrainConfig, rank: int) -> int:
+    """Train on the process group this process has joined, then leave it; the exit status."""
+    import torch.distributed as dist
+
+    try:
+        return _exit_status(_spawned(cfg), rank)
+    finally:
+        dist.destroy_process_group()
 
 
 def _run_torchrun(cfg: TrainConfig) -> int:
     import torch
-    import torch.distributed as dist
 
     from .. import distributed as pdist
-    from .loop import run
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     try:
@@ -140,20 +155,12 @@ def _run_torchrun(cfg: TrainConfig) -> int:
                             "torchrun --nproc-per-node (and --nnodes) instead")
         validate(cfg, world)
     except UserError as e:
-        return _error(str(e)) if rank == 0 else EXIT_USER_ERROR
+        return _exit_status({"user_error": str(e)}, rank)
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pdist.init(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
-    try:
-        run(cfg)
-        return 0
-    except UserError as e:
-        return _error(str(e)) if rank == 0 else EXIT_USER_ERROR
-    except TrainingInterrupted as e:
-        return _interrupted(e, rank)
-    finally:
-        dist.destroy_process_group()
+    return _run_in_group(cfg, rank)
 
 
 def _run_local(cfg: TrainConfig) -> int:
@@ -161,7 +168,6 @@ def _run_local(cfg: TrainConfig) -> int:
     import torch.distributed as dist
 
     from ..launch import WorkerFailed, spawn
-    from .loop import run
 
     try:
         validate(cfg, cfg.workers)
@@ -178,15 +184,7 @@ def _run_local(cfg: TrainConfig) -> int:
         # One process: a group of one, its store in this process (no port to take).
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timedelta(minutes=30))
-        try:
-            run(cfg)
-            return 0
-        except UserError as e:
-            return _error(str(e))
-        except TrainingInterrupted as e:
-            return _interrupted(e)
-        finally:
-            dist.destroy_process_group()
+        return _run_in_group(cfg, 0)
     # By module path, not this module's globals: under ``python -m pyowt.train.cli`` this
     # module is __main__, whose functions the spawned processes cannot import by name.
     from .cli import _spawned as entry
@@ -199,11 +197,8 @@ def _run_local(cfg: TrainConfig) -> int:
     except WorkerFailed as e:
         print(f"pyowt train: a worker failed:\n{e}", file=sys.stderr)
         return 1
-    errors = [o["user_error"] for o in outs if "user_error" in o]
-    if errors:
-        return _error(errors[0])
-    stopped = [o["interrupted"] for o in outs if "interrupted" in o]
-    return _interrupted(TrainingInterrupted(*stopped[0])) if stopped else 0
+    # A user error on any rank first; else rank 0's outcome (it holds the checkpoint's path).
+    return _exit_status(next((o for o in outs if "user_error" in o), outs[0]))
 
 
 def run_train(cfg: TrainConfig) -> int:

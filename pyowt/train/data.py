@@ -136,7 +136,7 @@ class FolderSource(DataSource):
         self.val_data = ImageFolderData(val.samples, size, channels, False, seed, *limits)
         pin = device.type == "cuda"
         opts = dict(num_workers=loader_workers, pin_memory=pin, collate_fn=collate,
-                    worker_init_fn=_ignore_sigint if loader_workers > 0 else None)
+                    worker_init_fn=_ignore_sigint)
         if loader_workers > 0:
             # Persistent workers: no re-spawn every epoch; prefetching keeps the step fed.
             opts.update(persistent_workers=True, prefetch_factor=4)
