@@ -8,7 +8,8 @@
 # order STAGES names them (default:
 # "tests conv linear profile host train"), each under its own time limit so a slow one
 # cannot eat the next one's budget (seconds, overridable): the GPU-side tests
-# (TESTS_S=240: tests/ops on the GPU, every backend, plus NCCL on one GPU; pytest-xdist
+# (TESTS_S=240: tests/ops on the GPU, every backend, plus NCCL on one GPU, or the files and
+# test ids TEST_FILES names; pytest-xdist
 # spreads Triton's compiles over the cores when it is installed), the conv benchmark
 # (CONV_S=130; or its forward rows and its forward+backward rows as two stages, conv_fwd
 # and conv_bwd, CONV_FWD_S / CONV_BWD_S=100), the linear benchmark (LINEAR_S=80), a host/device time profile of a linear
@@ -80,8 +81,9 @@ fi
 # --- the conv's wgmma tiles, tried alone first (benchmarks/probe_wgmma.py) -------------------
 # Written where no Hopper GPU was: a device fault in them would poison whatever process
 # ran them, so they run in one of their own, and the stages below use them (tests,
-# "auto" in the benchmark) only if it passed. A preset PYOWT_CUDA_CONV_WGMMA wins.
-if [ -z "${PYOWT_CUDA_CONV_WGMMA:-}" ]; then
+# "auto" in the benchmark) only if it passed. A preset PYOWT_CUDA_CONV_WGMMA wins; PROBE_S=0
+# skips the probe and leaves the variable unset (the tiles' default: timed with the others).
+if [ -z "${PYOWT_CUDA_CONV_WGMMA:-}" ] && [ "${PROBE_S:-90}" != 0 ]; then
   timeout "${PROBE_S:-90}" $PY -m benchmarks.probe_wgmma > "$OUT/probe_wgmma.log" 2>&1
   probe_rc=$?
   grep -E '^probe_wgmma' "$OUT/probe_wgmma.log" | tee -a "$S"
@@ -107,6 +109,7 @@ stage_tests() {
   local files=(tests/ops/test_conv2d_cuda_backward.py tests/ops/test_conv2d_cuda.py tests/ops/test_triton_relaunch.py
                tests/ops/test_linear.py tests/ops/test_bias_relu.py tests/distributed/test_nccl_single_gpu.py)
   for f in tests/ops/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
+  [ -n "${TEST_FILES:-}" ] && read -r -a files <<< "$TEST_FILES"  # files or test ids, in that order
   PYOWT_FAILURE_LOG="$OUT/failures.log" timeout "${TESTS_S:-240}" $PY -m pytest "${files[@]}" "${xdist[@]}" \
       -v -p no:cacheprovider -o addopts="-ra" --timeout 170 --durations=15 > "$OUT/tests.log" 2>&1
   tests_rc=$?

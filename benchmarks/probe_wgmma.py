@@ -1,14 +1,15 @@
-"""Try the CUDA conv's tiles that no GPU has run yet (the wgmma tiles, the 128x96x64 WMMA
-tile) in a process of their own, before anything relies on them.
+"""Try the CUDA conv's newest tiles (the wgmma tiles, the 128x96x64 WMMA tile) in a
+process of their own, before anything relies on them.
 
     python -m benchmarks.probe_wgmma
 
 The wgmma tiles (csrc/cuda/conv2d_wgmma.cuh) were written and checked (CPU emulation,
-SASS) on machines without a Hopper GPU. A wrong shared-memory descriptor could fault the
+SASS) on machines without a Hopper GPU, and first ran on an H100 on 2026-11-27 (every
+probe shape agreed). A change to them could still bring a wrong shared-memory descriptor could fault the
 device, and a CUDA fault poisons every later call of the process, so
 benchmarks/gpu_check.sh runs this first and, unless it passes, sets
 PYOWT_CUDA_CONV_WGMMA=0 for the stages after it (the tests then skip the wgmma tiles, the
-benchmark leaves them out). The 128x96x64 WMMA tile (added later, also unrun) is tried
+benchmark leaves them out). The 128x96x64 WMMA tile is tried
 first, so that a fault in it shows up here, named, rather than in a later stage; the
 first-call timing never picks a tile that disagrees with 128x64x32. Each tile runs a few
 conv shapes (AlexNet's conv3 at batch 8, a K tail with several C_out blocks, NCHW and

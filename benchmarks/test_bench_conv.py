@@ -16,8 +16,8 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
   the ``cuda`` backend with each tensor-core tile shape forced (``ours:cuda/128x64x32``,
   ``/128x128x32``, ``/128x128x64``, ``/128x96x64``, and on sm_90 with an sm_90a build
   ``/wgmma128x64x64``, ``/wgmma128x96x64``, ``/wgmma128x128x64``), next to its own first-call pick
-  (``ours:cuda``; it times the wgmma tiles too with ``PYOWT_CUDA_CONV_WGMMA=1``, which
-  gpu_check.sh sets after its probe).
+  (``ours:cuda``; it times the wgmma tiles too unless ``PYOWT_CUDA_CONV_WGMMA=0``, which
+  gpu_check.sh sets when its probe fails).
 * CPU: batch 8 (224x224 inputs: batch 128 would take minutes per layer on a small CPU),
   float32, NCHW, fastest of the repeats; ours is the ``cpu`` backend (the notes column
   says which forward it ran: ``winograd``, our F(2x2, 3x3) kernel, or ``onednn``, the fused

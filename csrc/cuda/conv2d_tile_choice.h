@@ -7,7 +7,7 @@
 // fills the last wave at 256 (conv4/conv5 at batch 128: 507 blocks, 1.92 waves at two per
 // SM on 132 SMs, where every 64- or 128-wide tile that fits two or four per SM makes 1.28);
 // the wgmma tiles (sm_90a) are Hopper's own tensor-core path, 64, 96 and 128 wide
-// (candidates only with PYOWT_CUDA_CONV_WGMMA=1, conv2d.cu). So, like cuDNN's
+// (candidates unless PYOWT_CUDA_CONV_WGMMA=0, conv2d.cu). So, like cuDNN's
 // benchmark mode, the first call of each problem (device, dtype, loader, output layout,
 // geometry) times every candidate on the GPU and later calls reuse the fastest. A
 // candidate whose output disagrees with the first candidate's (128x64x32, the shape
@@ -81,17 +81,18 @@ inline std::optional<TcTile> forced_tile(const char* op) {
   return std::nullopt;  // unreachable
 }
 
-// Whether the first-call timing considers the wgmma tiles: PYOWT_CUDA_CONV_WGMMA=1 opts in,
-// "0" or unset leaves them out. Off by default until they have run on a Hopper GPU (they
-// were written and checked where none was): a wrong descriptor there could fault the
-// device, which no output check can catch (benchmarks/probe_wgmma.py tries them in a
-// process of its own).
+// Whether the first-call timing considers the wgmma tiles: unset (or "1") yes, where
+// wgmma_usable() says they can run; "0" leaves them out. They ran first on an H100 on
+// 2026-11-27 (benchmarks/probe_wgmma.py in a process of its own, then the GPU test grid and
+// the AlexNet benchmark, where they made the forward 1.56x cuDNN's): "0" stays as the way
+// out should a device fault in them ever show up (such a fault poisons the process, which
+// no output check can catch).
 inline bool wgmma_in_auto(const char* op) {
   const char* env = std::getenv("PYOWT_CUDA_CONV_WGMMA");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "1") == 0, op, ": PYOWT_CUDA_CONV_WGMMA must be \"0\" or \"1\", got \"", env,
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return true;
+  TORCH_CHECK(std::strcmp(env, "0") == 0, op, ": PYOWT_CUDA_CONV_WGMMA must be \"0\" or \"1\", got \"", env,
               "\"");
-  return true;
+  return false;
 }
 
 using TileKey = std::array<int64_t, 20>;

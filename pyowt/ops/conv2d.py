@@ -10,7 +10,8 @@ pre-activation is never stored.
 """
 from __future__ import annotations
 
-from functools import partial
+import os
+from functools import lru_cache, partial
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -25,10 +26,13 @@ from .backend import (call_cpp_op, composition_required, eager_autograd_function
                       python_kernels_callable, register_op, resolve_backend, unavailable_reason)
 
 OP = "conv2d_bias_act"
-# The default is the fastest backend measured (benchmarks/RESULTS.md, H200, bf16, batch
-# 128, 2026-11-26): cuDNN through ATen beat our CUDA kernel (0.59x forward over AlexNet's
-# convs, 0.52x forward+backward) and our Triton kernel (0.27x, 0.19x). Ours stay one
-# argument or PYOWT_BACKEND_CONV2D_BIAS_ACT=cuda|triton away; revisit with each kernel change.
+# The default is the fastest backend measured (benchmarks/RESULTS.md): cuDNN through ATen,
+# except where our CUDA kernel measured faster (cuda_kernel_preferred): 16-bit channels_last
+# RGB first layers (H200, 2026-11-26) and, since its wgmma tiles ran on an H100 (bf16, batch
+# 128, 2026-11-27: 1.07-2.96x cuDNN's forward on each AlexNet conv), every 16-bit
+# channels_last layer on an sm_90 GPU. Our Triton kernel (1.16x over AlexNet's forward,
+# 0.81x forward+backward on that H100) stays one argument or
+# PYOWT_BACKEND_CONV2D_BIAS_ACT=cuda|triton away; revisit with each kernel change.
 register_op(
     OP,
     implemented=("triton", "cuda", "cpu", "aten"),
@@ -42,28 +46,48 @@ ACTIVATIONS = ("relu", "none")
 def cuda_kernel_preferred(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """True for the CUDA tensors on which the default backend is our CUDA kernel, not cuDNN.
 
-    That is where it measured faster (H200, bf16, batch 128, channels_last,
-    benchmarks/RESULTS.md): a network's first layer, few input channels and a large
-    kernel, where cuDNN's tensor-core tiles are mostly channel padding. AlexNet conv1 (3 ->
-    64, 11x11, stride 4) forward 0.495 vs 0.749 ms, ResNet-50 conv1 (3 -> 64, 7x7, stride 2)
-    0.670 vs 1.323 ms. The backward runs cuDNN either way (the first layer's input gradient
-    is not computed). Other layers measured 0.40-0.74x of cuDNN and keep it. Small kernels
-    (a 3x3 first layer) and float32 were not measured and keep cuDNN too.
+    Only where it measured faster (batch 128, channels_last, benchmarks/RESULTS.md), all
+    of it for float16/bfloat16, ``groups=1``, channels_last x:
+
+    * a network's first layer, few input channels and a large kernel, where cuDNN's
+      tensor-core tiles are mostly channel padding (H200, bf16): AlexNet conv1 (3 -> 64,
+      11x11, stride 4) forward 0.495 vs 0.749 ms, ResNet-50 conv1 (3 -> 64, 7x7, stride 2)
+      0.670 vs 1.323 ms;
+    * on an sm_90 GPU where the kernel's wgmma tiles run (:func:`cuda_wgmma_tiles_available`,
+      not switched off by ``PYOWT_CUDA_CONV_WGMMA=0``), every layer whose C_in is a multiple
+      of 8 (the tiles' vector loader): H100, bf16, AlexNet conv2-conv5 forward 1.36x, 1.81x,
+      1.07x, 1.19x of cuDNN's.
+
+    The 16-bit backward runs cuDNN either way. float32, NCHW inputs (our kernel's slower
+    scalar loader) and small-kernel first layers were not measured faster and keep cuDNN.
     """
-    return (groups == 1 and x.dim() == 4 and weight.dim() == 4
-            and x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] <= 4
-            and weight.shape[2] * weight.shape[3] >= 25
-            and _checks.preferred_memory_format(x, 1) == torch.channels_last)
+    if not (groups == 1 and x.dim() == 4 and weight.dim() == 4
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and _checks.preferred_memory_format(x, 1) == torch.channels_last):
+        return False
+    if x.shape[1] <= 4 and weight.shape[2] * weight.shape[3] >= 25:
+        return True
+    return (x.shape[1] % 8 == 0 and os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0"
+            and _wgmma_tiles_on(x.device.index))
 
 
 def cuda_wgmma_tiles_available() -> bool:
     """Whether the ``cuda`` backend's wgmma tiles (csrc/cuda/conv2d_wgmma.cuh) can run here:
     an extension compiled for sm_90a and a current CUDA device of compute capability 9.0,
-    what csrc/cuda/conv2d.cu's ``wgmma_usable`` checks. (The first-call tile timing also
-    needs ``PYOWT_CUDA_CONV_WGMMA=1`` to consider them.)"""
+    what csrc/cuda/conv2d.cu's ``wgmma_usable`` checks. (The first-call tile timing considers
+    them unless ``PYOWT_CUDA_CONV_WGMMA=0``.)"""
     return (_extension.STATUS.loaded and torch.cuda.is_available()
             and bool(_extension.STATUS.module.build_config().get("sm90a"))
             and torch.cuda.get_device_capability() == (9, 0))
+
+
+@lru_cache(maxsize=None)
+def _wgmma_tiles_on(device_index: Optional[int]) -> bool:
+    # Asked on every default-backend call: the build and the device do not change in a process.
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device_index):  # None: the current device
+        return cuda_wgmma_tiles_available()
 
 
 class ConvShape(NamedTuple):
@@ -434,9 +458,9 @@ def conv2d_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             other groups to cuDNN.
         activation: ``"relu"`` (default) or ``None``/``"none"``.
         backend: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"aten"``; default: ``"cpu"`` on
-            CPU tensors, ``"aten"`` (cuDNN) on CUDA tensors except the 16-bit RGB first
-            layers where our CUDA kernel measured faster (:func:`cuda_kernel_preferred`),
-            then the others; see :mod:`pyowt.ops.backend`.
+            CPU tensors, ``"aten"`` (cuDNN) on CUDA tensors except the 16-bit channels_last
+            layers where our CUDA kernel measured faster (:func:`cuda_kernel_preferred`:
+            RGB first layers; on an sm_90 GPU, every such layer), then the others; see :mod:`pyowt.ops.backend`.
 
     Returns:
         ``(N, C_out, H_out, W_out)`` in x's memory format (channels_last in, channels_last

@@ -200,8 +200,6 @@ def test_tile_shapes_agree_bitwise_and_auto_picks_one(conv_cuda_ops, dtype, monk
     # finds a tile disagreeing with 128x64x32 (it would warn). ALEXNET[0] (C_in = 3) takes
     # the scalar loader, which runs the K-64 shapes as K-32 WMMA ones.
     tiles = TILES if wgmma_tiles_usable() else WMMA_TILES
-    if tiles == TILES:
-        monkeypatch.setenv("PYOWT_CUDA_CONV_WGMMA", "1")  # "auto" times them too
     cases = [{**ALEXNET[2], "channels_last": True}, {**ALEXNET[1], "channels_last": False},
              {**CONFIGS[4], "channels_last": True}, {**ALEXNET[0], "channels_last": True}]
     for cfg in cases:

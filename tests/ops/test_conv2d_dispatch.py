@@ -27,8 +27,11 @@ def test_env_var_forces_backend(monkeypatch):
         conv2d_bias_act(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 1, 1))
 
 
-def test_cuda_kernel_preferred_only_where_measured_faster():
-    from pyowt.ops.conv2d import cuda_kernel_preferred
+def test_cuda_kernel_preferred_only_where_measured_faster(monkeypatch):
+    # On a GPU without the wgmma tiles (the next test has them).
+    import pyowt.ops.conv2d as conv
+    monkeypatch.setattr(conv, "_wgmma_tiles_on", lambda index: False)
+    cuda_kernel_preferred = conv.cuda_kernel_preferred
 
     def x_(c, dtype=torch.bfloat16, cl=True):
         x = torch.empty(2, c, 32, 32, dtype=dtype)
@@ -43,6 +46,31 @@ def test_cuda_kernel_preferred_only_where_measured_faster():
     assert not cuda_kernel_preferred(x_(64), torch.empty(64, 64, 5, 5), 1)  # inner layer
     assert not cuda_kernel_preferred(x_(4), torch.empty(64, 2, 11, 11), 2)  # grouped
     assert not cuda_kernel_preferred(torch.empty(3, 32, 32), w11, 1)  # bad rank: no crash
+
+
+@pytest.mark.parametrize("wgmma_tiles_on", [False, True])
+def test_cuda_kernel_preferred_for_inner_layers_only_with_wgmma(monkeypatch, wgmma_tiles_on):
+    # With the wgmma tiles (an sm_90 GPU, an sm_90a build) our kernel measured faster on
+    # every AlexNet layer in bf16 channels_last: those layers default to it, the others
+    # (fp32, NCHW, C_in not a multiple of 8, grouped) and PYOWT_CUDA_CONV_WGMMA=0 keep cuDNN.
+    import pyowt.ops.conv2d as conv
+    monkeypatch.setattr(conv, "_wgmma_tiles_on", lambda index: wgmma_tiles_on)
+
+    def x_(c, dtype=torch.bfloat16, cl=True):
+        x = torch.empty(2, c, 13, 13, dtype=dtype)
+        return x.contiguous(memory_format=torch.channels_last) if cl else x
+
+    w3 = torch.empty(384, 192, 3, 3)
+    assert conv.cuda_kernel_preferred(x_(192), w3, 1) is wgmma_tiles_on            # AlexNet conv3
+    assert conv.cuda_kernel_preferred(x_(192, torch.float16), w3, 1) is wgmma_tiles_on
+    assert conv.cuda_kernel_preferred(x_(64), torch.empty(192, 64, 5, 5), 1) is wgmma_tiles_on
+    assert not conv.cuda_kernel_preferred(x_(192, torch.float32), w3, 1)
+    assert not conv.cuda_kernel_preferred(x_(192, cl=False), w3, 1)
+    assert not conv.cuda_kernel_preferred(x_(12), torch.empty(64, 12, 3, 3), 1)   # C_in % 8
+    assert not conv.cuda_kernel_preferred(x_(192), torch.empty(384, 96, 3, 3), 2)
+    assert conv.cuda_kernel_preferred(x_(3), torch.empty(64, 3, 11, 11), 1)     # first layer: always
+    monkeypatch.setenv("PYOWT_CUDA_CONV_WGMMA", "0")
+    assert not conv.cuda_kernel_preferred(x_(192), w3, 1)
 
 
 @pytest.mark.gpu
@@ -69,6 +97,30 @@ def test_default_backend_first_layer_gpu(monkeypatch):
     monkeypatch.setenv("PYOWT_BACKEND_CONV2D_BIAS_ACT", "aten")
     conv2d_bias_act(x, w, b, 4, 2)
     assert not calls, "a forced aten backend ran the CUDA kernel"
+
+
+@pytest.mark.gpu
+def test_default_backend_inner_layer_gpu(monkeypatch):
+    # On an sm_90 GPU with the wgmma tiles the default runs our CUDA kernel on a bf16
+    # channels_last inner layer (AlexNet conv3's channels), elsewhere cuDNN; both match the
+    # float64 reference, and PYOWT_CUDA_CONV_WGMMA=0 hands the layer back to cuDNN.
+    if unavailable_reason_cuda() is not None:
+        pytest.skip(unavailable_reason_cuda())
+    import pyowt.ops.conv2d as conv
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 192, 13, 13, generator=g).to("cuda", torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(384, 192, 3, 3, generator=g) / 41).to("cuda", torch.bfloat16)
+    b = torch.randn(384, generator=g).to("cuda", torch.bfloat16)
+    ref = conv2d_bias_act_reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), 1, 1)
+    calls = record_calls(monkeypatch, conv, "_conv_cpp", "_conv_direct")
+    out = conv2d_bias_act(x, w, b, 1, 1)
+    assert bool(calls) is conv.cuda_wgmma_tiles_available(), calls
+    assert_close_rel(out, ref, torch.bfloat16, "default inner layer")
+    calls.clear()
+    monkeypatch.setenv("PYOWT_CUDA_CONV_WGMMA", "0")
+    assert_close_rel(conv2d_bias_act(x, w, b, 1, 1), ref, torch.bfloat16, "PYOWT_CUDA_CONV_WGMMA=0")
+    assert not calls, "PYOWT_CUDA_CONV_WGMMA=0 still ran the CUDA kernel on an inner layer"
 
 
 def unavailable_reason_cuda():
