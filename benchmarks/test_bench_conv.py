@@ -9,7 +9,10 @@ next to the floor ``max(FLOPs / measured GEMM rate, bytes / measured copy bandwi
 * GPU (skipped without CUDA): batch 128, bf16 (``PYOWT_BENCH_CONV_DTYPES=bfloat16,float16``
   for more), channels_last everywhere, CUDA-event medians of back-to-back calls (and of lone calls,
   "sync ms") with rotating inputs. References:
-  ``relu(conv2d(...))`` (cuDNN) and ``torch.compile(mode="max-autotune")`` of the same
+  ``relu(conv2d(...))`` (cuDNN with torch's default heuristic algorithm choice, "aten"; the
+  same with ``torch.backends.cudnn.benchmark = True``, "aten:cudnn-bench", which times
+  cuDNN's algorithms on a shape's first call as our CUDA kernel times its tiles: the
+  "vs bench" column) and ``torch.compile(mode="max-autotune")`` of the same
   (``PYOWT_BENCH_COMPILE``: ``1`` forward only (default), ``all``, ``0`` none; skipped once
   ``PYOWT_BENCH_BUDGET_S`` seconds (default 100) have passed, to fit the GPU check).
   Ours: the ``triton`` and, when built, the ``cuda`` backend; in 16-bit forward rows also
@@ -180,6 +183,21 @@ def _inputs(layer, batch, dtype, device, copies):
     return xs, w.requires_grad_(True), b.requires_grad_(True)
 
 
+CUDNN_BENCH = "aten:cudnn-bench"
+
+
+def _cudnn_benchmarked(f):
+    """``f`` run with ``torch.backends.cudnn.benchmark = True`` (restored after each call)."""
+    def run(*args):
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            return f(*args)
+        finally:
+            torch.backends.cudnn.benchmark = before
+    return run
+
+
 def _callables(impls: dict, layer, xs, w, b, mode):
     """One zero-argument callable per impl; each call takes the next input copy."""
     o = layer.out_size()
@@ -199,7 +217,8 @@ def _callables(impls: dict, layer, xs, w, b, mode):
                 torch.autograd.grad(y, inputs, grad)
             return y
 
-        out[name] = call
+        # cuDNN's benchmark flag around the forward and the backward alike
+        out[name] = _cudnn_benchmarked(call) if name == CUDNN_BENCH else call
     return out
 
 
@@ -217,6 +236,7 @@ def _record(layer, mode, dtype, device, batch, times: dict, ours: str, notes="",
             tflops=mult * layer.flops(batch) / t / 1e12, floor_ms=floor * 1e3,
             speedup_vs_aten=times["aten"] / t if "aten" in times else None,
             speedup_vs_compile=(times["compile"] / t if "compile" in times else None),
+            speedup_vs_cudnn_bench=(times[CUDNN_BENCH] / t if CUDNN_BENCH in times else None),
             ours=impl == ours or impl.startswith("ours"),
             sync_ms=latency[impl] * 1e3 if latency else None,
             notes=notes.get(impl, "") if isinstance(notes, dict) else notes,
@@ -352,7 +372,7 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
     elem = torch.finfo(dtype).bits // 8
     copies = max(2, min(8, (128 << 20) // (GPU_BATCH * layer.c_in * layer.size ** 2 * elem) + 1))
     xs, w, b = _inputs(layer, GPU_BATCH, dtype, device, copies)
-    impls = {"aten": _conv_ref(layer)}
+    impls = {"aten": _conv_ref(layer), CUDNN_BENCH: _conv_ref(layer)}  # _callables sets the flag
     backends = [be for be in ("triton", "cuda") if unavailable_reason(be, device) is None]
     tuned_before = _autotuner_caches() if "triton" in backends else {}
     for be in backends:
@@ -407,8 +427,9 @@ def summarize(rows):
             continue
         net = r["layer"].split(".")[0]
         key = f"{r['device']}/{r['dtype']}/{r['mode']}/{net}/{r['impl']}"
-        out.setdefault(key, {"vs_aten": [], "vs_compile": [], "wrong": 0})
+        out.setdefault(key, {"vs_aten": [], "vs_bench": [], "vs_compile": [], "wrong": 0})
         out[key]["vs_aten"].append(r["speedup_vs_aten"])
+        out[key]["vs_bench"].append(r.get("speedup_vs_cudnn_bench"))
         out[key]["vs_compile"].append(r["speedup_vs_compile"])
         out[key]["wrong"] += "WRONG" in r["notes"]
     return {k: {m: (v if m == "wrong" else _geomean(v)) for m, v in d.items()} for k, d in out.items()}
@@ -416,22 +437,24 @@ def summarize(rows):
 
 def format_table(rows, summary):
     head = (f"{'layer':<18}| {'mode':<8}| {'dtype':<8}| {'impl':<20}| {'ms':>9} | {'TFLOP/s':>8} "
-            f"| {'floor ms':>8} | {'vs aten':>7} | {'vs compile':>10} | {'sync ms':>8} | notes")
+            f"| {'floor ms':>8} | {'vs aten':>7} | {'vs bench':>8} | {'vs compile':>10} | {'sync ms':>8} | notes")
     lines = [head, "-" * len(head)]
     for r in rows:
         va = f"{r['speedup_vs_aten']:.2f}x" if r["speedup_vs_aten"] else "-"
+        vb = f"{r['speedup_vs_cudnn_bench']:.2f}x" if r.get("speedup_vs_cudnn_bench") else "-"
         vc = f"{r['speedup_vs_compile']:.2f}x" if r["speedup_vs_compile"] else "-"
         sync = f"{r['sync_ms']:.3f}" if r.get("sync_ms") else "-"
         lines.append(f"{r['layer']:<18}| {r['mode']:<8}| {r['dtype']:<8}| {r['impl']:<20}| "
-                     f"{r['ms']:9.3f} | {r['tflops']:8.2f} | {r['floor_ms']:8.3f} | {va:>7} | {vc:>10} | "
+                     f"{r['ms']:9.3f} | {r['tflops']:8.2f} | {r['floor_ms']:8.3f} | {va:>7} | {vb:>8} | {vc:>10} | "
                      f"{sync:>8} | {r['notes']}")
     lines.append("")
     lines.append("geometric-mean speedup ratio (t_ref / t_ours; > 1 = ours faster):")
     for k, d in sorted(summary.items()):
         va = f"{d['vs_aten']:.3f}x" if d["vs_aten"] else "-"
+        vb = f"{d['vs_bench']:.3f}x" if d.get("vs_bench") else "-"
         vc = f"{d['vs_compile']:.3f}x" if d["vs_compile"] else "-"
         bad = f"   ({d['wrong']} row(s) WRONG: not a valid figure)" if d.get("wrong") else ""
-        lines.append(f"  {k:<48} vs aten {va:>8}   vs compile {vc:>8}{bad}")
+        lines.append(f"  {k:<48} vs aten {va:>8}   vs bench {vb:>8}   vs compile {vc:>8}{bad}")
     return "\n".join(lines)
 
 

@@ -109,3 +109,28 @@ def test_triton_launch_host_runs():
     lines = [line for line in proc.stdout.splitlines() if "us per call" in line]
     assert len(lines) == 8 and sum(", relaunch " in line for line in lines) == 4, proc.stdout
     assert sum("forward+backward" in line for line in lines) == 4, proc.stdout
+
+
+def test_conv_benchmark_reports_ratios_against_benchmarked_cudnn():
+    # The GPU table's "vs bench" column and summary: ours against cuDNN with its benchmark
+    # flag on, next to the heuristic cuDNN ("vs aten"), from the same rows.
+    from benchmarks.test_bench_conv import CUDNN_BENCH, format_table, summarize
+
+    def row(layer, impl, ms, aten, bench):
+        return dict(layer=layer, mode="fwd", dtype="bfloat16", device="cuda", batch=128, impl=impl,
+                    ms=ms, tflops=1.0, floor_ms=0.01, speedup_vs_aten=aten / ms,
+                    speedup_vs_compile=None, speedup_vs_cudnn_bench=bench / ms,
+                    ours=impl.startswith("ours"), sync_ms=None, notes="")
+
+    rows = [row("alexnet.conv2", "aten", 0.2, 0.2, 0.1), row("alexnet.conv2", CUDNN_BENCH, 0.1, 0.2, 0.1),
+            row("alexnet.conv2", "ours:cuda", 0.1, 0.2, 0.1),
+            row("alexnet.conv3", "aten", 0.4, 0.4, 0.4), row("alexnet.conv3", CUDNN_BENCH, 0.4, 0.4, 0.4),
+            row("alexnet.conv3", "ours:cuda", 0.8, 0.4, 0.4)]
+    summary = summarize(rows)
+    assert set(summary) == {"cuda/bfloat16/fwd/alexnet/ours:cuda"}
+    s = summary["cuda/bfloat16/fwd/alexnet/ours:cuda"]
+    assert abs(s["vs_aten"] - 1.0) < 1e-12            # sqrt(2.0 * 0.5)
+    assert abs(s["vs_bench"] - 0.5 ** 0.5) < 1e-12     # sqrt(1.0 * 0.5)
+    table = format_table(rows, summary)
+    assert "vs bench" in table.splitlines()[0]
+    assert "vs aten   1.000x   vs bench   0.707x" in table
