@@ -104,6 +104,9 @@ def install_stand_ins(autotuned_kernel, record: bool = True):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--layer", choices=("conv5", "rgb"), default="conv5",
+                        help="conv5: AlexNet conv5's geometry; rgb: a 3-channel 11x11 stride-4 first "
+                             "layer (the packed walk, which copies x and w on every call)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("run it without TRITON_INTERPRET (env -u TRITON_INTERPRET ...)")
@@ -119,18 +122,24 @@ def main(argv=None) -> int:
         install_stand_ins(kernel, record=False)
     conv_mod.resolve_backend = lambda op, device, backend=None: "triton"  # CPU tensors
 
-    # AlexNet conv5's geometry at batch 8 (the kernels do not run: sizes only matter to
-    # the host through the plan's key and the allocations).
-    x = torch.randn(8, 384, 13, 13).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = torch.randn(256, 384, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
-    b = torch.randn(256).requires_grad_()
-    grad = torch.randn(8, 256, 13, 13).contiguous(memory_format=torch.channels_last)
+    # AlexNet conv5's geometry at batch 8, or an RGB first layer kept small (the kernels do
+    # not run: sizes only matter to the host through the plan's key and the allocations,
+    # and the RGB layer's packing copies, which run on this CPU, stay tiny).
+    if args.layer == "conv5":
+        (n, c, size, co, k, stride, pad), first = (8, 384, 13, 256, 3, 1, 1), False
+    else:
+        (n, c, size, co, k, stride, pad), first = (2, 3, 31, 64, 11, 4, 2), True
+    out_size = (size + 2 * pad - k) // stride + 1
+    x = torch.randn(n, c, size, size).contiguous(memory_format=torch.channels_last).requires_grad_(not first)
+    w = torch.randn(co, c, k, k).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randn(co).requires_grad_()
+    grad = torch.randn(n, co, out_size, out_size).contiguous(memory_format=torch.channels_last)
 
     def forward():
-        return conv_mod.conv2d_bias_act(x, w, b, 1, 1, backend="triton")
+        return conv_mod.conv2d_bias_act(x, w, b, stride, pad, backend="triton")
 
     def forward_backward():
-        torch.autograd.grad(forward(), [x, w, b], grad)
+        torch.autograd.grad(forward(), [w, b] if first else [x, w, b], grad)
 
     def per_call_us(call, calls) -> float:
         for _ in range(max(calls // 50, 10)):
@@ -146,7 +155,8 @@ def main(argv=None) -> int:
         for name, flag in rows + rows:  # twice, alternating: the second pair shows the noise
             os.environ["PYOWT_TRITON_RELAUNCH"] = flag
             conv_mod._EAGER_PLANS.clear()
-            print(f"conv2d_bias_act triton eager {mode:<16}, {name:<42} {per_call_us(call, calls):7.2f} us per call")
+            print(f"conv2d_bias_act triton eager {args.layer} {mode:<16}, {name:<42} "
+                  f"{per_call_us(call, calls):7.2f} us per call")
     return 0
 
 

@@ -330,10 +330,12 @@ def pack_rgb(x: torch.Tensor, w_cl: torch.Tensor):
     n, c, h, w = x.shape
     co, _, r, s = w_cl.shape
     jp = ceil_div(4 * s, PACK_K_MULTIPLE) * PACK_K_MULTIPLE
+    # narrow + copy_, not slice assignment: this runs on every call of an RGB layer, and
+    # Python's __setitem__ with slices costs several times their host time.
     x4 = x.new_zeros((n, h, w, 4))
-    x4[..., :c] = x.permute(0, 2, 3, 1)
+    x4.narrow(3, 0, c).copy_(x.permute(0, 2, 3, 1))
     w4 = w_cl.new_zeros((co, r, jp))
-    w4[:, :, :4 * s].view(co, r, s, 4)[..., :c] = w_cl.permute(0, 2, 3, 1)
+    w4.narrow(2, 0, 4 * s).view(co, r, s, 4).narrow(3, 0, c).copy_(w_cl.permute(0, 2, 3, 1))
     return x4, w4, jp
 
 
@@ -356,10 +358,16 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
             eager path's plan (pyowt.ops.conv2d). Once the kernel is tuned the launch keeps
             its scalar arguments there and later calls only pass the tensors, and once it
             has run from there, the compiled kernel (kernels.relaunch: later calls skip
-            Triton's JITFunction.run). Eager, unpacked launches only.
+            Triton's JITFunction.run). Eager launches only; the packed walk's copies are
+            made on every call (they hold the call's data), its launch relaunches too.
     """
     b_arg = w_cl if bias is None else bias
-    if launch_from_memo(memo, conv2d_fwd_kernel, (x, w_cl, b_arg, y)):
+    if memo:
+        if memo["packed"]:
+            x4, w4, _ = pack_rgb(x, w_cl)
+            launch_from_memo(memo, conv2d_fwd_kernel, (x4.permute(0, 3, 1, 2), w4, b_arg, y))
+        else:
+            launch_from_memo(memo, conv2d_fwd_kernel, (x, w_cl, b_arg, y))
         return
     check_int32_images(shape)
     c = shape.c_in // shape.groups
@@ -389,5 +397,7 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
                *x_arg.stride(), *y.stride(), *shape.stride, *shape.padding, *shape.dilation, jp)
     constexprs = dict(HAS_BIAS=bias is not None, RELU=relu, FLAT_K=flat, PACKED=pack,
                       IEEE=x.dtype == torch.float32, X_ALIGN=x_align, Y_ALIGN=channel_align(co, y))
-    launch_and_remember(launch, None if pack else memo, conv2d_fwd_kernel, key, grid, (x_arg, w_arg, b_arg, y),
+    launch_and_remember(launch, memo, conv2d_fwd_kernel, key, grid, (x_arg, w_arg, b_arg, y),
                         scalars, constexprs)
+    if memo:  # kept: later calls launch from it
+        memo["packed"] = pack

@@ -98,15 +98,17 @@ def test_probe_wgmma_verdicts(capsys):
     assert "wgmma128x128x64" in out and "MISMATCH" in out and "6 mismatches" in out
 
 
-def test_triton_launch_host_runs():
+@pytest.mark.parametrize("layer", ["conv5", "rgb"])
+def test_triton_launch_host_runs(layer):
     # It needs a process without TRITON_INTERPRET; a stand-in driver replaces the GPU.
     from .utils import run_without_interpreter, triton_nvidia_backend
 
     if not triton_nvidia_backend():
         pytest.skip("no Triton with an NVIDIA backend")
-    proc = run_without_interpreter("benchmarks.triton_launch_host", "--calls", "50", timeout=300)
+    proc = run_without_interpreter("benchmarks.triton_launch_host", "--calls", "50", "--layer", layer,
+                                   timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if "us per call" in line]
+    lines = [line for line in proc.stdout.splitlines() if f"eager {layer} " in line and "us per call" in line]
     assert len(lines) == 8 and sum(", relaunch " in line for line in lines) == 4, proc.stdout
     assert sum("forward+backward" in line for line in lines) == 4, proc.stdout
 

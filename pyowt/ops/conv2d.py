@@ -231,7 +231,9 @@ if HAS_TRITON:
             shape = plan.shape
             out = x.new_empty_strided(plan.out_size, plan.out_stride)
         # NHWC operands: a run of input channels is contiguous in x and in each weight row.
-        x_cl = x.contiguous(memory_format=torch.channels_last)
+        # (The packed walk of an RGB layer copies x into its own 4-channel layout instead.)
+        packed = _fwd.use_packed(shape.c_in // shape.groups, shape.groups)
+        x_cl = x if packed else x.contiguous(memory_format=torch.channels_last)
         w_cl = weight.contiguous(memory_format=torch.channels_last)
         _fwd.launch_conv2d_fwd(launch, x_cl, w_cl, None if bias is None else bias.contiguous(),
                                out, shape, activation == "relu", memo=None if plan is None else plan.memo)

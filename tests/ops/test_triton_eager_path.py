@@ -113,6 +113,33 @@ def test_launch_skips_the_autotuner_once_tuned(triton_device, monkeypatch):
     assert len(tuner_runs) == 2 and len(autotuned._PICKED) == 2 and generic == ["launch_autotuned"]
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_rgb_launch_repeats_from_the_plan(triton_device, monkeypatch, channels_last):
+    # An RGB layer's packed walk copies x and w into 4-channel buffers on every call (they
+    # hold the call's data); once tuned, its launch too is taken from the plan, on the new
+    # copies: a second call on other data matches the reference without the generic launch.
+    from pyowt.kernels import autotuned
+    from pyowt.ops import conv2d as conv_mod
+
+    monkeypatch.setattr(conv_mod, "_EAGER_PLANS", {})
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = (torch.randn(2, 3, 13, 11, generator=g).to(triton_device) for _ in range(2))
+    if channels_last:
+        x1, x2 = (t.contiguous(memory_format=torch.channels_last) for t in (x1, x2))
+    w, b = torch.randn(6, 3, 5, 5, generator=g).to(triton_device), torch.randn(6, generator=g).to(triton_device)
+    first = conv2d_bias_act(x1, w, b, 2, 1, backend="triton")
+    (plan,) = conv_mod._EAGER_PLANS.values()
+    assert plan.memo["packed"] is True and plan.memo["launch"]
+    generic = record_calls(monkeypatch, autotuned, "launch_autotuned")
+    packs = record_calls(monkeypatch, conv_mod._fwd, "pack_rgb")
+    second = conv2d_bias_act(x2, w, b, 2, 1, backend="triton")
+    assert not generic, "the second call of a tuned RGB layer did not launch from its plan"
+    assert packs == ["pack_rgb"]
+    assert_close_rel(first, conv2d_bias_act_reference(x1, w, b, 2, 1), torch.float32, "first call")
+    assert_close_rel(second, conv2d_bias_act_reference(x2, w, b, 2, 1), torch.float32, "second call")
+    assert second.is_contiguous(memory_format=torch.channels_last) is channels_last
+
+
 def test_conv_eager_plans_keep_every_check(triton_device, monkeypatch):
     # pyowt.ops.conv2d caches, per tensor metadata and conv arguments, what _validate found
     # for an eager Triton call; a call the cache has seen must still refuse what it refused
