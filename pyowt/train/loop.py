@@ -271,9 +271,14 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
                     progress.end_line()
                     # At an epoch's last step too: the resumed run then validates that epoch.
                     path = saver.save(epoch, i, global_step, history) if saver else None
-                    if rank == 0 and cfg.json:
-                        partial = _results(cfg, meta, history, source, 0, time.perf_counter() - t_run)
-                        _write_results({**partial, "interrupted_after_step": global_step}, cfg.json, None)
+                    if cfg.json:
+                        _write_partial_results(lambda: {**_results(cfg, meta, history, source, 0,
+                                                                   time.perf_counter() - t_run),
+                                                        "interrupted_after_step": global_step},
+                                               cfg.json, rank, k, global_step,
+                                               # (the path on every rank: save() returns it on rank 0)
+                                               os.path.join(cfg.checkpoint_dir, ckpt_io.checkpoint_name(global_step))
+                                               if saver else None)
                     raise TrainingInterrupted(global_step, path, stop_signal)
                 if saver and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and i < steps_per_epoch:
                     flush()
@@ -318,6 +323,17 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
         for path in _write_results(results, cfg.json, cfg.plot):
             say(f"results written to {path}")
     return results
+
+
+def _write_partial_results(results: Callable[[], dict], json_path: str, rank: int, k: int, global_step: int,
+                           checkpoint: Optional[str]) -> None:
+    """Rank 0 writes an interrupted run's results so far; a failure to write stops every
+    rank with the same :class:`UserError`, which still says where the run stopped."""
+    try:
+        _agree(lambda: _write_results(results(), json_path, None) if rank == 0 else None, k)
+    except UserError as e:
+        saved = f"; checkpoint written to {checkpoint} (continue with --resume)" if checkpoint else ""
+        raise UserError(f"{e}; the run was interrupted after global step {global_step}{saved}") from None
 
 
 def _write_results(results: dict, json_path: Optional[str], plot_path: Optional[str]) -> List[str]:

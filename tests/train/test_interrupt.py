@@ -197,3 +197,27 @@ def test_ranks_with_different_step_times_stop_at_the_same_step(run_workers, as_i
 def test_training_interrupted_message():
     assert TrainingInterrupted(7, None).describe() == \
         "pyowt train: interrupted after global step 7; nothing saved (no --checkpoint-dir)"
+
+
+def _interrupted_with_results_unwritable(cfg, folder):
+    os.environ["PYOWT_TEST_SIGINT_AT"] = "5"  # this pool worker's own SIGINT, during step 5
+    try:
+        from .test_cli import _folder_replaced_by_a_file
+        return _folder_replaced_by_a_file(cfg, folder)
+    finally:
+        del os.environ["PYOWT_TEST_SIGINT_AT"]
+
+
+def test_interrupted_run_whose_results_cannot_be_written_stops_every_rank_with_a_message(run_workers, tmp_path):
+    # Rank 0 writes the results so far when a Ctrl-C stops the run; when that fails (the
+    # folder became a file), every rank reports the same error, which still names the step
+    # the run stopped after and its checkpoint (was: rank 0 alone raised the JSON error).
+    out_dir, ck = str(tmp_path / "out"), str(tmp_path / "ck")
+    cfg = small_config(model=MODEL, json=os.path.join(out_dir, "r.json"), checkpoint_dir=ck)
+    outs = run_workers(2, _interrupted_with_results_unwritable, cfg, out_dir)
+    assert outs[0] == outs[1] and set(outs[0]) == {"user_error"}, outs
+    (step, path), = list_checkpoints(ck)
+    assert step >= 5
+    assert outs[0]["user_error"] == (
+        f"--json: could not write {out_dir}/r.json (File exists); the run was interrupted after global "
+        f"step {step}; checkpoint written to {path} (continue with --resume)")
