@@ -56,7 +56,8 @@ def cuda_kernel_preferred(x: torch.Tensor, weight: torch.Tensor, groups: int) ->
     * on an sm_90 GPU where the kernel's wgmma tiles run (:func:`cuda_wgmma_tiles_available`,
       not switched off by ``PYOWT_CUDA_CONV_WGMMA=0``), every layer whose C_in is a multiple
       of 8 (the tiles' vector loader): H100, bf16, AlexNet conv2-conv5 forward 1.36x, 1.81x,
-      1.07x, 1.19x of cuDNN's.
+      1.07x, 1.19x of cuDNN's, ResNet-50's 3x3 (64 and 128 channels) and 1x1 (1024 -> 256)
+      layers 1.91x, 1.70x, 1.51x.
 
     The 16-bit backward runs cuDNN either way. float32, NCHW inputs (our kernel's slower
     scalar loader) and small-kernel first layers were not measured faster and keep cuDNN.
