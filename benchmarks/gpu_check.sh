@@ -23,6 +23,10 @@
 # stage), so a run stopped at any point still leaves what it did: failures.log gets
 # each failing test's traceback the moment it fails (tests/conftest.py, PYOWT_FAILURE_LOG).
 #
+# The device tool returns at most 8 files from <folder>, and a full run writes 8 (summary,
+# build, tests, failures, bench logs, build_C.tgz, two bench JSONs): a command that runs
+# this and more should append its own output to summary.txt rather than add files.
+#
 # build_C.tgz holds the compiled extension: put it at .gpubuild/build_C.tgz and a later
 # run on the same image (same torch) reuses it instead of compiling (STAGES=... picks
 # stages, e.g. STAGES="tests conv"; CONV_SELECT="conv1" narrows the conv benchmark to the

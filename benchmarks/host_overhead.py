@@ -46,25 +46,31 @@ def rows(device: torch.device, calls: int):
 
     x, w, b, gy = leaf(2, 8), leaf(4, 8), leaf(4), torch.randn(2, 4, device=device)
     xc, wc, bc, gc = leaf(1, 2, 5, 5), leaf(3, 2, 3, 3), leaf(3), torch.randn(1, 3, 3, 3, device=device)
+    # 2 input channels take the Triton conv's packed RGB walk (its inputs are copied into a
+    # 4-channel layout on every call); 8 take the walk of every other layer.
+    x8, w8, b8, g8 = leaf(1, 8, 5, 5), leaf(3, 8, 3, 3), leaf(3), torch.randn(1, 3, 3, 3, device=device)
     xb, bb, gb = leaf(2, 3, 4), leaf(3), torch.randn(2, 3, 4, device=device)
+    # (label, op, inputs, output gradient, ours(backend), reference)
     cases = [
-        ("linear_bias_act", (x, w, b), gy,
+        ("linear_bias_act", "linear_bias_act", (x, w, b), gy,
          lambda be: (lambda: linear_bias_act(x, w, b, backend=be)), lambda: F.relu(F.linear(x, w, b))),
-        ("conv2d_bias_act", (xc, wc, bc), gc,
+        ("conv2d_bias_act", "conv2d_bias_act", (xc, wc, bc), gc,
          lambda be: (lambda: conv2d_bias_act(xc, wc, bc, backend=be)), lambda: F.relu(F.conv2d(xc, wc, bc))),
-        ("bias_relu", (xb, bb), gb,
+        ("conv2d C_in 8", "conv2d_bias_act", (x8, w8, b8), g8,
+         lambda be: (lambda: conv2d_bias_act(x8, w8, b8, backend=be)), lambda: F.relu(F.conv2d(x8, w8, b8))),
+        ("bias_relu", "bias_relu", (xb, bb), gb,
          lambda be: (lambda: bias_relu(xb, bb, backend=be)), lambda: torch.relu(xb + bb[None, :, None])),
     ]
     native = "cuda" if device.type == "cuda" else "cpu"
     # On a GPU the Triton kernels too: their launch path is Python (kernels/autotuned.py).
     extra = {"triton"} if device.type == "cuda" and unavailable_reason("triton", device) is None else set()
-    for name, inputs, grad, ours, ref in cases:
+    for label, name, inputs, grad, ours, ref in cases:
         for be in sorted({native, resolve_backend(name, device)} | extra):
             fn = ours(be)
             for mode in ("fwd", "fwd+bwd"):
                 t_ours = _per_call_us(lambda: _step(fn, mode, inputs, grad), calls, device)
                 t_ref = _per_call_us(lambda: _step(ref, mode, inputs, grad), calls, device)
-                yield name, be, mode, t_ours, t_ref
+                yield label, be, mode, t_ours, t_ref
 
 
 def main(argv=None) -> int:

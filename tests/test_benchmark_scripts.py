@@ -16,7 +16,7 @@ def test_host_overhead_runs(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for op in ("linear_bias_act", "conv2d_bias_act", "bias_relu"):
+    for op in ("linear_bias_act", "conv2d_bias_act", "conv2d C_in 8", "bias_relu"):
         assert op in out
 
 
