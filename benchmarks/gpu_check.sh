@@ -107,11 +107,14 @@ stage_tests() {
   $PY -c 'import xdist' 2>/dev/null && xdist=(-n "${TEST_PROCS:-14}")
   log "tests (tests/ops on the GPU + NCCL, ${xdist[*]:-no xdist}) ..."
   local t0=$SECONDS
-  # The quick files first (the CUDA conv kernels' next to them: their pipeline is the
-  # code a CPU cannot run), the Triton conv grid (the slow tail) last: a run cut by its
-  # time limit loses the fewest results.
-  local files=(tests/ops/test_conv2d_cuda_backward.py tests/ops/test_conv2d_cuda.py tests/ops/test_triton_relaunch.py
-               tests/ops/test_linear.py tests/ops/test_bias_relu.py tests/distributed/test_nccl_single_gpu.py)
+  # The small GPU-only files first (xdist hands tests out in this order; on 2026-11-27 the
+  # NCCL test, sixth behind ~1800 conv and linear cases, was never reached), then the CUDA
+  # conv kernels' grids (their pipeline is the code a CPU cannot run), the Triton conv grid
+  # (the slow tail) last: a run cut by its time limit loses the fewest results.
+  local files=(tests/distributed/test_nccl_single_gpu.py tests/ops/test_conv2d_dispatch.py
+               tests/ops/test_triton_relaunch.py tests/ops/test_triton_eager_path.py tests/ops/test_triton_codegen.py
+               tests/ops/test_conv2d_cuda_backward.py tests/ops/test_conv2d_cuda.py
+               tests/ops/test_linear.py tests/ops/test_bias_relu.py)
   for f in tests/ops/test_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
   [ -n "${TEST_FILES:-}" ] && read -r -a files <<< "$TEST_FILES"  # files or test ids, in that order
   PYOWT_FAILURE_LOG="$OUT/failures.log" timeout "${TESTS_S:-240}" $PY -m pytest "${files[@]}" "${xdist[@]}" \
