@@ -14,6 +14,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 import time
 from typing import Callable, List, Optional
 
@@ -309,6 +310,10 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
                 _agree(lambda: _write_results(_results(cfg, meta, history, source, 0, time.perf_counter() - t_run),
                                               cfg.json, None) if rank == 0 else None, k)
             progress.resume()
+        if stop_request.requested and rank == 0:  # after the last step: nothing left to stop
+            progress.end_line()
+            print(f"pyowt train: the stop request came after the last training step "
+                  f"(global step {global_step}); the run finishes as usual", file=sys.stderr, flush=True)
 
     # Images are loaded per shard, or per split group's block (every rank of it the same).
     loaders = pmodel.group if pmodel.input_layout == Layout.SHARD_BATCH else pmodel.input_mesh.replica_group

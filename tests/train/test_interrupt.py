@@ -221,3 +221,18 @@ def test_interrupted_run_whose_results_cannot_be_written_stops_every_rank_with_a
     assert outs[0]["user_error"] == (
         f"--json: could not write {out_dir}/r.json (File exists); the run was interrupted after global "
         f"step {step}; checkpoint written to {path} (continue with --resume)")
+
+
+def test_ctrl_c_during_the_last_validation_lets_the_run_finish_and_says_so(tmp_path):
+    # Training is over when the final validation runs: there is no step left to stop after,
+    # so the run completes (status 0, every result written) and says why it did not stop.
+    ck = tmp_path / "ck"
+    done = _run(_cli(1, "--checkpoint-dir", str(ck), "--progress", "none", "--epochs", "1"),
+                {"PYOWT_TEST_SIGINT_AT": "1", "PYOWT_TEST_SIGINT_IN": "val"})
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "Ctrl-C: finishing this step" in done.stderr, out
+    steps = _history(ck / "results.json")["epochs"][0]["global_step"]
+    assert (f"pyowt train: the stop request came after the last training step (global step {steps}); "
+            f"the run finishes as usual") in done.stderr, out
+    assert "interrupted" not in out, out
