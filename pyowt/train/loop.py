@@ -273,13 +273,13 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
                     # At an epoch's last step too: the resumed run then validates that epoch.
                     path = saver.save(epoch, i, global_step, history) if saver else None
                     if cfg.json:
+                        # the checkpoint's path on every rank (save() returns it on rank 0)
+                        saved = (os.path.join(cfg.checkpoint_dir, ckpt_io.checkpoint_name(global_step))
+                                 if saver else None)
                         _write_partial_results(lambda: {**_results(cfg, meta, history, source, 0,
                                                                    time.perf_counter() - t_run),
                                                         "interrupted_after_step": global_step},
-                                               cfg.json, rank, k, global_step,
-                                               # (the path on every rank: save() returns it on rank 0)
-                                               os.path.join(cfg.checkpoint_dir, ckpt_io.checkpoint_name(global_step))
-                                               if saver else None)
+                                               cfg.json, rank, k, global_step, saved)
                     raise TrainingInterrupted(global_step, path, stop_signal)
                 if saver and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and i < steps_per_epoch:
                     flush()
