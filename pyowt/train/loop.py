@@ -276,10 +276,9 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
                         # the checkpoint's path on every rank (save() returns it on rank 0)
                         saved = (os.path.join(cfg.checkpoint_dir, ckpt_io.checkpoint_name(global_step))
                                  if saver else None)
-                        _write_partial_results(lambda: {**_results(cfg, meta, history, source, 0,
-                                                                   time.perf_counter() - t_run),
-                                                        "interrupted_after_step": global_step},
-                                               cfg.json, rank, k, global_step, saved)
+                        _write_json(lambda: {**_results(cfg, meta, history, source, 0, time.perf_counter() - t_run),
+                                             "interrupted_after_step": global_step},
+                                    cfg.json, rank, k, stopped_after=(global_step, saved))
                     raise TrainingInterrupted(global_step, path, stop_signal)
                 if saver and cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and i < steps_per_epoch:
                     flush()
@@ -306,9 +305,9 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
                 path = saver.save(epoch, 0, global_step, history)
                 if path:
                     progress.message(f"checkpoint: {path}")
-            if cfg.json:  # rank 0 writes; a failure (disk full) stops every rank
-                _agree(lambda: _write_results(_results(cfg, meta, history, source, 0, time.perf_counter() - t_run),
-                                              cfg.json, None) if rank == 0 else None, k)
+            if cfg.json:
+                _write_json(lambda: _results(cfg, meta, history, source, 0, time.perf_counter() - t_run),
+                            cfg.json, rank, k)
             progress.resume()
         if stop_request.requested and rank == 0:  # after the last step: nothing left to stop
             progress.end_line()
@@ -330,15 +329,19 @@ def _train(cfg, source, device, autocast, bf16, k, rank, say) -> Optional[dict]:
     return results
 
 
-def _write_partial_results(results: Callable[[], dict], json_path: str, rank: int, k: int, global_step: int,
-                           checkpoint: Optional[str]) -> None:
-    """Rank 0 writes an interrupted run's results so far; a failure to write stops every
-    rank with the same :class:`UserError`, which still says where the run stopped."""
+def _write_json(results: Callable[[], dict], json_path: str, rank: int, k: int,
+                stopped_after: Optional[tuple] = None) -> None:
+    """Rank 0 writes ``results()`` (called there only) to ``json_path``; a failure to write (a
+    full disk) stops every rank with the same :class:`UserError`. ``stopped_after``: an
+    interrupted run's (global step, checkpoint path or None), which the error then names."""
     try:
         _agree(lambda: _write_results(results(), json_path, None) if rank == 0 else None, k)
     except UserError as e:
+        if stopped_after is None:
+            raise
+        step, checkpoint = stopped_after
         saved = f"; checkpoint written to {checkpoint} (continue with --resume)" if checkpoint else ""
-        raise UserError(f"{e}; the run was interrupted after global step {global_step}{saved}") from None
+        raise UserError(f"{e}; the run was interrupted after global step {step}{saved}") from None
 
 
 def _write_results(results: dict, json_path: Optional[str], plot_path: Optional[str]) -> List[str]:
