@@ -54,6 +54,7 @@ import pyowt
 from benchmarks import ERR_TOL, environ, rel_l2
 from pyowt.ops import conv2d_bias_act
 from pyowt.ops.backend import unavailable_reason
+from pyowt.ops.conv2d import cuda_wgmma_tiles_enabled
 
 
 @dataclass(frozen=True)
@@ -311,13 +312,6 @@ def _ours_cuda_tile(layer, tile):
     return forced
 
 
-def _wgmma_usable():
-    """The cuda backend's wgmma tiles can run (an sm_90 GPU, an sm_90a build) and were not
-    switched off (PYOWT_CUDA_CONV_WGMMA=0: gpu_check.sh's probe failed)."""
-    from pyowt.ops.conv2d import cuda_wgmma_tiles_available
-    return os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0" and cuda_wgmma_tiles_available()
-
-
 def _autotuner_caches():
     """Snapshot of the Triton conv kernels' autotuner caches: {(kernel, key): config}."""
     from pyowt.kernels import conv2d, conv2d_backward
@@ -379,7 +373,7 @@ def test_conv_gpu(benchmark, layer, mode, dtype):
         impls[f"ours:{be}"] = _ours(layer, be)
     if "cuda" in backends and mode == "fwd" and dtype != torch.float32:
         # each tile shape alone: what the cuda backend's first-call timing chose between
-        wgmma = ("wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64") if _wgmma_usable() else ()
+        wgmma = ("wgmma128x64x64", "wgmma128x96x64", "wgmma128x128x64") if cuda_wgmma_tiles_enabled() else ()
         for tile in ("128x64x32", "128x128x32", "128x128x64", "128x96x64") + wgmma:
             impls[f"ours:cuda/{tile}"] = _ours_cuda_tile(layer, tile)
     errors = _errors(impls, layer, xs[0], w, b, mode)  # ours only: before "compile" joins

@@ -53,8 +53,8 @@ def cuda_kernel_preferred(x: torch.Tensor, weight: torch.Tensor, groups: int) ->
       tensor-core tiles are mostly channel padding (H200, bf16): AlexNet conv1 (3 -> 64,
       11x11, stride 4) forward 0.495 vs 0.749 ms, ResNet-50 conv1 (3 -> 64, 7x7, stride 2)
       0.670 vs 1.323 ms;
-    * on an sm_90 GPU where the kernel's wgmma tiles run (:func:`cuda_wgmma_tiles_available`,
-      not switched off by ``PYOWT_CUDA_CONV_WGMMA=0``), every layer whose C_in is a multiple
+    * on an sm_90 GPU where the kernel's wgmma tiles run (:func:`cuda_wgmma_tiles_enabled`),
+      every layer whose C_in is a multiple
       of 8 (the tiles' vector loader): H100, bf16, AlexNet conv2-conv5 forward 1.36x, 1.81x,
       1.07x, 1.19x of cuDNN's, ResNet-50's 3x3 (64 and 128 channels) and 1x1 (1024 -> 256)
       layers 1.91x, 1.70x, 1.51x.
@@ -68,8 +68,7 @@ def cuda_kernel_preferred(x: torch.Tensor, weight: torch.Tensor, groups: int) ->
         return False
     if x.shape[1] <= 4 and weight.shape[2] * weight.shape[3] >= 25:
         return True
-    return (x.shape[1] % 8 == 0 and os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0"
-            and _wgmma_tiles_on(x.device.index))
+    return x.shape[1] % 8 == 0 and cuda_wgmma_tiles_enabled(x.device.index)
 
 
 def cuda_wgmma_tiles_available() -> bool:
@@ -80,6 +79,14 @@ def cuda_wgmma_tiles_available() -> bool:
     return (_extension.STATUS.loaded and torch.cuda.is_available()
             and bool(_extension.STATUS.module.build_config().get("sm90a"))
             and torch.cuda.get_device_capability() == (9, 0))
+
+
+def cuda_wgmma_tiles_enabled(device_index: Optional[int] = None) -> bool:
+    """Whether the ``cuda`` backend uses its wgmma tiles on device ``device_index`` (None: the
+    current one): they can run there (:func:`cuda_wgmma_tiles_available`) and
+    ``PYOWT_CUDA_CONV_WGMMA`` is not ``"0"`` (benchmarks/gpu_check.sh sets it so when they
+    fail its probe)."""
+    return os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0" and _wgmma_tiles_on(device_index)
 
 
 @lru_cache(maxsize=None)

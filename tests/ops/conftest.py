@@ -1,11 +1,10 @@
 """Fixtures shared by the op tests (the CUDA conv kernels' tests use all three)."""
-import os
 
 import pytest
 import torch
 
 from pyowt import _extension
-from pyowt.ops.conv2d import cuda_wgmma_tiles_available
+from pyowt.ops.conv2d import cuda_wgmma_tiles_enabled
 
 from ..utils import fp32_precision, torch_threads
 
@@ -39,7 +38,6 @@ def conv_cuda_ops():
 
 
 def wgmma_tiles_usable() -> bool:
-    """Whether the CUDA conv's wgmma tiles can run here (cuda_wgmma_tiles_available) and
-    PYOWT_CUDA_CONV_WGMMA is not "0" (benchmarks/gpu_check.sh sets it so when they failed
-    its probe: a device fault would take the other tests of the worker down with them)."""
-    return os.environ.get("PYOWT_CUDA_CONV_WGMMA") != "0" and cuda_wgmma_tiles_available()
+    """Whether the CUDA conv uses its wgmma tiles here (gpu_check.sh switches them off when
+    they fail its probe: a device fault would take the worker's other tests down with them)."""
+    return cuda_wgmma_tiles_enabled()

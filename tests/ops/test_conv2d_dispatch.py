@@ -77,14 +77,7 @@ def test_cuda_kernel_preferred_for_inner_layers_only_with_wgmma(monkeypatch, wgm
 def test_default_backend_first_layer_gpu(monkeypatch):
     # The default runs our CUDA kernel on a bf16 channels_last RGB layer; forcing aten
     # (argument or environment) still gets cuDNN. Both match the float64 reference.
-    if unavailable_reason_cuda() is not None:
-        pytest.skip(unavailable_reason_cuda())
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, 64, 64, generator=g).to("cuda", torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
-    w = (torch.randn(16, 3, 11, 11, generator=g) / 19).to("cuda", torch.bfloat16)
-    b = torch.randn(16, generator=g).to("cuda", torch.bfloat16)
-    ref = conv2d_bias_act_reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), 4, 2)
+    x, w, b, ref = _bf16_channels_last_case(3, 16, 64, 11, 19, 4, 2)
     import pyowt.ops.conv2d as conv
 
     # Eager calls enter the C++ op through its unboxed entry, else through torch.ops: record both.
@@ -104,23 +97,30 @@ def test_default_backend_inner_layer_gpu(monkeypatch):
     # On an sm_90 GPU with the wgmma tiles the default runs our CUDA kernel on a bf16
     # channels_last inner layer (AlexNet conv3's channels), elsewhere cuDNN; both match the
     # float64 reference, and PYOWT_CUDA_CONV_WGMMA=0 hands the layer back to cuDNN.
-    if unavailable_reason_cuda() is not None:
-        pytest.skip(unavailable_reason_cuda())
+    x, w, b, ref = _bf16_channels_last_case(192, 384, 13, 3, 41, 1, 1)
     import pyowt.ops.conv2d as conv
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 192, 13, 13, generator=g).to("cuda", torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
-    w = (torch.randn(384, 192, 3, 3, generator=g) / 41).to("cuda", torch.bfloat16)
-    b = torch.randn(384, generator=g).to("cuda", torch.bfloat16)
-    ref = conv2d_bias_act_reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), 1, 1)
     calls = record_calls(monkeypatch, conv, "_conv_cpp", "_conv_direct")
     out = conv2d_bias_act(x, w, b, 1, 1)
-    assert bool(calls) is conv.cuda_wgmma_tiles_available(), calls
+    assert bool(calls) is conv.cuda_wgmma_tiles_enabled(), calls
     assert_close_rel(out, ref, torch.bfloat16, "default inner layer")
     calls.clear()
     monkeypatch.setenv("PYOWT_CUDA_CONV_WGMMA", "0")
     assert_close_rel(conv2d_bias_act(x, w, b, 1, 1), ref, torch.bfloat16, "PYOWT_CUDA_CONV_WGMMA=0")
     assert not calls, "PYOWT_CUDA_CONV_WGMMA=0 still ran the CUDA kernel on an inner layer"
+
+
+def _bf16_channels_last_case(c_in, c_out, size, kernel, weight_scale, stride, padding):
+    """x (4, c_in, size, size) channels_last, w, b in bf16 on the GPU (the test skipped
+    where the cuda backend cannot run), and the float64 reference output."""
+    if unavailable_reason_cuda() is not None:
+        pytest.skip(unavailable_reason_cuda())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, c_in, size, size, generator=g).to("cuda", torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    w = (torch.randn(c_out, c_in, kernel, kernel, generator=g) / weight_scale).to("cuda", torch.bfloat16)
+    b = torch.randn(c_out, generator=g).to("cuda", torch.bfloat16)
+    ref = conv2d_bias_act_reference(x.double().cpu(), w.double().cpu(), b.double().cpu(), stride, padding)
+    return x, w, b, ref
 
 
 def unavailable_reason_cuda():
