@@ -323,9 +323,10 @@ def use_packed(channels_per_group: int, groups: int) -> bool:
 def pack_rgb(x: torch.Tensor, w_cl: torch.Tensor):
     """The packed walk's operands: (x4, w4, JP).
 
-    x4: x as (N, H, W, 4) with zeros past C_in (<= 4); w4: (C_out, R, JP) with, per r, the
-    weight's (s, c) values over 4 channels (zeros past C_in) and zeros from 4*S up to JP, a
-    multiple of PACK_K_MULTIPLE (so that every BLOCK_K of the configs divides it).
+    x4: x as (N, 4, H, W) in NHWC memory (channels_last), zeros past C_in (<= 4); w4:
+    (C_out, R, JP) with, per r, the weight's (s, c) values over 4 channels (zeros past C_in)
+    and zeros from 4*S up to JP, a multiple of PACK_K_MULTIPLE (so that every BLOCK_K of the
+    configs divides it).
     """
     n, c, h, w = x.shape
     co, _, r, s = w_cl.shape
@@ -336,7 +337,7 @@ def pack_rgb(x: torch.Tensor, w_cl: torch.Tensor):
     x4.narrow(3, 0, c).copy_(x.permute(0, 2, 3, 1))
     w4 = w_cl.new_zeros((co, r, jp))
     w4.narrow(2, 0, 4 * s).view(co, r, s, 4).narrow(3, 0, c).copy_(w_cl.permute(0, 2, 3, 1))
-    return x4, w4, jp
+    return x4.permute(0, 3, 1, 2), w4, jp
 
 
 def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torch.Tensor,
@@ -365,7 +366,7 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
     if memo:
         if memo["packed"]:
             x4, w4, _ = pack_rgb(x, w_cl)
-            launch_from_memo(memo, conv2d_fwd_kernel, (x4.permute(0, 3, 1, 2), w4, b_arg, y))
+            launch_from_memo(memo, conv2d_fwd_kernel, (x4, w4, b_arg, y))
         else:
             launch_from_memo(memo, conv2d_fwd_kernel, (x, w_cl, b_arg, y))
         return
@@ -386,8 +387,8 @@ def launch_conv2d_fwd(launch, x: torch.Tensor, w_cl: torch.Tensor, bias, y: torc
         if 4 * shape.h * shape.w > INT32_MAX:
             raise ValueError(f"conv2d_bias_act (triton): one packed image of {4 * shape.h * shape.w} "
                              f"elements exceeds the kernel's int32 offsets; use backend='aten'")
-        x4, w_arg, jp = pack_rgb(x, w_cl)
-        x_arg, x_align = x4.permute(0, 3, 1, 2), 1  # (N, 4, H, W) view; x_align unused
+        x_arg, w_arg, jp = pack_rgb(x, w_cl)
+        x_align = 1  # unused by the packed walk
 
     def grid(meta):
         return (ceil_div(m, meta["BLOCK_M"]) * ceil_div(co, meta["BLOCK_N"]), shape.groups)

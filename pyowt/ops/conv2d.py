@@ -244,7 +244,8 @@ if HAS_TRITON:
         x_cl = x if packed else x.contiguous(memory_format=torch.channels_last)
         w_cl = weight.contiguous(memory_format=torch.channels_last)
         _fwd.launch_conv2d_fwd(launch, x_cl, w_cl, None if bias is None else bias.contiguous(),
-                               out, shape, activation == "relu", memo=None if plan is None else plan.memo)
+                               out, shape, activation == "relu", packed=packed,
+                               memo=None if plan is None else plan.memo)
         return out
 
     @on_input_device
